@@ -1,0 +1,133 @@
+"""Registry of the landmark datasets and helpers to build and read them.
+
+    spec = DATASETS['300w']            # builder class, landmark count, splits, metric key
+    prepare('300w', data_dir, manual_dir)     # builds once (progress bars), then reuses
+    source = data_source('300w', 'train', data_dir)   # random access, dicts of numpy
+
+From a shell: python -m fan_jax.data 300w --data_dir D --manual_dir M
+(`tfds build datasets/the300w --manual_dir M` finds the builder too, but the tfds CLI of
+TFDS 4.9.10 needs apache_beam installed just to start.)
+
+The builders live in `fan_jax_datasets` (top-level folder datasets/); importing them
+registers the TFDS names 'wflw', 'the300w' and 'cofw'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from fan_jax_datasets import common
+from fan_jax_datasets.cofw import cofw_dataset_builder as _cofw
+from fan_jax_datasets.the300w import the300w_dataset_builder as _the300w
+from fan_jax_datasets.wflw import wflw_dataset_builder as _wflw
+
+DatasetFilesMissing = common.DatasetFilesMissing
+DatasetFormatError = common.DatasetFormatError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # our name: 'wflw', '300w', 'cofw'
+    builder_cls: type[tfds.core.GeneratorBasedBuilder]
+    num_landmarks: int
+    train_split: str
+    test_splits: tuple[str, ...]  # the first is the headline test set
+    normalizer_key: str  # dataset key of fan_jax.metrics.NORMALIZERS
+
+    @property
+    def tfds_name(self) -> str:
+        return self.builder_cls.name
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "wflw": DatasetSpec(
+        "wflw", _wflw.Builder, _wflw.NUM_LANDMARKS, "train",
+        ("test",) + _wflw.SUBSET_SPLITS, "wflw",
+    ),
+    "300w": DatasetSpec(
+        "300w", _the300w.Builder, _the300w.NUM_LANDMARKS, "train",
+        ("full", "common", "challenging"), "300w",
+    ),
+    "cofw": DatasetSpec("cofw", _cofw.Builder, _cofw.NUM_LANDMARKS, "train", ("test",), "cofw"),
+}
+# TFDS names work too.
+_ALIASES = {"the300w": "300w"}
+
+
+def get(name: str) -> DatasetSpec:
+    """The spec for 'wflw', '300w' (or 'the300w') or 'cofw'."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; known: {sorted(DATASETS)}.")
+    return DATASETS[key]
+
+
+def builder(name: str, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> tfds.core.DatasetBuilder:
+    return get(name).builder_cls(data_dir=os.fspath(data_dir) if data_dir else None, **kwargs)
+
+
+def prepare(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    **builder_kwargs: Any,
+) -> tfds.core.DatasetBuilder:
+    """Builds the dataset into data_dir from the files in manual_dir, unless already built.
+
+    Raises DatasetFilesMissing (a FileNotFoundError) naming the missing files, with the
+    download instructions, when manual_dir lacks them.
+    """
+    b = builder(name, data_dir, **builder_kwargs)
+    if b.is_prepared():
+        print(f"{b.name}: using the prepared dataset in {b.data_dir}", flush=True)
+        return b
+    print(f"{b.name}: building into {b.data_dir} from {manual_dir or 'the default manual_dir'}",
+          flush=True)
+    config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+    # TFDS shows per-split progress bars (unless tfds.disable_progress_bar() was called).
+    b.download_and_prepare(download_config=config)
+    return b
+
+
+def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
+    """Random-access source (tfds.data_source) of a prepared dataset's split."""
+    spec = get(name)
+    b = builder(name, data_dir)
+    if not b.is_prepared():
+        raise FileNotFoundError(
+            f"{spec.tfds_name} is not prepared in {b.data_dir}; run "
+            f"fan_jax.data.prepare({spec.name!r}, data_dir, manual_dir) first."
+        )
+    if split not in b.info.splits:
+        raise ValueError(f"{spec.tfds_name} has no split {split!r}; splits: {list(b.info.splits)}.")
+    return tfds.data_source(
+        spec.tfds_name, split=split, data_dir=os.fspath(data_dir) if data_dir else None,
+        download=False, **kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build a landmark dataset from its manual download.")
+    parser.add_argument("name", choices=sorted(DATASETS) + sorted(_ALIASES))
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", default=None,
+                        help="folder with the downloaded files (default <data_dir>/downloads/manual)")
+    args = parser.parse_args(argv)
+    try:
+        b = prepare(args.name, args.data_dir, args.manual_dir)
+    except (DatasetFilesMissing, DatasetFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for split, info in b.info.splits.items():
+        print(f"  {split}: {info.num_examples}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

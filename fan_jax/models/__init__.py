@@ -1,0 +1,1 @@
+"""Networks: MobileNetV2 / ResNet encoders, deconv decoder, heatmap head, KD adapters."""
