@@ -1,0 +1,146 @@
+"""Coordinate-regression networks for KD-Loss: encoder -> global average pool -> dropout -> dense.
+
+`LandmarkRegressor.__call__(images [B, S, S, 3], train) -> [B, L, 2]`: landmark coordinates
+normalised to the crop, u = (p + 0.5) / S for crop pixel p (so the crop's pixel edges are 0
+and 1; see `fan_jax.kd_train`). The dense layer emits (x0, y0, x1, y1, ...) like the public
+code's 2L vector. Parameters live under 'encoder' and 'head'.
+
+Student: MobileNetV2 (width 1.0) with its full stack, i.e. `MobileNetV2Encoder` plus Keras's
+`Conv_1` (1x1 to 1280) + `Conv_1_bn` + ReLU6; head dropout 0.1 (the authors' MobileNetV2
+regressors use 0.1 or 0.5, or none; configurable). Teachers: EfficientNet-B3 to
+`top_activation`, head dropout 0.5 (public cnn_model.create_efficientNet). Input 224x224.
+
+Encoder submodules keep Keras layer names, so `fan_jax.pretrained.keras_to_variables` (and
+`fan_jax.pretrained_efficientnet`) fill them from Keras ImageNet models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fan_jax.models.efficientnet import KERAS_IMAGENET_INPUT_SCALE, EfficientNetEncoder
+from fan_jax.models.layers import PointwiseConv
+from fan_jax.models.mobilenet_v2 import MobileNetV2Encoder, make_divisible
+
+Array = jax.Array
+
+
+class MobileNetV2Full(MobileNetV2Encoder):
+    """MobileNetV2 to Keras's `out_relu`: the encoder + 1x1 conv to 1280 (x width if > 1) + BN + ReLU6."""
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = super().__call__(x, train)
+        last = make_divisible(1280 * self.width, 8) if self.width > 1.0 else 1280
+        x = PointwiseConv(last, name="Conv_1")(x)
+        return nn.relu6(self._bn("Conv_1_bn", train)(x))
+
+
+class RegressionHead(nn.Module):
+    """Global average pooling -> dropout -> dense to 2L, reshaped to [B, L, 2]."""
+
+    num_landmarks: int
+    dropout_rate: float = 0.5
+    # The output bias starts at the crop centre, so early steps learn shape, not offset.
+    bias_init_value: float = 0.5
+
+    @nn.compact
+    def __call__(self, features: Array, train: bool = False) -> Array:
+        x = jnp.mean(features, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(2 * self.num_landmarks, name="out",
+                     bias_init=nn.initializers.constant(self.bias_init_value))(x)
+        return x.reshape(x.shape[0], self.num_landmarks, 2)
+
+
+class LandmarkRegressor(nn.Module):
+    """Encoder + regression head; `__call__(images, train) -> [B, L, 2]` normalised coordinates."""
+
+    encoder: nn.Module
+    head: nn.Module
+
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        return self.head(self.encoder(images, train=train), train=train)
+
+
+def mobilenet_v2_regressor(num_landmarks: int, width: float = 1.0, dropout_rate: float = 0.1,
+                           bn_momentum: float = 0.9) -> LandmarkRegressor:
+    """The KD-Loss student: full MobileNetV2 + GAP + dropout + dense(2L)."""
+    return LandmarkRegressor(encoder=MobileNetV2Full(width=width, bn_momentum=bn_momentum),
+                             head=RegressionHead(num_landmarks, dropout_rate))
+
+
+def efficientnet_b3_regressor(num_landmarks: int, dropout_rate: float = 0.5,
+                              keras_imagenet_input: bool = True, drop_connect_rate: float = 0.2,
+                              bn_momentum: float = 0.99) -> LandmarkRegressor:
+    """A KD-Loss teacher (Tough or Tolerant): EfficientNet-B3 + GAP + dropout 0.5 + dense(2L).
+
+    `keras_imagenet_input` scales the normalised input as Keras's `weights='imagenet'`
+    EfficientNet does, so ImageNet-initialised weights see their training distribution.
+    """
+    scale = KERAS_IMAGENET_INPUT_SCALE if keras_imagenet_input else None
+    return LandmarkRegressor(
+        encoder=EfficientNetEncoder("b3", drop_connect_rate=drop_connect_rate, input_scale=scale,
+                                    bn_momentum=bn_momentum),
+        head=RegressionHead(num_landmarks, dropout_rate))
+
+
+def efficientnet_b0_regressor(num_landmarks: int, dropout_rate: float = 0.5,
+                              **kwargs: Any) -> LandmarkRegressor:
+    """A small EfficientNet-B0 teacher (quick runs, demos); same head as B3."""
+    scale = KERAS_IMAGENET_INPUT_SCALE if kwargs.pop("keras_imagenet_input", True) else None
+    return LandmarkRegressor(encoder=EfficientNetEncoder("b0", input_scale=scale, **kwargs),
+                             head=RegressionHead(num_landmarks, dropout_rate))
+
+
+REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
+    "mobilenet_v2_reg": mobilenet_v2_regressor,
+    "efficientnet_b3_reg": efficientnet_b3_regressor,
+    "efficientnet_b0_reg": efficientnet_b0_regressor,
+}
+
+
+def build_regressor(name: str, num_landmarks: int, **kwargs: Any) -> LandmarkRegressor:
+    """Registry: 'mobilenet_v2_reg' (student), 'efficientnet_b3_reg' (teacher), 'efficientnet_b0_reg'."""
+    if name not in REGRESSORS:
+        raise ValueError(f"unknown regression model {name!r}; expected one of {sorted(REGRESSORS)}")
+    return REGRESSORS[name](num_landmarks, **kwargs)
+
+
+def keras_encoder_arch(model: LandmarkRegressor) -> str:
+    """'mobilenet_v2' or 'efficientnet' (which Keras network initialises the encoder)."""
+    if isinstance(model.encoder, MobileNetV2Encoder):
+        return "mobilenet_v2"
+    if isinstance(model.encoder, EfficientNetEncoder):
+        return "efficientnet"
+    raise ValueError(f"no Keras weights for encoder {type(model.encoder).__name__}")
+
+
+def init_encoder_from_keras(model: LandmarkRegressor, variables: Any, source: Any) -> dict:
+    """Loads Keras ImageNet weights (model or file) into the regressor's encoder."""
+    from fan_jax import pretrained
+
+    if keras_encoder_arch(model) == "efficientnet":
+        from fan_jax import pretrained_efficientnet
+
+        return pretrained_efficientnet.init_encoder_from_keras(model, variables, source)
+    enc = model.encoder
+    keras_model = source
+    if not hasattr(source, "layers"):
+        import keras
+
+        from fan_jax.pretrained_efficientnet import _legacy_h5_has_classifier
+
+        path = str(source)
+        top = path.endswith(".h5") and not path.endswith(".weights.h5") and \
+            _legacy_h5_has_classifier(path)
+        keras_model = keras.applications.MobileNetV2(
+            weights=None, include_top=top, input_shape=(224, 224, 3), alpha=enc.width)
+        keras_model.load_weights(path)
+    enc_vars = pretrained.keras_to_variables(keras_model, enc, bn_epsilon=enc.bn_epsilon,
+                                             what=f"MobileNetV2Full(width={enc.width})")
+    return pretrained.merge_encoder_variables(variables, enc_vars, name="encoder")

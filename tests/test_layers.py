@@ -1,0 +1,146 @@
+"""The fast layers against the plain lax convolutions (and PyTorch's definition) they replace."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from fan_jax.models.layers import (ConvTranspose, DepthwiseConv, PointwiseConv,
+                                   conv_transpose_torch, conv_transpose_torch_reference,
+                                   depthwise_conv, same_padding)
+
+HI = jax.lax.Precision.HIGHEST
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _rand(key, shape):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _check_value_and_grads(fast, ref, x, kernel):
+    """Values and gradients (wrt input and kernel) of `fast` and `ref` agree."""
+    np.testing.assert_allclose(fast(x, kernel), ref(x, kernel), **TOL)
+    cot = _rand(99, jnp.shape(ref(x, kernel)))
+
+    def loss(f):
+        return lambda x, k: jnp.sum(f(x, k) * cot)
+
+    gf = jax.grad(loss(fast), argnums=(0, 1))(x, kernel)
+    gr = jax.grad(loss(ref), argnums=(0, 1))(x, kernel)
+    for a, b in zip(gf, gr):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _lax_conv(x, kernel, strides=1, padding="SAME", groups=1):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups, precision=HI)
+
+
+def test_same_padding_matches_keras_correct_pad():
+    # Keras pads stride-2 3x3 convs (0, 1) on even sizes and (1, 1) on odd sizes.
+    assert same_padding(8, 3, 2) == (0, 1)
+    assert same_padding(7, 3, 2) == (1, 1)
+    assert same_padding(8, 3, 1) == (1, 1)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_pointwise_conv_matches_nn_conv(use_bias):
+    x = _rand(0, (2, 5, 7, 6))
+    fast = PointwiseConv(4, use_bias=use_bias)
+    ref = nn.Conv(4, (1, 1), use_bias=use_bias, precision=HI)
+    v = fast.init(jax.random.key(1), x)
+    v_ref = ref.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
+    if use_bias:
+        v = {"params": {**v["params"], "bias": _rand(3, (4,))}}
+    np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), **TOL)
+
+
+def test_pointwise_conv_grads():
+    def fast(x, k):
+        return PointwiseConv(k.shape[-1], precision=HI).apply({"params": {"kernel": k}}, x)
+
+    _check_value_and_grads(fast, _lax_conv, _rand(0, (2, 5, 7, 6)), _rand(1, (1, 1, 6, 4)))
+
+
+@pytest.mark.parametrize("strides,size,padding", [
+    (1, (6, 6), "SAME"), (1, (5, 7), "SAME"), (2, (8, 8), "SAME"), (2, (7, 9), "SAME"),
+    (2, (8, 6), ((1, 1), (1, 1))), (1, (6, 5), "VALID"), (2, (9, 8), "VALID"),
+])
+def test_depthwise_conv_matches_grouped_conv(strides, size, padding):
+    c = 5
+    x = _rand(0, (2, *size, c))
+    kernel = _rand(1, (3, 3, 1, c))
+    _check_value_and_grads(
+        lambda x, k: depthwise_conv(x, k, strides, padding),
+        lambda x, k: _lax_conv(x, k, strides, padding, groups=c), x, kernel)
+
+
+def test_depthwise_module_params_match_nn_conv():
+    x = _rand(0, (1, 8, 8, 6))
+    v = DepthwiseConv(3, strides=2).init(jax.random.key(0), x)
+    v_ref = nn.Conv(6, (3, 3), strides=2, feature_group_count=6, use_bias=False).init(
+        jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
+    ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", feature_group_count=6, use_bias=False,
+                  precision=HI)
+    np.testing.assert_allclose(DepthwiseConv(3, strides=2).apply(v, x), ref.apply(v, x), **TOL)
+
+
+def _torch_conv_transpose_loop(x, kernel, s, p, op=0):
+    """PyTorch's ConvTranspose2d by definition: each input pixel scatters a k x k stamp."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    n, h, w, _ = x.shape
+    k, _, _, cout = kernel.shape
+    hf, wf = (h - 1) * s + k + op, (w - 1) * s + k + op
+    full = np.zeros((n, hf + p, wf + p, cout))
+    for i, j, a, b in itertools.product(range(h), range(w), range(k), range(k)):
+        full[:, i * s + a, j * s + b] += x[:, i, j] @ kernel[a, b]
+    return full[:, p:p + (h - 1) * s - 2 * p + k + op, p:p + (w - 1) * s - 2 * p + k + op]
+
+
+@pytest.mark.parametrize("k,s,p,op", [(2, 2, 0, 0), (4, 2, 1, 0), (3, 2, 1, 1), (4, 2, 0, 0),
+                                      (6, 3, 2, 0)])
+def test_conv_transpose_matches_torch_definition(k, s, p, op):
+    x = _rand(0, (2, 3, 4, 5))
+    kernel = _rand(1, (k, k, 5, 3))
+    expected = _torch_conv_transpose_loop(x, kernel, s, p, op)
+    np.testing.assert_allclose(conv_transpose_torch_reference(x, kernel, s, p, op, HI), expected,
+                               **TOL)
+    np.testing.assert_allclose(conv_transpose_torch(x, kernel, s, p, op, HI), expected, **TOL)
+
+
+@pytest.mark.parametrize("k,p", [(2, 0), (4, 1)])
+def test_conv_transpose_grads(k, p):
+    _check_value_and_grads(
+        lambda x, w: conv_transpose_torch(x, w, 2, p, precision=HI),
+        lambda x, w: conv_transpose_torch_reference(x, w, 2, p, precision=HI),
+        _rand(0, (2, 4, 3, 6)), _rand(1, (k, k, 6, 5)))
+
+
+def test_conv_transpose_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    x = _rand(0, (2, 4, 5, 6))
+    for k, p in [(2, 0), (4, 1)]:
+        layer = torch.nn.ConvTranspose2d(6, 3, k, 2, p, bias=True)
+        with torch.no_grad():
+            expected = layer(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        params = {"kernel": layer.weight.detach().numpy().transpose(2, 3, 0, 1),
+                  "bias": layer.bias.detach().numpy()}
+        ours = ConvTranspose(3, k, 2, torch_padding=p, use_bias=True, precision=HI).apply(
+            {"params": params}, x)
+        np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_module_param_shape_matches_nn_conv_transpose():
+    x = _rand(0, (1, 4, 4, 6))
+    v = ConvTranspose(3, 4, 2, torch_padding=1).init(jax.random.key(0), x)
+    v_ref = nn.ConvTranspose(3, (4, 4), (2, 2), use_bias=False).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
+    assert ConvTranspose(3, 4, 2, torch_padding=1).apply(v, x).shape == (1, 8, 8, 3)
