@@ -1,0 +1,211 @@
+"""Smoke tests of benchmarks/run.py (helpers, --quick mode) and the PyTorch twin. No timing asserts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import run as bench  # noqa: E402
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def test_time_interleaved_alternates_and_warms_up():
+    calls = []
+    ticks = itertools.count()
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench.time_interleaved(fns, repeats=3, warmup=2, clock=lambda: float(next(ticks)))
+    assert calls == ["a", "b"] * 2 + ["a", "b"] * 3
+    assert times == {"a": [1.0] * 3, "b": [1.0] * 3}
+
+
+def test_time_interleaved_repeats_per_fn_drops_out_early():
+    calls = []
+    fns = {"slow": lambda: calls.append("slow"), "fast": lambda: calls.append("fast")}
+    times = bench.time_interleaved(fns, repeats=3, warmup=0, repeats_per_fn={"slow": 1})
+    assert calls == ["slow", "fast", "fast", "fast"]
+    assert len(times["slow"]) == 1 and len(times["fast"]) == 3
+
+
+def test_summarize():
+    s = bench.summarize([2.0, 1.0, 4.0], work=8)
+    assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["max_s"] == 4.0
+    assert s["spread"] == pytest.approx(1.5)
+    assert s["per_s"] == pytest.approx(4.0)
+    assert s["repeats"] == 3
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+def test_ratio_handles_missing():
+    assert bench.ratio(6.0, 3.0) == 2.0
+    assert bench.ratio(None, 3.0) is None
+    assert bench.ratio(1.0, None) is None
+
+
+def test_format_table_aligns_columns():
+    table = bench.format_table([("x", "1", "2", "0.5x", "1% / 2%"), ("longer metric", "10", "-", "-", "")])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("metric") and set(lines[1]) <= {"-", " "}
+    # Every column starts at the same offset on every row.
+    assert lines[2].index("1") == lines[3].index("10") == lines[0].index("ours")
+
+
+def test_registry_hoists_summary_and_drops_rows(monkeypatch):
+    monkeypatch.setattr(bench, "SECTIONS", {})
+
+    @bench.section("dummy")
+    def dummy(cfg):
+        """A test section."""
+        return {"value": cfg.repeats, "summary": {"dummy_speedup": 2.0}, "rows": [("m", "1", "2", "3", "")]}
+
+    @bench.section("off", default=False)
+    def off(cfg):
+        raise AssertionError("non-default sections must not run unless named")
+
+    with pytest.raises(ValueError, match="twice"):
+        bench.section("dummy")(dummy)
+    report, rows = bench.run_sections(bench.Config(repeats=7), log=lambda s: None)
+    assert report["dummy_speedup"] == 2.0
+    assert report["sections"]["dummy"]["value"] == 7
+    assert "rows" not in report["sections"]["dummy"] and "summary" not in report["sections"]["dummy"]
+    assert rows == [("m", "1", "2", "3", "")]
+    json.dumps(report)
+    with pytest.raises(ValueError, match="unknown sections"):
+        bench.run_sections(bench.Config(), ["nope"], log=lambda s: None)
+
+
+def test_parse_args_defaults():
+    args = bench.parse_args(["--quick", "--repeats", "3", "--sections", "train,fs_loss"])
+    assert args.quick and args.repeats == 3 and args.sections == "train,fs_loss"
+    assert set(bench.SECTIONS) >= {"machine", "train", "inference", "fs_loss", "accelerator"}
+
+
+# ---------------------------------------------------------------------------------- --quick runs
+
+
+def test_quick_fs_loss_section(tmp_path):
+    path = tmp_path / "bench.json"
+    report = bench.main(["--quick", "--sections", "fs_loss", "--json", str(path)])
+    on_disk = json.loads(path.read_text())
+    assert on_disk["fs_gram_speedup"] == pytest.approx(report["fs_gram_speedup"])
+    assert on_disk["machine"]["cpu_count"] >= 1 and on_disk["machine"]["backend"]
+    fs = on_disk["sections"]["fs_loss"]
+    # Both forms compute the same loss: the benchmark must time equivalent work.
+    assert fs["value_rel_diff"] < 1e-4
+    assert fs["direct"]["temp_bytes"] is not None and fs["gram"]["temp_bytes"] is not None
+    assert fs["direct"]["median_s"] > 0 and fs["gram"]["median_s"] > 0
+
+
+def test_quick_inference_with_and_without_torch(monkeypatch, tmp_path):
+    with monkeypatch.context() as m:
+        m.setattr(bench, "load_torch", lambda: None)
+        report = bench.main(["--quick", "--sections", "inference", "--json", str(tmp_path / "a.json")])
+    assert report["inference_speedup_vs_torch"] is None
+    section = report["sections"]["inference"]
+    assert "skipped" in section["torch"]
+    assert section["fan_jax"]["latency_ms"] > 0
+    pytest.importorskip("torch")
+    # The jitted forward is cached, so this second run costs no compile.
+    report = bench.main(["--quick", "--sections", "inference", "--json", str(tmp_path / "b.json")])
+    assert report["inference_speedup_vs_torch"] > 0
+    section = report["sections"]["inference"]
+    assert section["torch"]["latency_ms"] > 0 and section["torch_threads"] >= 1
+
+
+@pytest.mark.slow  # compiling the MobileFAN train step takes minutes on a small shared CPU
+def test_quick_train_with_torch_and_accelerator_section(tmp_path):
+    pytest.importorskip("torch")
+    # Naming 'accelerator' runs it on CPU too; it reuses the cached train step.
+    report = bench.main(["--quick", "--sections", "train,accelerator", "--json", str(tmp_path / "b.json")])
+    assert report["train_speedup_vs_torch"] > 0
+    train = report["sections"]["train"]
+    assert np.isfinite(train["fan_jax"]["final_loss"]) and np.isfinite(train["torch"]["final_loss"])
+    assert train["torch_memory_format"] in ("contiguous", "channels_last")
+    accel = report["sections"]["accelerator"]
+    assert set(accel["train"]) == {"2"} and set(accel["inference"]) == {"1", "2"}
+    assert all(s["per_s"] > 0 for s in [*accel["train"].values(), *accel["inference"].values()])
+
+
+def test_init_variables_are_finite_and_bn_is_identity():
+    import jax
+
+    variables = bench.init_variables(98, 64)
+    shapes = bench.variable_shapes(98, 64)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        leaf = np.asarray(leaf)
+        assert np.all(np.isfinite(leaf)), path
+        name = path[-1].key
+        if name in ("scale", "var"):
+            assert np.all(leaf == 1), path
+        elif name == "kernel":
+            assert leaf.std() > 0, path
+
+
+def test_accelerator_section_skipped_on_cpu():
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("an accelerator is present")
+    assert "skipped" in bench.accelerator_section(bench.Config.quick_config())
+
+
+# ---------------------------------------------------------------------------------- PyTorch twin
+
+
+def _jax_param_count(num_landmarks: int) -> int:
+    import jax
+
+    shapes = bench.variable_shapes(num_landmarks, 64)["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+
+
+def test_torch_twin_has_the_same_parameter_count():
+    pytest.importorskip("torch")
+    from benchmarks.torch_mobilefan import TorchMobileFAN, count_parameters
+
+    theirs = count_parameters(TorchMobileFAN(98))
+    assert theirs == _jax_param_count(98)
+    # REFERENCE.md section 1: about 2.0-2.1M for 98 landmarks.
+    assert 1.9e6 < theirs < 2.2e6
+
+
+def test_torch_twin_shapes():
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_mobilefan import TorchMobileFAN
+
+    with torch.inference_mode():
+        heatmaps, taps = TorchMobileFAN(29).eval()(torch.zeros(1, 3, 64, 64))
+    assert tuple(heatmaps.shape) == (1, 29, 16, 16)
+    assert [tuple(t.shape) for t in taps] == [(1, 128, 4, 4), (1, 128, 8, 8), (1, 128, 16, 16)]
+
+
+def test_pick_torch_threads_probes_each_candidate():
+    pytest.importorskip("torch")
+    threads, probe = bench.pick_torch_threads((2, 1), 5, 64)
+    assert threads in (1, 2)
+    assert set(probe) == {"1", "2"} and all(t > 0 for t in probe.values())
+    assert bench.pick_torch_threads((3,), 5, 64) == (3, {})
+    cfg = bench.Config(torch_threads=4)
+    assert bench.torch_thread_candidates(cfg) == (4,)
+
+
+def test_torch_targets_match_fan_jax_targets():
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_mobilefan import render_gaussians as torch_render
+    from fan_jax.heatmaps import render_gaussians, to_heatmap_coords
+
+    _, landmarks = bench.random_batch(2, 64, 5, seed=1)
+    ours = np.asarray(render_gaussians(to_heatmap_coords(landmarks), size=16, sigma=1.0))
+    # The torch trainer maps crop -> heatmap coords inline with the same formula.
+    theirs = torch_render((torch.from_numpy(landmarks) + 0.5) / 4 - 0.5, 16, 1.0).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-6)
