@@ -10,10 +10,11 @@ Input preprocessing is *not* part of the module. Keras puts `Rescaling(1/255)` a
 other encoders of this package, the input is what `fan_jax.input_pipeline.normalize` gives
 (ImageNet mean/std), so one data pipeline feeds every model. The Keras model on raw pixels
 `x` equals this encoder on `(x / 255 - mean) / sqrt(variance)` with the Keras layer's
-statistics (see `fan_jax.pretrained_efficientnet.keras_input_normalization`). Keras's
-`weights='imagenet'` path also rescales by `1 / sqrt(IMAGENET_STD)` after normalising
-(keras-team/keras#49930 compatibility); `input_scale=KERAS_IMAGENET_INPUT_SCALE` reproduces
-that, so ImageNet weights see the inputs they were trained with.
+statistics (see `fan_jax.pretrained_efficientnet.keras_input_normalization`). With
+`weights='imagenet'` Keras's Normalization holds the ImageNet mean and std^2 and a further
+`Rescaling(1 / sqrt(IMAGENET_STD))` follows (tensorflow/tensorflow#49930 compatibility), so
+its stem sees `normalize(x) / sqrt(IMAGENET_STD)`: `input_scale=KERAS_IMAGENET_INPUT_SCALE`
+reproduces that, and ImageNet weights see the inputs they were trained with.
 
 Submodules are named after the Keras layers ('stem_conv', 'stem_bn', 'block1a_dwconv',
 'block1a_se_reduce', ..., 'top_bn'), all at the top level, so the weight import is a name

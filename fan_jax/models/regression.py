@@ -30,7 +30,10 @@ Array = jax.Array
 
 
 class MobileNetV2Full(MobileNetV2Encoder):
-    """MobileNetV2 to Keras's `out_relu`: the encoder + 1x1 conv to 1280 (x width if > 1) + BN + ReLU6."""
+    """MobileNetV2 to Keras's `out_relu`: the encoder + 1x1 conv to 1280 + BN + ReLU6.
+
+    (1280 * width channels for width > 1, as Keras.)
+    """
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -105,7 +108,8 @@ REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
 
 
 def build_regressor(name: str, num_landmarks: int, **kwargs: Any) -> LandmarkRegressor:
-    """Registry: 'mobilenet_v2_reg' (student), 'efficientnet_b3_reg' (teacher), 'efficientnet_b0_reg'."""
+    """Registry: 'mobilenet_v2_reg' (student), 'efficientnet_b3_reg' (teacher),
+    'efficientnet_b0_reg' (small teacher)."""
     if name not in REGRESSORS:
         raise ValueError(f"unknown regression model {name!r}; expected one of {sorted(REGRESSORS)}")
     return REGRESSORS[name](num_landmarks, **kwargs)

@@ -1,0 +1,12 @@
+"""KD-Loss student (MobileNetV2 regressor) with the Tough and Tolerant teachers on WFLW.
+
+Train both teachers first:
+  python -m fan_jax.main --config=configs/wflw_kdloss_teacher_tough.py --workdir=workdirs/wflw_kdloss_teacher_tough
+  python -m fan_jax.main --config=configs/wflw_kdloss_teacher_tolerant.py --workdir=workdirs/wflw_kdloss_teacher_tolerant
+"""
+
+from configs import kdloss
+
+
+def get_config():
+    return kdloss.experiment("wflw", "student")

@@ -1,0 +1,67 @@
+"""Command line: `python -m fan_jax.main --config=configs/wflw_distill.py --workdir=DIR`.
+
+Overrides use the config's dotted names (`--config.train.batch_size=32`); the config is
+locked, so a misspelt name fails instead of being ignored. `--mode=eval` (or the config's
+`mode`) evaluates the workdir's checkpoint instead of training.
+
+On several hosts (a TPU pod slice), run the same command on every host with
+`--multihost`; each host reads its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Experiment configs do `from configs import default`; configs/ sits beside the package
+# in a checkout, so make that importable from any working directory.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO_ROOT, "configs")) and _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval/ output go here.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "demo"], "Overrides config.mode.")
+flags.DEFINE_bool("multihost", False,
+                  "Call jax.distributed.initialize() first (pods; set up from the environment).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    config = FLAGS.config
+    mode = FLAGS.mode or config.mode
+    if config.model.get("kind", "heatmap") == "regression":
+        from fan_jax import kd_train as runner  # the KD-Loss method: coordinate regression
+    else:
+        from fan_jax import train as runner
+    from fan_jax import train
+    logging.info("mode %s, workdir %s, %d process(es), devices %s", mode, FLAGS.workdir,
+                 jax.process_count(), jax.devices())
+    try:
+        if mode == "train":
+            runner.train_and_evaluate(config, FLAGS.workdir)
+        elif mode == "eval":
+            runner.evaluate_workdir(config, FLAGS.workdir)
+        elif mode == "demo":
+            runner.run_demo(config, FLAGS.workdir)
+        else:
+            raise app.UsageError(f"unknown mode {mode!r}; expected train, eval or demo")
+    except (train.NonFiniteLossError, train.TeacherError, train.CheckpointMismatchError,
+            FileNotFoundError) as e:
+        print(f"\nERROR: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

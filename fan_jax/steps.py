@@ -1,0 +1,164 @@
+"""Pure training and evaluation steps (jit them with shardings in train.py).
+
+Every function here is a pure function of arrays: the models, the optimizer and the
+loss settings are bound with `functools.partial` before `jax.jit`, so the same step runs
+on one CPU, on the 8 cores of a TPU host or across hosts; only the shardings change.
+
+State layout. `TrainState.params` is `{'student': ..., 'adapters': ...}` ('adapters'
+only when distilling) and `batch_stats` mirrors it: the adapters train with the student
+(they share the optimizer) but live in their own subtree, so exporting the student drops
+them by dropping a key. The teacher's variables are never part of the state: they are a
+separate argument of `distill_step`, applied with `train=False` behind `stop_gradient`.
+
+Batches hold 'image' [B, H, W, 3] (uint8 from the input pipeline, normalised here on
+device; float32 is taken as already normalised) and 'landmarks' [B, L, 2] in crop pixel
+coordinates. Heatmap targets are rendered here, on device: at 64x64xL float32 they
+are larger than the image, so they never cross the host boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from fan_jax import heatmaps, input_pipeline, losses
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, checkpointed as is."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+
+
+def create_train_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params))
+
+
+def render_targets(landmarks: jax.Array, image_size: int, heatmap_size: int, sigma: float) -> jax.Array:
+    """Gaussian targets [B, h, h, L] for crop-pixel landmarks [B, L, 2]."""
+    stride = image_size / heatmap_size
+    return heatmaps.render_gaussians(heatmaps.to_heatmap_coords(landmarks, stride=stride),
+                                     size=heatmap_size, sigma=sigma)
+
+
+def prepare_images(images: jax.Array) -> jax.Array:
+    """uint8 crops -> ImageNet-normalised float32; float input passes through."""
+    if images.dtype == jnp.uint8:
+        return input_pipeline.normalize(images)
+    return images.astype(jnp.float32)
+
+
+def _student_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array,
+                     rng: jax.Array):
+    (hm, taps), new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    return hm, taps, new_vars["batch_stats"]
+
+
+def _apply_gradients(state: TrainState, grads: PyTree, new_batch_stats: PyTree,
+                     tx: optax.GradientTransformation) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=new_batch_stats, opt_state=opt_state)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, sigma: float = 1.0
+               ) -> tuple[TrainState, Metrics]:
+    """One Adam step on the heatmap MSE; returns the new state and {'loss', 'heatmap'}."""
+    images, landmarks = prepare_images(batch["image"]), batch["landmarks"]
+    # Unused by today's models (no dropout); folded per step so adding a stochastic layer
+    # keeps runs reproducible and resumable.
+    rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+        hm, _, new_bs = _student_forward(model, params["student"], state.batch_stats["student"],
+                                         images, rng)
+        targets = render_targets(landmarks, images.shape[1], hm.shape[1], sigma)
+        loss = losses.heatmap_mse(hm, targets)
+        return loss, ({"student": new_bs}, {"loss": loss, "heatmap": loss})
+
+    grads, (new_bs, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(state, grads, new_bs, tx), metrics
+
+
+def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[str, jax.Array],
+                 rng: jax.Array, *, model: nn.Module, adapters: nn.Module | None, teacher: nn.Module,
+                 tx: optax.GradientTransformation, sigma: float = 1.0, lam: float = 1e-4,
+                 fa_layers: Sequence[bool] = (True, True, True),
+                 fs_layers: Sequence[bool] = (True, True, True), fs_form: str = "gram"
+                 ) -> tuple[TrainState, Metrics]:
+    """One step of L = L_hm + lam * sum_r (FA_r + FS_r) against a frozen teacher.
+
+    The teacher runs in inference mode (running BN statistics) and its outputs pass
+    through `stop_gradient`: it is an input of the step, not a parameter of it.
+    `adapters` is None when no FA term is enabled (then params has no 'adapters').
+    Returns the new state and {'loss', 'heatmap', 'fa1'.., 'fs1'..} (enabled terms only).
+    """
+    images, landmarks = prepare_images(batch["image"]), batch["landmarks"]
+    rng = jax.random.fold_in(rng, state.step)
+    _, teacher_taps = teacher.apply(teacher_variables, images, train=False)
+    teacher_taps = jax.lax.stop_gradient(tuple(teacher_taps))
+
+    def loss_fn(params):
+        hm, taps, new_bs = _student_forward(model, params["student"], state.batch_stats["student"],
+                                            images, rng)
+        new_batch_stats = {"student": new_bs}
+        adapted = None
+        if adapters is not None:
+            adapter_vars = {"params": params["adapters"]}
+            if "adapters" in state.batch_stats:  # only the conv_bn_relu kind has BN
+                adapter_vars["batch_stats"] = state.batch_stats["adapters"]
+            adapted, new_adapter_vars = adapters.apply(adapter_vars, taps, train=True,
+                                                       mutable=["batch_stats"])
+            if "adapters" in state.batch_stats:
+                new_batch_stats["adapters"] = new_adapter_vars["batch_stats"]
+        targets = render_targets(landmarks, images.shape[1], hm.shape[1], sigma)
+        hm_loss = losses.heatmap_mse(hm, targets)
+        terms = losses.distillation_terms(taps, adapted, teacher_taps, fa_layers=tuple(fa_layers),
+                                          fs_layers=tuple(fs_layers), fs_form=fs_form)
+        loss = losses.total_loss(hm_loss, terms, lam)
+        return loss, (new_batch_stats, {"loss": loss, "heatmap": hm_loss, **terms})
+
+    grads, (new_bs, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(state, grads, new_bs, tx), metrics
+
+
+def predict_heatmaps(variables: PyTree, images: jax.Array, *, model: nn.Module,
+                     flip_perm: np.ndarray | None = None) -> jax.Array:
+    """Inference-mode heatmaps [B, h, h, L]; with `flip_perm`, averaged with the mirror's.
+
+    `variables` is {'params', 'batch_stats'} of the student alone (no adapters).
+    Mirroring the crop (x' = W-1-x) and the heatmap (x' = w-1-x) are reflections about
+    the same edge in the pixel-centre convention, so the averaged maps need no shift.
+    """
+    images = prepare_images(images)
+    hm, _ = model.apply(variables, images, train=False)
+    if flip_perm is not None:
+        hm_mirror, _ = model.apply(variables, images[:, :, ::-1, :], train=False)
+        hm = 0.5 * (hm + heatmaps.flip_heatmaps(hm_mirror, flip_perm))
+    return hm
+
+
+def eval_step(variables: PyTree, images: jax.Array, *, model: nn.Module,
+              flip_perm: np.ndarray | None = None) -> jax.Array:
+    """Decoded landmarks [B, L, 2] in crop pixel coordinates (optionally flip-tested)."""
+    hm = predict_heatmaps(variables, images, model=model, flip_perm=flip_perm)
+    stride = images.shape[1] / hm.shape[1]
+    return heatmaps.from_heatmap_coords(heatmaps.decode(hm), stride=stride)
