@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fan_jax.models.layers import (ConvTranspose, DepthwiseConv, PointwiseConv,
+from fan_jax.models.layers import (BatchNorm, ConvTranspose, DepthwiseConv, PointwiseConv,
                                    conv_transpose_torch, conv_transpose_torch_reference,
                                    depthwise_conv, same_padding)
 
@@ -22,15 +22,19 @@ def _rand(key, shape):
 
 def _check_value_and_grads(fast, ref, x, kernel):
     """Values and gradients (wrt input and kernel) of `fast` and `ref` agree."""
-    np.testing.assert_allclose(fast(x, kernel), ref(x, kernel), **TOL)
-    cot = _rand(99, jnp.shape(ref(x, kernel)))
 
-    def loss(f):
-        return lambda x, k: jnp.sum(f(x, k) * cot)
+    @jax.jit
+    def value_and_grads(x, kernel, cot):
+        outs = []
+        for f in (fast, ref):
+            y, vjp = jax.vjp(f, x, kernel)
+            outs.append((y, *vjp(cot.astype(y.dtype))))
+        return outs
 
-    gf = jax.grad(loss(fast), argnums=(0, 1))(x, kernel)
-    gr = jax.grad(loss(ref), argnums=(0, 1))(x, kernel)
-    for a, b in zip(gf, gr):
+    cot = _rand(99, jax.eval_shape(ref, x, kernel).shape)
+    (yf, dxf, dkf), (yr, dxr, dkr) = value_and_grads(x, kernel, cot)
+    np.testing.assert_allclose(yf, yr, **TOL)
+    for a, b in ((dxf, dxr), (dkf, dkr)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -144,3 +148,37 @@ def test_conv_transpose_module_param_shape_matches_nn_conv_transpose():
     v_ref = nn.ConvTranspose(3, (4, 4), (2, 2), use_bias=False).init(jax.random.key(0), x)
     assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
     assert ConvTranspose(3, 4, 2, torch_padding=1).apply(v, x).shape == (1, 8, 8, 3)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_batch_norm_matches_flax(activation):
+    """Fused BatchNorm(+activation): values, gradients and running statistics of
+    nn.BatchNorm followed by the activation, in train and eval mode."""
+    act = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}[activation]
+    x = _rand(0, (4, 5, 6, 7)) * 2 + 1
+    cot = _rand(4, x.shape)
+    ours = BatchNorm(momentum=0.9, epsilon=1e-3, activation=activation)
+    ref = nn.BatchNorm(momentum=0.9, epsilon=1e-3)
+    variables = ref.init(jax.random.key(1), x, use_running_average=False)
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False))
+            == jax.tree.map(jnp.shape, variables))
+    params = {"scale": _rand(2, (7,)) + 2, "bias": _rand(3, (7,))}
+    stats = {"mean": _rand(5, (7,)), "var": jnp.exp(_rand(6, (7,)))}
+
+    @jax.jit
+    def run(params, x):
+        outs = []
+        for module, f in ((ours, lambda y: y), (ref, act)):
+            def loss(params, x):
+                y, upd = module.apply({"params": params, "batch_stats": stats}, x,
+                                      use_running_average=False, mutable=["batch_stats"])
+                return jnp.sum(f(y) * cot), upd
+            (_, upd), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            y_eval = module.apply({"params": params, "batch_stats": stats}, x,
+                                  use_running_average=True)
+            outs.append((upd, grads, f(y_eval)))
+        return outs
+
+    fast, slow = run(params, x)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fan_jax.models.layers import ConvTranspose, PointwiseConv
+from fan_jax.models.layers import BatchNorm, ConvTranspose, PointwiseConv
 
 Array = jax.Array
 
@@ -43,9 +43,8 @@ class DeconvDecoder(nn.Module):
             x = ConvTranspose(self.channels, self.kernel_size, strides=2, torch_padding=padding,
                               output_padding=output_padding, kernel_init=deconv_init,
                               name=f"deconv_{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                             momentum=self.bn_momentum, name=f"bn_{i}")(x)
-            x = nn.relu(x)
+            x = BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
+                          momentum=self.bn_momentum, activation="relu", name=f"bn_{i}")(x)
             taps.append(x)
         return x, tuple(taps)
 

@@ -8,7 +8,7 @@ import jax
 from flax import linen as nn
 
 from fan_jax.models.decoder import DeconvDecoder, HeatmapHead
-from fan_jax.models.layers import PointwiseConv
+from fan_jax.models.layers import BatchNorm, PointwiseConv
 from fan_jax.models.mobilenet_v2 import MobileNetV2Encoder
 
 Array = jax.Array
@@ -56,9 +56,8 @@ class Adapters(nn.Module):
                 y = PointwiseConv(feats, use_bias=True, name=f"adapter_{i}")(tap)
             else:
                 y = PointwiseConv(feats, use_bias=False, name=f"adapter_{i}_conv")(tap)
-                y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon, name=f"adapter_{i}_bn")(y)
-                y = nn.relu(y)
+                y = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                              epsilon=self.bn_epsilon, activation="relu", name=f"adapter_{i}_bn")(y)
             out.append(y)
         return tuple(out)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fan_jax.models.layers import DepthwiseConv, PointwiseConv
+from fan_jax.models.layers import BatchNorm, DepthwiseConv, PointwiseConv
 
 Array = jax.Array
 
@@ -67,16 +67,17 @@ class MobileNetV2Encoder(nn.Module):
     bn_epsilon: float = 1e-3
     bn_momentum: float = 0.9
 
-    def _bn(self, name: str, train: bool) -> nn.BatchNorm:
-        return nn.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                            momentum=self.bn_momentum, name=name)
+    def _bn(self, name: str, train: bool, activation: str | None = "relu6") -> BatchNorm:
+        # BatchNorm with the ReLU6 fused in (same variables as nn.BatchNorm).
+        return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
+                         momentum=self.bn_momentum, activation=activation, name=name)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         first = make_divisible(32 * self.width, 8)
         x = nn.Conv(first, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                     name="Conv1")(x)
-        x = nn.relu6(self._bn("bn_Conv1", train)(x))
+        x = self._bn("bn_Conv1", train)(x)
         for block_id, cfg in enumerate(block_configs(self.width)):
             x = self._inverted_residual(x, block_id, train, **cfg)
         return x
@@ -88,11 +89,11 @@ class MobileNetV2Encoder(nn.Module):
         prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
         if block_id:
             x = PointwiseConv(expansion * in_channels, name=prefix + "expand")(x)
-            x = nn.relu6(self._bn(prefix + "expand_BN", train)(x))
+            x = self._bn(prefix + "expand_BN", train)(x)
         x = DepthwiseConv(3, strides=stride, padding="SAME", name=prefix + "depthwise")(x)
-        x = nn.relu6(self._bn(prefix + "depthwise_BN", train)(x))
+        x = self._bn(prefix + "depthwise_BN", train)(x)
         x = PointwiseConv(filters, name=prefix + "project")(x)
-        x = self._bn(prefix + "project_BN", train)(x)
+        x = self._bn(prefix + "project_BN", train, activation=None)(x)
         if in_channels == filters and stride == 1:
             x = x + inputs
         return x
