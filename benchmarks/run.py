@@ -5,7 +5,8 @@ and returns a JSON-able dict. A section may add:
   - ``"summary"``: headline numbers hoisted to the top level of the report (> 1 = ours faster);
   - ``"rows"``: table rows ``(metric, ours, baseline, ratio, spread)`` for the printed table
     (left out of the JSON).
-To add a section (input pipeline, distilled step, exported model...), write one such function.
+To add a section, write one such function. Sections run in registration order; a train step's
+images/s goes into ``CONSUMERS`` so the later ``pipeline`` section can size the input pipeline for it.
 
 Timings are medians over ``--repeats`` after warm-up (which includes compilation), with
 ``block_until_ready`` / synchronous PyTorch calls. Competing measurements are interleaved
@@ -69,6 +70,18 @@ class Config:
     accel_steps_per_repeat: int = 5  # accelerator steps are ms: more per repeat beats timer/dispatch noise
     accel_iters_per_repeat: int = 20
     force_accelerator: bool = False  # run the accelerator section even on CPU
+    pipeline_workers: tuple[int, ...] = (0, 1, 2)  # 0: grain's map in this process
+    pipeline_examples: int = 64  # distinct synthetic faces in the in-memory source
+    pipeline_face_size: int = 480  # rendered photo side: crops come out ~450 px, as 300W's (<= 512)
+    pipeline_batch: int = 32
+    pipeline_batches: int = 20  # timed batches per measurement (after 2 warm-up batches)
+    pipeline_repeats: int = 2  # each measurement spawns its workers again (seconds of start-up)
+    distill_student: str = "mobilefan"
+    distill_teacher: str = "teacher"  # ResNet-50 FAN
+    distill_repeats: int = 3  # the teacher makes a distill step seconds long on a small CPU
+    distill_direct_repeats: int = 1  # N x N FS form: ~2x the Gram step's time and memory
+    export_formats: tuple[str, ...] = ("tflite", "tflite_float16", "tflite_int8", "onnx")
+    export_iters_per_repeat: int = 10
     quick: bool = False
 
     @classmethod
@@ -77,7 +90,10 @@ class Config:
             repeats=2, warmup=1, train_batch=2, image_size=64, train_steps_per_repeat=1,
             infer_iters_per_repeat=2, fs_batch=2, fs_size=16, fs_direct_repeats=2,
             torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1, 2),
-            accel_steps_per_repeat=1, accel_iters_per_repeat=2, quick=True,
+            accel_steps_per_repeat=1, accel_iters_per_repeat=2, pipeline_workers=(0, 1), pipeline_examples=4,
+            pipeline_face_size=160, pipeline_batch=2, pipeline_batches=2, pipeline_repeats=1,
+            distill_teacher="resnet18_fan", distill_repeats=1, distill_direct_repeats=1,
+            export_formats=("tflite", "onnx"), export_iters_per_repeat=2, quick=True,
         )
         base.update(overrides)
         return cls(**base)
@@ -218,9 +234,13 @@ def init_variables(num_landmarks: int, image_size: int, seed: int = 0, device: A
     own; under jit, the random initialisers make a large program), and timings do not depend on
     the exact initialiser, only on finite, normal-range values (no NaN, no denormals).
     """
+    return fill_variables(variable_shapes(num_landmarks, image_size), seed, device)
+
+
+def fill_variables(shapes: Any, seed: int = 0, device: Any = None) -> Json:
+    """Host-filled variables of any flax ShapeDtypeStruct tree (see ``init_variables``)."""
     import jax
 
-    shapes = variable_shapes(num_landmarks, image_size)
     rng = np.random.default_rng(seed)
 
     def fill(path: tuple, leaf: Any) -> np.ndarray:
@@ -451,6 +471,11 @@ def pick_torch_runner(cfg: Config, make: Callable[[str, int], Any], units: int) 
 # --------------------------------------------------------------------------------------------
 
 
+# Train-step images/s measured by earlier sections of this process (sections run in order), so
+# the pipeline section can say how many input cores each step needs: {name: {"images_per_s", ...}}.
+CONSUMERS: dict[str, Json] = {}
+
+
 def _fmt(x: float | None, unit: str = "", digits: int = 3) -> str:
     if x is None:
         return "-"
@@ -513,6 +538,8 @@ def train_section(cfg: Config) -> Json:
         speedup = ratio(out["fan_jax"]["per_s"], out["torch"]["per_s"])
     else:
         out["torch"] = TORCH_MISSING
+    CONSUMERS["train"] = {"images_per_s": out["fan_jax"]["per_s"], "batch": b, "image_size": size,
+                          "step": "CPU student train step (train section)"}
     out["summary"] = {"train_speedup_vs_torch": speedup}
     out["rows"] = [(f"train images/s (batch {b}, {size}px)", _fmt(out["fan_jax"]["per_s"]),
                     _fmt(out["torch"].get("per_s")), _fmt(speedup, "x"),
@@ -618,6 +645,8 @@ def accelerator_section(cfg: Config) -> Json:
         s = summarize(time_interleaved({"t": lambda: trainer.run(steps)}, cfg.repeats, cfg.warmup)["t"], b * steps)
         s["compile_s"] = trainer.compile_s
         out["train"][str(b)] = s
+        CONSUMERS["accelerator"] = {"images_per_s": s["per_s"], "batch": b, "image_size": size,
+                                    "step": f"{backend} student train step (accelerator section, largest batch)"}
         rows.append((f"{backend} train images/s (batch {b})", _fmt(s["per_s"]), "", "", _spread(s)))
     for b in cfg.accel_infer_batches:
         predictor = JaxStudentPredictor(L, b, size, device=device)
@@ -629,6 +658,254 @@ def accelerator_section(cfg: Config) -> Json:
         rows.append((f"{backend} inference images/s (batch {b})", _fmt(s["per_s"]), "", "", _spread(s)))
     out["rows"] = rows
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation, input pipeline and exported models
+# --------------------------------------------------------------------------------------------
+
+
+def model_variables(model: Any, image_size: int, seed: int, device: Any = None) -> Json:
+    """Host-filled variables of any FAN (see ``init_variables``): shapes by tracing, no compile."""
+    import jax
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    return fill_variables(shapes, seed, device)
+
+
+class StepRunner:
+    """Runs a ``fan_jax.steps`` step (AOT-compiled, state donated) on a fixed uint8 batch.
+
+    ``step(state, *extra, batch, rng) -> (state, metrics)``; ``extra`` holds the frozen
+    teacher variables of ``distill_step``.
+    """
+
+    def __init__(self, step: Callable, state: Any, extra: tuple, batch: Json):
+        import jax
+
+        self.state, self.extra, self.batch, self.rng = state, extra, batch, jax.random.key(0)
+        # Lowered here, compiled by ``compile`` (callers may compile several in parallel).
+        self.lowered = jax.jit(step, donate_argnums=(0,)).lower(state, *extra, batch, self.rng)
+        self.compiled, self.compile_s, self.metrics, self.first_loss = None, None, None, None
+
+    def compile(self) -> "StepRunner":
+        t0 = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        return self
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.state, self.metrics = self.compiled(self.state, *self.extra, self.batch, self.rng)
+        self.metrics["loss"].block_until_ready()
+        if self.first_loss is None:  # from the shared initial state: comparable across runners
+            self.first_loss = float(self.metrics["loss"])
+
+    def temp_bytes(self) -> int | None:
+        return _bytes_field(self.compiled.memory_analysis(), "temp_size_in_bytes")
+
+
+@section("distill")
+def distill_section(cfg: Config) -> Json:
+    """Distilled train step (student + frozen teacher, FA1-3 + FS1-3) images/s vs the plain student step."""
+    import concurrent.futures
+
+    import jax
+    import optax
+
+    from fan_jax import steps
+    from fan_jax.models import fan
+
+    b, size, L = cfg.train_batch, cfg.image_size, cfg.num_landmarks
+    device = cpu_device()  # on the CPU, beside the train section's numbers
+    student, teacher = fan.build_model(cfg.distill_student, L), fan.build_model(cfg.distill_teacher, L)
+    adapters = fan.Adapters(features=fan.teacher_channels(teacher))  # the paper's 1x1 convs
+    sv = model_variables(student, size, 0, device)
+    tv = model_variables(teacher, size, 1, device)
+    taps = jax.eval_shape(lambda v, x: student.apply(v, x)[1], sv,
+                          jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+    av = fill_variables(jax.eval_shape(lambda t: adapters.init(jax.random.PRNGKey(0), t), taps), 2, device)
+    rng = np.random.default_rng(0)
+    # uint8 crops, as the input pipeline delivers them: normalisation is part of the step.
+    batch = jax.device_put({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+                            "landmarks": rng.uniform(0, size - 1, (b, L, 2)).astype(np.float32)}, device)
+    tx = optax.adam(1e-3)
+
+    def state(with_adapters: bool) -> Any:
+        params = {"student": sv["params"], **({"adapters": av["params"]} if with_adapters else {})}
+        # Fresh copies: each runner donates (consumes) its own state.
+        params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), params)
+        bs = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), {"student": sv["batch_stats"]})
+        return steps.TrainState(step=jax.device_put(np.int32(0), device), params=params, batch_stats=bs,
+                                opt_state=jax.jit(tx.init)(params))
+
+    def distill(form: str) -> Callable:
+        return functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher, tx=tx,
+                                 fs_form=form)
+
+    runners = {
+        "plain": StepRunner(functools.partial(steps.train_step, model=student, tx=tx), state(False), (), batch),
+        "distill_gram": StepRunner(distill("gram"), state(True), (tv,), batch),
+        "distill_direct": StepRunner(distill("direct"), state(True), (tv,), batch),
+    }
+    # XLA's compile releases the GIL: two at a time overlap on two cores (~1 min each here).
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(2, core_count())) as pool:
+        list(pool.map(StepRunner.compile, runners.values()))
+    compile_wall_s = time.perf_counter() - t0
+    repeats = min(cfg.repeats, cfg.distill_repeats)
+    times = time_interleaved({k: (lambda r=r: r.run(1)) for k, r in runners.items()}, cfg.repeats, cfg.warmup,
+                             repeats_per_fn={"distill_gram": repeats,
+                                             "distill_direct": min(repeats, cfg.distill_direct_repeats)})
+    out: Json = {"batch": b, "image_size": size, "num_landmarks": L, "student": cfg.distill_student,
+                 "teacher": cfg.distill_teacher, "adapters": "conv", "terms": "FA1-3 + FS1-3", "lam": 1e-4,
+                 "device": str(device), "compile_wall_s": compile_wall_s,
+                 "repeats_note": f"distill steps: {repeats} repeats (direct form: "
+                                 f"{min(repeats, cfg.distill_direct_repeats)}), plain step: {cfg.repeats}, "
+                                 "to keep the section to minutes on a small CPU"}
+    for name, r in runners.items():
+        out[name] = summarize(times[name], work=b)
+        out[name].update(compile_s=r.compile_s, temp_bytes=r.temp_bytes(), first_loss=r.first_loss,
+                         final_loss=float(r.metrics["loss"]))
+    gram, direct, plain = out["distill_gram"], out["distill_direct"], out["plain"]
+    # Same initial state, teacher and batch: the two FS forms must compute the same first loss
+    # (the final ones differ: the runners took different numbers of steps).
+    out["loss_rel_diff_gram_vs_direct"] = abs(gram["first_loss"] - direct["first_loss"]) / max(
+        abs(direct["first_loss"]), 1e-30)
+    CONSUMERS["distill"] = {"images_per_s": gram["per_s"], "batch": b, "image_size": size,
+                            "step": "CPU distilled train step, Gram FS (distill section)"}
+    vs_plain = ratio(gram["per_s"], plain["per_s"])
+    gram_speedup = ratio(gram["per_s"], direct["per_s"])
+    out["summary"] = {"distill_images_per_s": gram["per_s"], "distill_speed_vs_plain_step": vs_plain,
+                      "distill_gram_speedup_vs_direct": gram_speedup}
+    label = f"(batch {b}, {size}px)"
+    out["rows"] = [
+        (f"distill step images/s {label}, vs plain student step", _fmt(gram["per_s"]), _fmt(plain["per_s"]),
+         _fmt(vs_plain, "x"), _spread(gram, plain)),
+        (f"distill step images/s {label}, Gram vs direct N x N FS", _fmt(gram["per_s"]), _fmt(direct["per_s"]),
+         _fmt(gram_speedup, "x"), _spread(gram, direct)),
+        ("distill step temp memory MiB, Gram vs direct FS", _fmt(_mib(gram["temp_bytes"])),
+         _fmt(_mib(direct["temp_bytes"])), _fmt(ratio(direct["temp_bytes"], gram["temp_bytes"]), "x"), ""),
+    ]
+    return out
+
+
+def synthetic_source(num: int, face_size: int, seed: int = 0) -> list[Json]:
+    """In-memory examples in the TFDS layout of the 300W builder, from ``fan_jax.synthetic`` faces.
+
+    ``datasets.common.make_example`` makes them exactly as the builder stores them (square crop
+    with margin, JPEG bytes, 68 landmarks, box, to_original); no TFDS build. tfds.data_source
+    would decode the JPEG when read; here ``TrainTransform`` does: the same work per image.
+    """
+    from fan_jax import synthetic
+    from fan_jax_datasets import common  # datasets/ in a checkout
+
+    out = []
+    for i in range(num):
+        img, lm = synthetic.render_face(synthetic.image_rng(seed, i), size=face_size)
+        out.append(common.make_example(img, lm, common.landmark_box(lm), f"synthetic/{i:04d}.jpg",
+                                       subset="synthetic"))
+    return out
+
+
+@section("pipeline")
+def pipeline_section(cfg: Config) -> Json:
+    """grain train-pipeline images/s per worker count, and the input cores each train step needs."""
+    from fan_jax import input_pipeline
+
+    source = synthetic_source(cfg.pipeline_examples, cfg.pipeline_face_size)
+    L = int(np.asarray(source[0]["landmarks"]).shape[0])
+    augment = input_pipeline.AugmentConfig(output_size=cfg.image_size)
+    cores = core_count()
+    out: Json = {"image_size": cfg.image_size, "num_landmarks": L, "batch": cfg.pipeline_batch,
+                 "batches_per_measurement": cfg.pipeline_batches, "source_examples": len(source),
+                 "mean_stored_jpeg_bytes": float(np.mean([len(e["image"]) for e in source])),
+                 "augment": dataclasses.asdict(augment), "threads_per_worker": 1, "workers": {}}
+    # One thread per worker (and in-process): a worker is then one core, so cores used = workers.
+    rates: dict[int, list[float]] = {w: [] for w in cfg.pipeline_workers}
+    for _ in range(cfg.pipeline_repeats):  # interleaved, like time_interleaved
+        for w in cfg.pipeline_workers:
+            rates[w].append(input_pipeline.measure_throughput(
+                source, num_workers=w, batch_size=cfg.pipeline_batch, num_batches=cfg.pipeline_batches,
+                num_threads=1, augment=augment))
+    rows = []
+    for w, r in rates.items():
+        s = summarize([1.0 / x for x in r])  # seconds per image: median / spread as elsewhere
+        n = min(max(w, 1), cores)
+        s.update(images_per_s=s.pop("per_s"), cores_used=n, ms_core_per_image=1e3 * n * s["median_s"])
+        out["workers"][str(w)] = s
+        what = "in-process" if w == 0 else f"{w} worker{'s' * (w > 1)}"
+        rows.append((f"pipeline images/s ({what}, {cfg.image_size}px, {s['ms_core_per_image']:.2g} ms*core/image)",
+                     _fmt(s["images_per_s"]), "", "", _spread(s)))
+    # A worker's cost, IPC included: what each added training input core buys.
+    per_core = out["workers"].get("1", next(iter(out["workers"].values())))["ms_core_per_image"]
+    out["ms_core_per_image"] = per_core
+    out["consumers"] = {}
+    for name in ("train", "distill", "accelerator"):
+        c = CONSUMERS.get(name)
+        if c is None:
+            out["consumers"][name] = "n/a (section not run in this report)"
+            continue
+        need = c["images_per_s"] * per_core / 1e3
+        out["consumers"][name] = {**c, "pipeline_cores_needed": need}
+        rows.append((f"pipeline cores to feed the {c['step']} at {c['images_per_s']:.3g} images/s",
+                     _fmt(need), "", "", ""))
+    if "train" not in CONSUMERS:
+        rows.append(("pipeline cores to feed the CPU student train step", "n/a", "", "", ""))
+    out["summary"] = {"pipeline_images_per_s_" + _workers_key(int(k)): v["images_per_s"]
+                      for k, v in out["workers"].items()}
+    out["rows"] = rows
+    return out
+
+
+def _workers_key(w: int) -> str:
+    return "in_process" if w == 0 else f"{w}_worker" + "s" * (w > 1)
+
+
+def _missing_export_modules(formats: tuple[str, ...]) -> dict[str, list[str]]:
+    """{format: missing modules} for the exporters and runtimes each format needs."""
+    import importlib.util
+
+    needs = {"tflite": ("tensorflow", "ai_edge_litert"), "onnx": ("jax2onnx", "onnxruntime"),
+             "savedmodel": ("tensorflow",)}
+    out = {}
+    for name in formats:
+        missing = [m for m in needs.get(name.partition("_")[0], ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            out[name] = missing
+    return out
+
+
+@section("export")
+def export_section(cfg: Config) -> Json:
+    """Batch-1 latency and file size of the exported student (TFLite, ONNX) in its runtime vs jitted JAX."""
+    missing = _missing_export_modules(cfg.export_formats)
+    formats = tuple(f for f in cfg.export_formats if f not in missing)
+    note = {f: f"skipped: {', '.join(m)} not installed (pip install 'fan_jax[export]')" for f, m in missing.items()}
+    if not formats:
+        return {"skipped": "export dependencies missing", "formats": note}
+    from fan_jax import export
+
+    try:
+        res = export.benchmark_exports(image_size=cfg.image_size, num_landmarks=cfg.num_landmarks,
+                                       repeats=cfg.repeats, warmup=cfg.warmup, iters=cfg.export_iters_per_repeat,
+                                       formats=formats, quick=cfg.quick)
+    except ImportError as e:  # a dependency present but broken: a note, not a failed report
+        return {"skipped": f"export dependencies unusable: {e}", "formats": note}
+    res.pop("rows", None)  # rebuilt below in this report's number format
+    res.update(note)
+    jax_stats = res["jax"]
+    rows = []
+    for name in formats:
+        s = res[name]
+        speedup = ratio(jax_stats["latency_ms"], s["latency_ms"])
+        s["speedup_vs_jax"] = speedup
+        rows.append((f"export {name} latency ms (batch 1, {res['image_size']}px, {s['size_mib']:.3g} MiB file)",
+                     _fmt(s["latency_ms"]), _fmt(jax_stats["latency_ms"]), _fmt(speedup, "x"),
+                     _spread(s, jax_stats)))
+    res["rows"] = rows
+    return res
 
 
 def _spread(*stats: Json) -> str:

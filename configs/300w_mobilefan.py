@@ -1,5 +1,4 @@
-"""MobileFAN on 300W without distillation (the paper's baseline student).
-"""
+"""MobileFAN on 300W without distillation (the paper's baseline student)."""
 
 from configs import default
 

@@ -1,5 +1,4 @@
-"""Teacher on 300W: ResNet-50 + 3 x 256-channel deconvolutions (Simple Baselines), ~34M parameters.
-"""
+"""Teacher on 300W: ResNet-50 + 3 x 256-channel deconvolutions (Simple Baselines), ~34M parameters."""
 
 from configs import default
 

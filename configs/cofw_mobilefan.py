@@ -1,5 +1,4 @@
-"""MobileFAN on COFW without distillation (the paper's baseline student).
-"""
+"""MobileFAN on COFW without distillation (the paper's baseline student)."""
 
 from configs import default
 

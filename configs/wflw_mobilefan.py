@@ -1,5 +1,4 @@
-"""MobileFAN on WFLW without distillation (the paper's baseline student).
-"""
+"""MobileFAN on WFLW without distillation (the paper's baseline student)."""
 
 from configs import default
 

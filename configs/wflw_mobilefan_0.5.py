@@ -1,5 +1,4 @@
-"""MobileFAN (0.5) on WFLW: 64-channel decoder, no distillation.
-"""
+"""MobileFAN (0.5) on WFLW: 64-channel decoder, no distillation."""
 
 from configs import default
 

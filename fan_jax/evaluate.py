@@ -126,12 +126,13 @@ def strip_per_image(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> d
 
 def format_table(rows: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> str:
     """Table of NME (%), FR@0.1 (%) and AUC@0.1 for {model: {split: {setting: metrics}}}."""
-    lines = [f"{'model':<22}{'split':<20}{'flip':<6}{'NME %':>8}{'FR %':>8}{'AUC':>8}{'N':>6}"]
+    w = max([22] + [len(m) + 2 for m in rows])
+    lines = [f"{'model':<{w}}{'split':<20}{'flip':<6}{'NME %':>8}{'FR %':>8}{'AUC':>8}{'N':>6}"]
     for model, splits in rows.items():
         for split, settings in splits.items():
             for setting, m in settings.items():
                 lines.append(
-                    f"{model:<22}{split:<20}{'yes' if setting == 'flip' else 'no':<6}"
+                    f"{model:<{w}}{split:<20}{'yes' if setting == 'flip' else 'no':<6}"
                     f"{100 * m['nme']:>8.2f}{100 * m['fr']:>8.2f}{m['auc']:>8.4f}{m['num_images']:>6}"
                 )
     return "\n".join(lines)
@@ -139,12 +140,12 @@ def format_table(rows: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]
 
 def plot_ced(curves: Mapping[str, np.ndarray], path: str, title: str, threshold: float = 0.1) -> None:
     """Cumulative error distribution per split, written as a PNG."""
-    import matplotlib
+    # A bare Figure renders to files without pyplot, leaving the caller's backend alone
+    # (a notebook's inline plots keep working).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fig = Figure(figsize=(5, 4), dpi=120)
+    ax = fig.subplots()
     for split, nmes in curves.items():
         x, y = metrics.ced(np.asarray(nmes), threshold)
         ax.plot(100 * x, y, label=f"{split} (AUC {metrics.auc(np.asarray(nmes), threshold):.3f})")
@@ -157,22 +158,21 @@ def plot_ced(curves: Mapping[str, np.ndarray], path: str, title: str, threshold:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_landmark_grid(
     images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: str, max_faces: int = 16
 ) -> None:
     """Grid of crops with true (green) and predicted (red) landmarks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders to files without pyplot, leaving the caller's backend alone
+    # (a notebook's inline plots keep working).
+    from matplotlib.figure import Figure
 
     n = min(max_faces, len(images))
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), dpi=100, squeeze=False)
+    fig = Figure(figsize=(2.5 * cols, 2.5 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -183,4 +183,3 @@ def plot_landmark_grid(
     axes.flat[0].legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

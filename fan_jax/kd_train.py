@@ -610,8 +610,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             opt=ocp.args.StandardSave(opt_item(state)),
             data=grain.checkpoint.CheckpointSave(train_iter)), metrics=metrics, force=True)
 
+    preempted = False
+    # SIGTERM from here on saves a checkpoint at the next step boundary and returns.
+    preemption = train._Preemption().__enter__()
     try:
         while step < num_steps:
+            check_now = jax.process_count() == 1 or step % log_every == 0
+            if check_now and preemption.any_host():
+                flush()
+                save(None)
+                preempted = True
+                logging.warning("Preempted: saved step %d in %s", step, mngr.directory)
+                break
             batch = next(train_iter)
             local = {"image": batch["image"], "landmarks": batch["landmarks"]}
             if step + 1 == t.get("nan_at_step", -1):
@@ -642,6 +652,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         flush()
         save(None)
     finally:
+        preemption.__exit__(None, None, None)
         mngr.wait_until_finished()
         mngr.close()
         if writer is not None:
@@ -652,7 +663,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             close()
 
     results = None
-    if evaluate_at_end:
+    if evaluate_at_end and not preempted:
         variables = train.student_variables(state)
         if config.eval.checkpoint != "latest":
             restored, best = train.restore_model_variables(
@@ -662,7 +673,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          "batch_stats": restored["batch_stats"]["student"]}
         results = run_evaluation(config, workdir, variables,
                                  sources=None if _is_tfds(sources) else sources)
-    return train.TrainResult(state=state, step=step, preempted=False, val_nme=last_val,
+    return train.TrainResult(state=state, step=step, preempted=preempted, val_nme=last_val,
                              eval_results=results)
 
 
@@ -706,12 +717,13 @@ def synthetic_sources(num_train: int, num_test: int, seed: int = 0, size: int = 
 
 
 def demo_rows(config: ml_collections.ConfigDict, workdir: str,
-              sources: Mapping[str, Source]) -> dict[str, dict]:
+              sources: Mapping[str, Source] | None = None) -> dict[str, dict] | None:
     """Trains Tough, Tolerant and the student in `workdir/{tough,tolerant,student}`.
 
     `config` is one KD-Loss config (e.g. configs/demo_kdloss.py); the roles, workdirs and
-    `kd.teacher_model` for the teachers are filled in here. Returns {label: eval results} rows
-    for `fan_jax.evaluate.format_table`.
+    `kd.teacher_model` for the teachers are filled in here. `sources=None` reads the
+    config's TFDS dataset. Returns {label: eval results} rows for
+    `fan_jax.evaluate.format_table`, or None when SIGTERM stopped a run (it saved first).
     """
     rows = {}
     dirs = {r: os.path.join(workdir, r.replace("teacher_", "")) for r in ROLES}
@@ -723,6 +735,8 @@ def demo_rows(config: ml_collections.ConfigDict, workdir: str,
             c.model.name = config.kd.get("teacher_model", "efficientnet_b3_reg")
             c.model.dropout_rate = -1.0
         res = train_and_evaluate(c, dirs[role], sources=sources)
+        if res.preempted:
+            return None
         rows[f"kdloss_{role}"] = res.eval_results
     return rows
 
@@ -732,6 +746,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     d = config.demo
     sources = synthetic_sources(d.num_train, d.num_test, seed=config.seed, size=d.image_size)
     rows = demo_rows(config, workdir, sources)
+    if rows is None:
+        logging.warning("stopped by SIGTERM; run the same command to resume")
+        return {}
     if jax.process_index() == 0:
         table = evaluate.format_table(rows)
         print(table, flush=True)

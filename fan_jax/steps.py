@@ -5,7 +5,7 @@ loss settings are bound with `functools.partial` before `jax.jit`, so the same s
 on one CPU, on the 8 cores of a TPU host or across hosts; only the shardings change.
 
 State layout. `TrainState.params` is `{'student': ..., 'adapters': ...}` ('adapters'
-only when distilling) and `batch_stats` mirrors it: the adapters train with the student
+only when distilling with an FA term) and `batch_stats` mirrors it: the adapters train with the student
 (they share the optimizer) but live in their own subtree, so exporting the student drops
 them by dropping a key. The teacher's variables are never part of the state: they are a
 separate argument of `distill_step`, applied with `train=False` behind `stop_gradient`.

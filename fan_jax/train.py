@@ -41,6 +41,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -227,7 +228,9 @@ def checkpoint_manager(directory: str, keep: int = 3, read_only: bool = False
         create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options,
                                  item_handlers=handlers)
 
 
@@ -276,7 +279,7 @@ def restore_model_variables(workdir: str, which: str = "best", *, expected: PyTr
     `sharding`'s mesh (default: all devices), whatever device count saved them.
     """
     directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoints in {directory}")
     sharding = sharding or NamedSharding(make_mesh(), P())
     mngr = checkpoint_manager(directory, read_only=True)
@@ -296,11 +299,10 @@ def restore_model_variables(workdir: str, which: str = "best", *, expected: PyTr
 
 
 def _read_run_config(workdir: str) -> dict | None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def teacher_run_config(config: ml_collections.ConfigDict) -> dict:
@@ -319,9 +321,11 @@ def teacher_run_config(config: ml_collections.ConfigDict) -> dict:
                            "--config.distill.teacher_workdir=<that workdir>")
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     run_config = _read_run_config(workdir)
-    has_ckpt = os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+    ckpt_dir = epath.Path(directory)
+    has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if run_config is None or not has_ckpt:
-        raise TeacherError(f"No teacher checkpoint in {os.path.abspath(workdir)}. "
+        where = workdir if "://" in workdir else os.path.abspath(workdir)
+        raise TeacherError(f"No teacher checkpoint in {where}. "
                            f"Train the teacher first:\n  {train_cmd}")
     teacher_ds = run_config["dataset"]["name"]
     if teacher_ds != config.dataset.name:
@@ -574,9 +578,8 @@ def _every(value: int, steps_per_epoch: int) -> int:
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -818,7 +821,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jnp.zeros((1, s, s, 3), jnp.float32))
     directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"no checkpoints in {directory}; train first:\n  python -m "
                                 f"fan_jax.main --config=<config> --workdir={workdir}")
     mngr = checkpoint_manager(directory, read_only=True)
@@ -851,7 +854,12 @@ def _demo_log(t0: float, msg: str) -> None:
 
 def demo_configs(config: ml_collections.ConfigDict, workdir: str
                  ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
-    """{label: (run dir, config)} for the demo's teacher, MobileFAN and MobileFAN + KD."""
+    """{label: (run dir, config)} for the demo's teacher, MobileFAN and MobileFAN + KD.
+
+    The learning rate is constant: with schedule boundaries baked into the compiled step,
+    per-stage schedules would make the teacher's and MobileFAN's steps different programs,
+    and the second could not come from the compilation cache.
+    """
     d = config.demo
 
     def derive(model: str, steps_: int, distill: bool) -> ml_collections.ConfigDict:
@@ -859,44 +867,60 @@ def demo_configs(config: ml_collections.ConfigDict, workdir: str
         c.mode = "train"
         c.model.name = model
         c.train.num_train_steps = steps_
+        c.train.lr_decay_epochs = ()
         c.distill.enabled = distill
         c.distill.teacher_workdir = os.path.join(workdir, "teacher")
         c.distill.teacher_config = "configs/demo.py (its teacher stage)"
         return c
 
     return {
-        f"teacher ({d.teacher_model})": ("teacher", derive(d.teacher_model, d.teacher_steps, False)),
+        "teacher": ("teacher", derive(d.teacher_model, d.teacher_steps, False)),
         "MobileFAN": ("mobilefan", derive(config.model.name, d.student_steps, False)),
         "MobileFAN + KD": ("mobilefan_kd", derive(config.model.name, d.student_steps, True)),
     }
 
 
 def _plot_demo(rows: Mapping[str, dict], path: str, splits: Sequence[str]) -> None:
-    import matplotlib
+    # A bare Figure renders to files without pyplot, leaving the caller's backend alone
+    # (a notebook's inline plots keep working).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.subplots()
     width = 0.8 / max(1, len(rows))
     for i, (label, res) in enumerate(rows.items()):
         vals = [100 * res[s]["flip" if "flip" in res[s] else "no_flip"]["nme"] for s in splits]
         ax.bar(np.arange(len(splits)) + i * width, vals, width, label=label)
     ax.set_xticks(np.arange(len(splits)) + width * (len(rows) - 1) / 2, splits)
     ax.set_ylabel("NME (%, inter-ocular)")
-    ax.set_title("Synthetic 300W: teacher vs MobileFAN with and without KD", fontsize=9)
+    ax.set_title("Synthetic 300W: heatmap KD (MobileFAN) and KD-Loss (regression)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+
+
+def demo_kdloss_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The demo's KD-Loss config (`config.demo.kdloss`), reading the demo's built 300W data."""
+    kd = config.demo.get("kdloss")
+    if kd is None or not config.demo.get("kdloss_enabled", True):
+        return None
+    kd = ml_collections.ConfigDict(kd.to_dict())
+    kd.dataset.name = config.dataset.name
+    kd.dataset.data_dir, kd.dataset.manual_dir = config.dataset.data_dir, config.dataset.manual_dir
+    kd.dataset.prepare = False
+    kd.dataset.val_split = config.dataset.val_split
+    kd.eval.splits = tuple(config.eval.splits)
+    kd.seed = config.seed
+    return kd
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     """The whole pipeline on synthetic faces: draw a 300W-layout tree, build it with the 300W
-    TFDS builder, train a teacher, MobileFAN and MobileFAN + KD, evaluate all three, print
-    the table and write `demo_table.txt` and `demo_nme.png` (each run's CED and landmark
-    grid are in <workdir>/<run>/eval/). Re-running resumes finished stages."""
+    TFDS builder, train a teacher, MobileFAN and MobileFAN + KD, then (`demo.kdloss`) the
+    KD-Loss teachers and student on the same data; evaluate all, print one table and write
+    `demo_table.txt` and `demo_nme.png` (each run's CED and landmark grid are in
+    <workdir>/<run>/eval/). Re-running resumes finished stages; SIGTERM stops after saving."""
     from fan_jax import data, evaluate, synthetic
 
     t0 = time.perf_counter()
@@ -918,17 +942,40 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     config.dataset.data_dir, config.dataset.manual_dir = data_dir, manual
     rows = {}
     for label, (name, c) in demo_configs(config, workdir).items():
-        _demo_log(t0, f"training {label}: {c.train.num_train_steps} steps, batch "
-                      f"{c.train.batch_size}, {c.input_size}x{c.input_size} crops -> {workdir}/{name}")
+        _demo_log(t0, f"training {label} ({c.model.name}, {c.train.num_train_steps} steps, batch "
+                      f"{c.train.batch_size}, {c.input_size}x{c.input_size} crops) -> "
+                      f"{workdir}/{name}")
         result = train_and_evaluate(c, os.path.join(workdir, name))
+        if result.preempted:
+            _demo_log(t0, f"stopped by SIGTERM during {label}; run the same command to resume")
+            return rows
         rows[label] = result.eval_results
+    kd_config = demo_kdloss_config(config)
+    if kd_config is not None:
+        from fan_jax import kd_train
+
+        _demo_log(t0, f"KD-Loss: Tough and Tolerant teachers ({kd_config.kd.teacher_model}), "
+                      f"then the {kd_config.model.name} student, {kd_config.train.num_train_steps}"
+                      f" steps each, {kd_config.input_size}x{kd_config.input_size} crops -> "
+                      f"{workdir}/kdloss")
+        kd_rows = kd_train.demo_rows(kd_config, os.path.join(workdir, "kdloss"))
+        if kd_rows is None:
+            _demo_log(t0, "stopped by SIGTERM during KD-Loss; run the same command to resume")
+            return rows
+        labels = {"kdloss_teacher_tough": "KD-Loss Tough teacher",
+                  "kdloss_teacher_tolerant": "KD-Loss Tolerant teacher",
+                  "kdloss_student": "KD-Loss student (MobileNetV2 regression)"}
+        rows.update({labels.get(k, k): v for k, v in kd_rows.items()})
     table = evaluate.format_table(rows)
     splits = list(next(iter(rows.values())))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "demo_table.txt"), "w") as f:
             f.write(table + "\n")
         _plot_demo(rows, os.path.join(workdir, "demo_nme.png"), splits)
-        _demo_log(t0, "done. Synthetic 300W test faces, NME normalised by the outer eye corners:")
+        _demo_log(t0, f"done. Synthetic 300W test faces ({d.num_test}), NME normalised by the "
+                      f"outer eye corners. Teacher: {d.teacher_model}, {d.teacher_steps} steps; "
+                      f"students: {config.model.name}, {d.student_steps} steps each; batch "
+                      f"{config.train.batch_size}, {config.input_size}x{config.input_size} crops.")
         print(table, flush=True)
         print(f"\nPlots: {workdir}/demo_nme.png and {workdir}/<run>/eval/ced_300w.png, "
               f"faces_*.png", flush=True)

@@ -58,6 +58,21 @@ def register_tiny_models() -> None:
     fan.MODELS.setdefault("tiny_teacher", functools.partial(tiny_fan, decoder_channels=16))
 
 
+def tiny_regressor(num_landmarks: int, dropout_rate: float = 0.1):
+    """The tiny encoder with the real regression head (KD-Loss roles)."""
+    from fan_jax.models import regression
+
+    return regression.LandmarkRegressor(tiny_encoder_cls()(features=(8, 16)),
+                                        regression.RegressionHead(num_landmarks, dropout_rate))
+
+
+def register_tiny_regressor() -> None:
+    """Adds 'tiny_reg' to the regressor registry."""
+    from fan_jax.models import regression
+
+    regression.REGRESSORS.setdefault("tiny_reg", tiny_regressor)
+
+
 def fake_source(n: int, num_landmarks: int = 68, size: int = 80, seed: int = 0) -> list[dict]:
     """n examples in the TFDS feature layout (images decoded), landmarks inside the image."""
     rng = np.random.default_rng(seed)

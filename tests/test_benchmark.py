@@ -209,3 +209,61 @@ def test_torch_targets_match_fan_jax_targets():
     # The torch trainer maps crop -> heatmap coords inline with the same formula.
     theirs = torch_render((torch.from_numpy(landmarks) + 0.5) / 4 - 0.5, 16, 1.0).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- new sections
+
+
+def test_quick_pipeline_section(monkeypatch):
+    # Consumers measured by other sections of the same run; absent ones read "n/a".
+    monkeypatch.setattr(bench, "CONSUMERS", {"train": {"images_per_s": 4.0, "batch": 2, "image_size": 64,
+                                                       "step": "CPU student train step"}})
+    report, rows = bench.run_sections(bench.Config.quick_config(), ["machine", "pipeline"], log=lambda s: None)
+    section = report["sections"]["pipeline"]
+    assert set(section["workers"]) == {"0", "1"}
+    for s in section["workers"].values():
+        assert s["images_per_s"] > 0 and s["ms_core_per_image"] > 0 and s["cores_used"] >= 1
+    assert report["pipeline_images_per_s_in_process"] > 0 and report["pipeline_images_per_s_1_worker"] > 0
+    assert section["num_landmarks"] == 68 and section["image_size"] == 64
+    assert section["consumers"]["train"]["pipeline_cores_needed"] > 0
+    assert section["consumers"]["distill"].startswith("n/a")
+    assert any("cores to feed" in r[0] for r in rows) and all(len(r) == 5 for r in rows)
+    json.dumps(report)
+
+
+def test_quick_distill_section():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _train_helpers as helpers
+
+    helpers.register_tiny_models()  # MobileFAN + a ResNet teacher compile for minutes on a small CPU
+    cfg = bench.Config.quick_config(distill_student="tiny_student", distill_teacher="tiny_teacher")
+    report, rows = bench.run_sections(cfg, ["machine", "distill"], log=lambda s: None)
+    section = report["sections"]["distill"]
+    for name in ("plain", "distill_gram", "distill_direct"):
+        assert section[name]["per_s"] > 0 and np.isfinite(section[name]["final_loss"]), name
+        assert section[name]["temp_bytes"] is not None
+    # Same weights and batch: both FS forms give the same loss.
+    assert section["loss_rel_diff_gram_vs_direct"] < 1e-4
+    assert report["distill_images_per_s"] > 0 and report["distill_gram_speedup_vs_direct"] > 0
+    assert bench.CONSUMERS["distill"]["images_per_s"] == report["distill_images_per_s"]
+    assert len(rows) == 3 and all(len(r) == 5 for r in rows)
+    json.dumps(report)
+
+
+def test_quick_export_section():
+    report, rows = bench.run_sections(bench.Config.quick_config(), ["machine", "export"], log=lambda s: None)
+    section = report["sections"]["export"]
+    if "skipped" in section:
+        pytest.skip(section["skipped"])
+    assert section["image_size"] == 64 and section["jax"]["latency_ms"] > 0
+    for name in ("tflite", "onnx"):
+        assert section[name]["latency_ms"] > 0 and section[name]["size_mib"] > 0
+        assert section[name]["speedup_vs_jax"] > 0
+    assert len(rows) == 2 and rows[0][0].startswith("export tflite")
+    json.dumps(report)
+
+
+def test_export_section_notes_missing_dependencies(monkeypatch):
+    monkeypatch.setattr(bench, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats})
+    out = bench.export_section(bench.Config.quick_config())
+    assert "skipped" in out and "onnxruntime" in out["formats"]["onnx"]

@@ -11,6 +11,7 @@ import glob
 import importlib
 import json
 import os
+import signal
 import sys
 
 import jax
@@ -213,3 +214,32 @@ def test_non_finite_loss_raises(tiny, tmp_path):
     c.train.nan_at_step = 2
     with pytest.raises(train.NonFiniteLossError, match="step 2"):
         kd_train.train_and_evaluate(c, str(tmp_path / "nan"), sources=sources())
+
+
+class _SigtermOnRead:
+    """A source that sends this process SIGTERM when example `at` is first read."""
+
+    def __init__(self, source, at):
+        self.source, self.at, self.sent = source, at, False
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if not self.sent and int(i) == self.at:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.source[i]
+
+
+def test_sigterm_saves_and_stops(tiny, tmp_path):
+    c = tiny_config("teacher_tough", str(tmp_path), steps_=1000)
+    c.train.eval_every_steps = -1
+    src = sources()
+    killer = _SigtermOnRead(src["train"], at=5)
+    previous = signal.getsignal(signal.SIGTERM)
+    res = kd_train.train_and_evaluate(c, str(tmp_path / "run"), sources={**src, "train": killer})
+    assert killer.sent and res.preempted and res.eval_results is None
+    assert res.step < 20, "the signal should stop the run within a few steps"
+    assert str(res.step) in os.listdir(tmp_path / "run" / "checkpoints")
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -225,13 +225,20 @@ def test_demo_end_to_end(tmp_path, capsys):
     c.demo.teacher_steps = c.demo.student_steps = 2
     c.train.batch_size = 4
     c.eval.batch_size = 4
+    helpers.register_tiny_regressor()
+    kd = c.demo.kdloss
+    kd.model.name = kd.kd.teacher_model = "tiny_reg"
+    kd.input_size, kd.train.num_train_steps, kd.train.batch_size = 64, 2, 4
+    kd.eval.batch_size, kd.kd.asm_augmentations = 4, 1
     rows = train.run_demo(c, str(tmp_path))
-    assert list(rows) == ["teacher (tiny_teacher)", "MobileFAN", "MobileFAN + KD"]
+    assert list(rows) == ["teacher", "MobileFAN", "MobileFAN + KD", "KD-Loss Tough teacher",
+                          "KD-Loss Tolerant teacher", "KD-Loss student (MobileNetV2 regression)"]
     for res in rows.values():
         assert set(res) == {"full", "common", "challenging"}
         assert res["full"]["flip"]["num_images"] == 6
     out = capsys.readouterr().out
     assert "MobileFAN + KD" in out and "NME %" in out
+    assert "KD-Loss student" in out
     for f in ("demo_table.txt", "demo_nme.png", "teacher/eval/ced_300w.png",
-              "mobilefan_kd/eval/metrics.json"):
+              "mobilefan_kd/eval/metrics.json", "kdloss/student/eval/metrics.json"):
         assert os.path.exists(tmp_path / f), f

@@ -1,0 +1,578 @@
+"""Export a trained student for deployment: TFLite (float32 / float16 / int8), ONNX, SavedModel.
+
+    python -m fan_jax.export --workdir=DIR --format tflite --out mobilefan.tflite
+    python -m fan_jax.export --workdir=DIR --format tflite --quantize int8 --out mobilefan_int8.tflite
+    python -m fan_jax.export --workdir=DIR --format onnx --out mobilefan.onnx
+    python -m fan_jax.export --workdir=DIR --format savedmodel --out mobilefan_savedmodel
+
+Only the student is exported (no KD adapters, no teacher), in inference mode (BatchNorm uses
+its running statistics). Every exported model has the same interface:
+
+  input  'image'      float32 [B, S, S, 3]: an RGB face crop with values 0..255 (uint8 pixels
+                      cast to float). The ImageNet mean/std normalisation is inside the graph,
+                      so callers do no arithmetic. The crop is the one training used:
+                      `geometry.crop_transform(box, S, box_scale=1.25)` applied with
+                      `geometry.warp_image` (bilinear, zero border), S = the run's input_size.
+  output 'heatmaps'   float32 [B, S/4, S/4, L], one map per landmark (NHWC).
+         'landmarks'  float32 [B, L, 2], (x, y) in crop pixel coordinates (pixel-centre
+                      convention): the heatmap argmax moved 0.25 px toward the larger
+                      neighbour per axis, exactly `heatmaps.decode` + `from_heatmap_coords`.
+                      Map them back to the photo with `geometry.invert_affine` of the crop.
+
+Batch: ONNX and SavedModel take any B. TFLite has a fixed B (`--batch_size`, default 1):
+the converter cannot lower the argmax reduction with a dynamic batch. A JSON sidecar
+`<out>.json` records the interface, the landmark count and the run it came from.
+
+Conversion paths: TFLite and SavedModel via `jax.experimental.jax2tf` (StableHLO inside
+TensorFlow) then `tf.lite.TFLiteConverter`, run with `ai_edge_litert`; ONNX via `jax2onnx`,
+run with `onnxruntime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging as _pylogging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from fan_jax import geometry, input_pipeline
+from fan_jax.predict import student_variables
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("heatmaps", "landmarks")
+FORMATS = ("tflite", "onnx", "savedmodel")
+QUANTIZATIONS = ("none", "float16", "int8")
+SIDE_CAR_SUFFIX = ".json"
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def decode_landmarks(hm: jax.Array, stride: float = 4.0) -> jax.Array:
+    """`heatmaps.decode` + `from_heatmap_coords`, written for exporters and quantizers.
+
+    Equal to the reference in float. Everything up to the last add is integer: the position
+    in quarter heatmap pixels q = 4 * argmax + sign step, and the crop coordinate is
+    q * stride / 4 + (stride / 2 - 0.5). An int8 TFLite model then quantizes only that
+    last add (error < 0.15 crop px) instead of every step of the float arithmetic (which
+    moved points by more than half a heatmap pixel). jnp's integer `//` and `%` lower
+    through a remainder that jax2onnx cannot shape with a symbolic batch; argmax indices
+    are non-negative, so truncating division is the same.
+    """
+    b, h, w, n = hm.shape
+    flat = jnp.moveaxis(hm, -1, 1).reshape(b, n, h * w)
+    idx = jnp.argmax(flat, axis=-1).astype(jnp.int32)
+    y = jax.lax.div(idx, jnp.int32(w))
+    x = idx - y * w
+
+    def value_at(yy, xx):
+        j = jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)
+        return jnp.take_along_axis(flat, j[..., None], axis=-1)[..., 0]
+
+    def step(hi, lo):  # sign(hi - lo) as int32, without float arithmetic
+        return (hi > lo).astype(jnp.int32) - (hi < lo).astype(jnp.int32)
+
+    sx = jnp.where((x > 0) & (x < w - 1), step(value_at(y, x + 1), value_at(y, x - 1)), 0)
+    sy = jnp.where((y > 0) & (y < h - 1), step(value_at(y + 1, x), value_at(y - 1, x)), 0)
+    q = jnp.stack([4 * x + sx, 4 * y + sy], axis=-1)
+    scale = float(stride) / 4.0
+    if scale.is_integer():
+        q = q * int(scale)
+        return q.astype(jnp.float32) + jnp.float32(stride / 2.0 - 0.5)
+    return q.astype(jnp.float32) * jnp.float32(scale) + jnp.float32(stride / 2.0 - 0.5)
+
+
+def _native_convs(next_fun, args, kwargs, context):
+    """Runs `layers.DepthwiseConv` and `layers.PointwiseConv` as `lax` convolutions with
+    their own parameters.
+
+    The training layers write depthwise convs as k*k shifted slices and 1x1 convs as
+    reshaped matmuls (fast for XLA:CPU's backward pass); exported as such, TFLite and
+    onnxruntime run many small ops per layer instead of their native (grouped) CONV kernels.
+    """
+    from fan_jax.models import layers
+
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(
+            module, (layers.DepthwiseConv, layers.PointwiseConv)):
+        return next_fun(*args, **kwargs)
+    (x,) = args
+    kernel = module.get_variable("params", "kernel")
+    if isinstance(module, layers.DepthwiseConv):
+        strides, groups = module.strides, x.shape[-1]
+        pads = layers._resolve_padding(module.padding, x.shape[1:3], module.kernel_size, strides)
+    else:
+        strides, groups, pads = 1, 1, [(0, 0), (0, 0)]
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias")
+    return y
+
+
+def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = True
+                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """images float32 [B,S,S,3] 0..255 RGB -> (heatmaps [B,S/4,S/4,L], landmarks [B,L,2]).
+
+    The variables are closed over, so exporters bake them into the graph as constants.
+    native_convs: depthwise and 1x1 convolutions as convolutions (what runtimes have
+    kernels for) instead of the training layers' slices and matmuls; same parameters.
+    """
+    variables = jax.tree.map(jnp.asarray, student_variables(variables))
+
+    def infer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = input_pipeline.normalize(images)
+        if native_convs:
+            with nn.intercept_methods(_native_convs):
+                hm, _ = model.apply(variables, x, train=False)
+        else:
+            hm, _ = model.apply(variables, x, train=False)
+        stride = images.shape[1] / hm.shape[1]
+        return hm, decode_landmarks(hm, stride)
+
+    return infer
+
+
+# --------------------------------------------------------------------------- exporters
+
+
+def _tf_serving_function(infer: Callable, input_size: int, batch_size: int | None):
+    """A tf.function with signature image -> {'heatmaps', 'landmarks'} (None batch: any)."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    poly = None if batch_size else [f"(b, {input_size}, {input_size}, 3)"]
+    converted = jax2tf.convert(infer, with_gradient=False, polymorphic_shapes=poly)
+    spec = tf.TensorSpec((batch_size, input_size, input_size, 3), tf.float32, name=INPUT_NAME)
+
+    @tf.function(autograph=False, input_signature=[spec])
+    def serve(image):
+        hm, lm = converted(image)
+        return {OUTPUT_NAMES[0]: tf.identity(hm, name=OUTPUT_NAMES[0]),
+                OUTPUT_NAMES[1]: tf.identity(lm, name=OUTPUT_NAMES[1])}
+
+    return serve
+
+
+def _save_tf_module(serve, path: str) -> None:
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.serve = serve
+    tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
+
+
+def export_savedmodel(model: Any, variables: Mapping[str, Any], input_size: int, path: str) -> str:
+    """Writes a TF SavedModel (signature 'serving_default', any batch size) to directory `path`."""
+    serve = _tf_serving_function(inference_fn(model, variables), input_size, None)
+    _save_tf_module(serve, path)
+    return path
+
+
+def synthetic_crops(num: int, input_size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [num, S, S, 3] face crops from `fan_jax.synthetic`, cropped as at inference.
+
+    Poses, scales and box jitter vary so a quantizer sees the activation ranges of real use.
+    """
+    from fan_jax import synthetic
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((num, input_size, input_size, 3), np.uint8)
+    for i in range(num):
+        img, lm = synthetic.render_face(np.random.default_rng([seed, i]),
+                                        size=int(max(input_size, 160) * 1.25))
+        box = geometry.box_from_landmarks(lm)
+        m = geometry.crop_transform(box, input_size, box_scale=1.25,
+                                    rotation_deg=float(rng.uniform(-15, 15)),
+                                    scale=float(rng.uniform(0.9, 1.1)))
+        out[i] = geometry.warp_image(img, m, input_size)
+    return out
+
+
+def export_tflite(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
+                  quantize: str = "none", batch_size: int = 1,
+                  representative: np.ndarray | None = None, num_representative: int = 64) -> str:
+    """Writes a .tflite model with a fixed batch size.
+
+    quantize: 'none' (float32), 'float16' (float16 weights, float32 compute: half the size,
+    same landmarks) or 'int8' (int8 weights and activations, calibrated on `representative`
+    uint8 crops, by default `num_representative` synthetic faces; float32 input/output).
+    """
+    import tensorflow as tf
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANTIZATIONS}")
+    serve = _tf_serving_function(inference_fn(model, variables), input_size, batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Converting from a SavedModel keeps the signature's input and output names.
+        _save_tf_module(serve, tmp)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "int8":
+            reps = (representative if representative is not None
+                    else synthetic_crops(num_representative, input_size, seed=1234))
+            reps = np.asarray(reps, np.float32)
+
+            def dataset() -> Iterator[list[np.ndarray]]:
+                for i in range(0, len(reps) - batch_size + 1, batch_size):
+                    yield [reps[i:i + batch_size]]
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = dataset
+            # int8 kernels where they exist, float fallback (argmax decode) elsewhere.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
+        flatbuffer = converter.convert()
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return path
+
+
+def _import_jax2onnx_plugins() -> None:
+    """Loads only jax2onnx's lax/jnp plugins.
+
+    `to_onnx` otherwise imports every plugin module, including the equinox and example
+    trees, which build and compile dozens of demo models at import (a minute of CPU);
+    our graph is lax primitives and linen layers. Falls back to the full import on any API change.
+    """
+    try:
+        from pathlib import Path
+
+        from jax2onnx.plugins import plugin_system as ps
+
+        if getattr(ps, "_already_imported_plugins", True):
+            return
+        root = Path(ps.__file__).parent
+        # The linen plugins too: they lower nn.Conv / nn.BatchNorm as ONNX ops; without
+        # them the jnp plugins make linen's shape checks see tracers.
+        ps._import_tree(root / "jax", "jax2onnx.plugins.jax")
+        ps._import_tree(root / "flax" / "linen", "jax2onnx.plugins.flax.linen")
+        ps._already_imported_plugins = True
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
+
+
+def export_onnx(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
+                metadata: Mapping[str, str] | None = None) -> str:
+    """Writes a single-file .onnx model with a symbolic batch dimension 'batch'."""
+    _pylogging.getLogger("onnx_ir").setLevel(_pylogging.ERROR)
+    _import_jax2onnx_plugins()
+    from jax2onnx import to_onnx
+
+    proto = to_onnx(inference_fn(model, variables), [("batch", input_size, input_size, 3)],
+                    model_name="mobilefan", input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES))
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(k), str(v)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+class ExportedModel:
+    """An exported model in its own runtime: `model(images) -> {'heatmaps', 'landmarks'}`.
+
+    images: float32 (or uint8) [B, S, S, 3] RGB 0..255 crops. TFLite models with a fixed
+    batch run larger batches in chunks.
+    """
+
+    def __init__(self, path: str, num_threads: int | None = None):
+        self.path = path
+        self.format = detect_format(path)
+        if self.format == "tflite":
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._interp = Interpreter(model_path=path, num_threads=num_threads)
+            self._runner = self._interp.get_signature_runner("serving_default")
+            spec = self._runner.get_input_details()[INPUT_NAME]
+            self.batch_size = int(spec["shape"][0])
+            self.input_size = int(spec["shape"][1])
+        elif self.format == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if num_threads:
+                opts.intra_op_num_threads = num_threads
+            self._sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            shape = self._sess.get_inputs()[0].shape
+            self.batch_size = None
+            self.input_size = int(shape[1])
+        else:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._loaded = tf.saved_model.load(path)
+            self._fn = self._loaded.signatures["serving_default"]
+            shape = self._fn.structured_input_signature[1][INPUT_NAME].shape
+            self.batch_size = None
+            self.input_size = int(shape[1])
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.format == "tflite":
+            out = self._runner(**{INPUT_NAME: x})
+        elif self.format == "onnx":
+            vals = self._sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            out = dict(zip(OUTPUT_NAMES, vals))
+        else:
+            out = self._fn(**{INPUT_NAME: self._tf.constant(x)})
+        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.asarray(images, np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"expected images [B, {self.input_size}, {self.input_size}, 3], "
+                             f"got {x.shape}")
+        b = self.batch_size
+        if b is None or len(x) == b:
+            return self._run(x)
+        parts = []
+        for i in range(0, len(x), b):
+            chunk = x[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            parts.append({k: v[:n] for k, v in self._run(chunk).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+
+
+def detect_format(path: str) -> str:
+    """'tflite', 'onnx' or 'savedmodel' from a path."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return "savedmodel"
+        raise ValueError(f"{path} is a directory without saved_model.pb")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".tflite", ".onnx"):
+        return ext[1:]
+    raise ValueError(f"cannot tell the format of {path}: expected .tflite, .onnx or a "
+                     "SavedModel directory")
+
+
+def load_exported(path: str, num_threads: int | None = None) -> ExportedModel:
+    """Opens an exported model in its runtime (ai_edge_litert, onnxruntime or TensorFlow)."""
+    return ExportedModel(path, num_threads=num_threads)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, out: str, *,
+           quantize: str = "none", batch_size: int = 1, metadata: Mapping[str, Any] | None = None,
+           num_representative: int = 64) -> str:
+    """Exports to `out` in format `fmt` and writes the `<out>.json` sidecar; returns `out`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if quantize != "none" and fmt != "tflite":
+        raise ValueError(f"--quantize {quantize} applies to tflite only")
+    if input_size % 32:
+        raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    info = describe(model, variables, input_size, fmt, quantize,
+                    batch_size if fmt == "tflite" else None, metadata)
+    if fmt == "tflite":
+        export_tflite(model, variables, input_size, out, quantize=quantize,
+                      batch_size=batch_size, num_representative=num_representative)
+    elif fmt == "onnx":
+        export_onnx(model, variables, input_size, out,
+                    metadata={"fan_jax": json.dumps(info, sort_keys=True)})
+    else:
+        export_savedmodel(model, variables, input_size, out)
+    with open(out.rstrip("/") + SIDE_CAR_SUFFIX, "w") as f:
+        json.dump(info, f, indent=2)
+    return out
+
+
+def describe(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, quantize: str,
+             batch_size: int | None, metadata: Mapping[str, Any] | None = None) -> dict:
+    """The sidecar: what goes in, what comes out, how to map landmarks back."""
+    head = student_variables(variables)["params"]["head"]["conv"]["kernel"]
+    num_landmarks = int(np.shape(head)[-1])
+    hm = input_size // 4
+    return {
+        "format": fmt,
+        "quantize": quantize,
+        "num_landmarks": num_landmarks,
+        "input": {"name": INPUT_NAME, "shape": [batch_size or "batch", input_size, input_size, 3],
+                  "dtype": "float32", "layout": "NHWC", "channels": "RGB", "range": [0, 255],
+                  "normalization": "inside the graph: (x / 255 - mean) / std, ImageNet "
+                                   f"mean {list(input_pipeline.IMAGENET_MEAN)} std "
+                                   f"{list(input_pipeline.IMAGENET_STD)}",
+                  "crop": "square crop centred on the face box, side = max(w, h) * 1.25, "
+                          "resized to the input size (fan_jax.geometry.crop_transform)"},
+        "outputs": {
+            "heatmaps": {"shape": [batch_size or "batch", hm, hm, num_landmarks],
+                         "dtype": "float32", "stride": 4},
+            "landmarks": {"shape": [batch_size or "batch", num_landmarks, 2], "dtype": "float32",
+                          "units": "crop pixels (x, y), pixel-centre convention"}},
+        **({"source": dict(metadata)} if metadata else {}),
+    }
+
+
+def _verify(model: Any, variables: Mapping[str, Any], input_size: int, path: str) -> dict:
+    """Runs the exported model next to JAX on two synthetic face crops."""
+    crops = synthetic_crops(2, input_size, seed=7)
+    exported = load_exported(path)
+    got = exported(crops)
+    hm, lm = jax.jit(inference_fn(model, variables))(crops.astype(np.float32))
+    return {"max_abs_heatmap_diff": float(np.max(np.abs(got["heatmaps"] - np.asarray(hm)))),
+            "max_landmark_diff_px": float(np.max(np.abs(got["landmarks"] - np.asarray(lm))))}
+
+
+def file_size(path: str) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fan_jax.export",
+        description="Export a trained student (no adapters, inference mode). The model takes "
+                    "float32 RGB 0..255 face crops [B,S,S,3] (normalisation is inside) and "
+                    "returns 'heatmaps' and 'landmarks' (crop pixels). See <out>.json.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
+    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
+    parser.add_argument("--which", default="best",
+                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output file (.tflite/.onnx) or directory")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                        help="tflite only: float16 weights, or int8 calibrated on synthetic faces")
+    parser.add_argument("--batch_size", type=int, default=1, help="tflite only: fixed batch size")
+    parser.add_argument("--num_representative", type=int, default=64,
+                        help="int8: synthetic faces used to calibrate activation ranges")
+    parser.add_argument("--no_verify", action="store_true",
+                        help="skip running the exported model next to JAX on two synthetic faces")
+    args = parser.parse_args(argv)
+    from fan_jax import predict
+
+    try:
+        loaded = predict.load_student(workdir=args.workdir, checkpoint=args.checkpoint,
+                                      which=args.which)
+    except predict.CheckpointError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    if args.quantize != "none" and args.format != "tflite":
+        parser.error("--quantize applies to --format tflite only")
+    t0 = time.perf_counter()
+    export(loaded.model, loaded.variables, loaded.input_size, args.format, args.out,
+           quantize=args.quantize, batch_size=args.batch_size, metadata=loaded.describe(),
+           num_representative=args.num_representative)
+    print(f"Wrote {args.out} ({file_size(args.out) / 2**20:.2f} MiB) in "
+          f"{time.perf_counter() - t0:.0f}s; interface in {args.out.rstrip('/')}{SIDE_CAR_SUFFIX}")
+    if not args.no_verify:
+        print("Check against JAX on synthetic faces:",
+              json.dumps(_verify(loaded.model, loaded.variables, loaded.input_size, args.out)))
+    return 0
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: int = 5,
+                      warmup: int = 1, iters: int = 10, workdir: str | None = None,
+                      formats: Iterable[str] = ("tflite", "tflite_float16", "tflite_int8", "onnx",
+                                                "savedmodel"),
+                      num_threads: int | None = None, quick: bool = False) -> dict:
+    """Batch-1 latency of each exported student in its runtime next to jitted JAX, and sizes.
+
+    A benchmarks/run.py section: returns {'jax': stats, '<format>': {stats, 'size_mib'},
+    'summary': {...}, 'rows': [(metric, ours, baseline, ratio, spread)]} where 'ours' is the
+    exported model and 'baseline' JAX. Without `workdir` a randomly initialised MobileFAN is
+    used (latency does not depend on the weights; int8 calibration uses synthetic faces).
+    Timings are medians over `repeats` of `iters` calls, interleaved across runtimes.
+    """
+    from fan_jax.models import fan
+
+    if quick:
+        image_size, repeats, iters = min(image_size, 64), min(repeats, 2), min(iters, 2)
+    if workdir:
+        from fan_jax import predict
+
+        loaded = predict.load_student(workdir=workdir)
+        model, variables, image_size = loaded.model, loaded.variables, loaded.input_size
+        num_landmarks = loaded.num_landmarks
+    else:
+        model = fan.mobilefan(num_landmarks)
+        variables = jax.jit(functools.partial(model.init, train=False))(
+            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+    x = synthetic_crops(1, image_size, seed=3).astype(np.float32)
+    out: dict[str, Any] = {"batch": 1, "image_size": image_size, "num_landmarks": num_landmarks,
+                           "iters_per_repeat": iters}
+    # JAX runs the training layers (shifted-slice depthwise, matmul 1x1): the fast CPU form.
+    # The native-conv graph that export traces is several times slower under XLA:CPU.
+    jitted = jax.jit(inference_fn(model, variables, native_convs=False))
+    fns: dict[str, Callable[[], Any]] = {
+        "jax": lambda: [jax.block_until_ready(jitted(x)) for _ in range(iters)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in formats:
+            fmt, _, quant = name.partition("_")
+            path = os.path.join(tmp, {"tflite": f"{name}.tflite", "onnx": "model.onnx",
+                                      "savedmodel": "savedmodel"}[fmt])
+            t0 = time.perf_counter()
+            export(model, variables, image_size, fmt, path, quantize=quant or "none",
+                   num_representative=8 if quick else 64)
+            rt = load_exported(path, num_threads=num_threads)
+            out[name] = {"size_mib": file_size(path) / 2**20,
+                         "export_s": time.perf_counter() - t0}
+            fns[name] = functools.partial(lambda r: [r(x) for _ in range(iters)], rt)
+        times = _time_interleaved(fns, repeats, warmup)
+    rows = []
+    jax_ms = 1e3 * float(np.median(times["jax"])) / iters
+    out["jax"] = _stats(times["jax"], iters)
+    for name in formats:
+        out[name].update(_stats(times[name], iters))
+        ms = out[name]["latency_ms"]
+        rows.append((f"export {name}: batch-1 latency ms vs JAX ({out[name]['size_mib']:.2f} MiB)",
+                     f"{ms:.3f}", f"{jax_ms:.3f}", f"{jax_ms / ms:.2f}x",
+                     f"{100 * out[name]['spread']:.0f}% / {100 * out['jax']['spread']:.0f}%"))
+    out["summary"] = {f"export_{n}_latency_ms": out[n]["latency_ms"] for n in formats}
+    out["summary"].update({f"export_{n}_size_mib": out[n]["size_mib"] for n in formats})
+    out["summary"]["export_jax_latency_ms"] = jax_ms
+    out["rows"] = rows
+    return out
+
+
+def _time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int
+                      ) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _stats(times: list[float], iters: int) -> dict:
+    med = float(np.median(times))
+    return {"latency_ms": 1e3 * med / iters, "spread": (max(times) - min(times)) / med,
+            "repeats": len(times)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,588 @@
+"""Landmarks on any photo with a trained student: a Python API and a command line.
+
+    python -m fan_jax.predict --workdir=DIR photo.jpg other.png [--draw OUT_DIR] [--output out.json]
+    python -m fan_jax.predict --checkpoint DIR/checkpoints/1200 --box 120,80,260,240 photo.jpg
+
+Faces come from the LBP frontal-face cascade that ships inside scikit-image (no download;
+OpenCV 5 wheels no longer bundle cascades), or from `--box x0,y0,x1,y1`. Each face box is
+cropped the way training cropped (square, side = max(w, h) * 1.25, `geometry.crop_transform`),
+all faces of all images are batched, and the jitted model runs once per padded batch size
+(1, 2, 4, 8, 16, 32), so a handful of shapes is ever compiled. Landmarks come back in the
+original image's pixel coordinates (0-based pixel centres).
+
+Exit status: 0 when every image gave at least one face; 1 when some image could not be read
+or had no face (the others are still processed and reported); 2 for a missing or
+incompatible checkpoint or bad arguments.
+
+    from fan_jax.predict import Predictor
+    predictor = Predictor.from_workdir("workdirs/wflw_distill")
+    faces = predictor.predict(rgb_uint8_image)           # detect + landmarks
+    faces = predictor.predict(image, boxes=[[x0, y0, x1, y1]])
+    faces[0].landmarks                                    # [L, 2] float32, image pixels
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fan_jax import geometry, heatmaps, input_pipeline
+
+PyTree = Any
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model its config names."""
+
+
+class ImageReadError(ValueError):
+    """A file is missing or is not an image OpenCV can decode."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass
+class LoadedStudent:
+    """A restored student: the module, its {'params', 'batch_stats'} and the run's settings."""
+
+    model: Any
+    variables: dict
+    num_landmarks: int
+    input_size: int
+    model_name: str
+    box_scale: float = 1.25
+    dataset: str | None = None
+    workdir: str | None = None
+    step: int | None = None
+
+    def describe(self) -> dict:
+        return {"model": self.model_name, "dataset": self.dataset, "workdir": self.workdir,
+                "step": self.step, "num_landmarks": self.num_landmarks,
+                "input_size": self.input_size}
+
+
+def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
+                        ) -> tuple[str, str]:
+    """(workdir, which) from either a workdir or a checkpoint path.
+
+    A checkpoint path may be a step directory (<workdir>/checkpoints/<step>), the checkpoints
+    directory (then `which` picks the step) or a workdir.
+    """
+    if (workdir is None) == (checkpoint is None):
+        raise CheckpointError("pass exactly one of --workdir or --checkpoint")
+    if workdir is not None:
+        return workdir, which
+    path = os.path.abspath(checkpoint.rstrip("/"))
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(path)), base
+    if base == "checkpoints":
+        return os.path.dirname(path), which
+    return path, which
+
+
+def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple]:
+    out = {}
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            out.update(_flat_shapes(v, f"{prefix}/{k}" if prefix else str(k)))
+    else:
+        out[prefix] = tuple(np.shape(tree))
+    return out
+
+
+def load_student(workdir: str | None = None, checkpoint: str | None = None,
+                 which: str = "best") -> LoadedStudent:
+    """Restores the student of a training run (its config.json says which model).
+
+    `which`: 'best' (by validation NME; the latest when no step has a metric), 'latest' or a
+    step number. Raises CheckpointError with what is missing or which parameter differs.
+    """
+    from fan_jax import train
+    from fan_jax.models import fan
+
+    workdir, which = _resolve_checkpoint(workdir, checkpoint, which)
+    config_path = os.path.join(workdir, train.CONFIG_FILE)
+    ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"workdir {workdir} does not exist")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{workdir} has no {train.CONFIG_FILE}: not a fan_jax training "
+                              "workdir (python -m fan_jax.main --config=... --workdir=DIR writes "
+                              "one)")
+    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+        raise CheckpointError(f"no checkpoints in {ckpt_dir}: train first, e.g.\n  python -m "
+                              f"fan_jax.main --config=configs/wflw_distill.py --workdir={workdir}")
+    with open(config_path) as f:
+        config = json.load(f)
+    model_name = config.get("model", {}).get("name", "mobilefan")
+    input_size = int(config.get("input_size", 256))
+    box_scale = float(config.get("augment", {}).get("box_scale", 1.25))
+    try:
+        restored, step = train.restore_model_variables(workdir, which)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds on a damaged checkpoint
+        raise CheckpointError(f"could not read the checkpoint in {ckpt_dir} ({which}): "
+                              f"{type(e).__name__}: {e}") from None
+    variables = _student_only(restored, ckpt_dir)
+    try:
+        num_landmarks = int(np.shape(variables["params"]["head"]["conv"]["kernel"])[-1])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {ckpt_dir}/{step} has no heatmap head "
+                              "(params/head/conv/kernel): not a fan_jax landmark model") from None
+    try:
+        model = fan.build_model(model_name, num_landmarks)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                              jnp.zeros((1, input_size, input_size, 3), jnp.float32))
+    want = _flat_shapes({k: expected[k] for k in ("params", "batch_stats") if k in expected})
+    have = _flat_shapes(variables)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}/{step} does not fit model {model_name!r} (from "
+            f"{config_path}): missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for k in sorted(want):
+        if want[k] != have[k]:
+            raise CheckpointError(f"checkpoint {ckpt_dir}/{step} does not fit model "
+                                  f"{model_name!r}: {k} has shape {have[k]}, the model wants "
+                                  f"{want[k]}")
+    variables = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
+    return LoadedStudent(model=model, variables=variables, num_landmarks=num_landmarks,
+                         input_size=input_size, model_name=model_name, box_scale=box_scale,
+                         dataset=config.get("dataset", {}).get("name"), workdir=workdir,
+                         step=int(step))
+
+
+def student_variables(variables: Mapping[str, Any]) -> dict:
+    """{'params', 'batch_stats'} of the student alone, from either those variables or a
+    training checkpoint's 'model' item ({'params': {'student': ..., 'adapters': ...}, ...})."""
+    params = variables["params"]
+    stats = variables.get("batch_stats", {}) or {}
+    if "student" in params:
+        params = params["student"]
+        stats = stats.get("student", {}) or {}
+    out = {"params": params}
+    if stats:
+        out["batch_stats"] = stats
+    return out
+
+
+def _student_only(restored: Mapping[str, Any], where: str) -> dict:
+    try:
+        params = restored["params"]["student"]
+        stats = restored.get("batch_stats", {}).get("student", {})
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{where}: the 'model' item has no params/student subtree "
+                              "(not written by fan_jax.train)") from None
+    return {"params": dict(params), "batch_stats": dict(stats or {})}
+
+
+# --------------------------------------------------------------------------- faces
+
+
+class FaceDetector:
+    """Frontal faces with scikit-image's bundled LBP cascade (OpenCV's, as shipped in skimage).
+
+    Returns boxes (x0, y0, x1, y1) in image pixels, largest first. Cascade boxes span brows
+    to mouth, tighter than the landmark boxes the models were trained on, so each box is
+    scaled by `box_scale` and moved down by `shift_y` of its side before cropping.
+    """
+
+    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 8,
+                 min_size_frac: float = 0.08, max_side: int = 640, box_scale: float = 1.1,
+                 shift_y: float = 0.1):
+        try:
+            from skimage import data
+            from skimage.feature import Cascade
+        except ImportError:
+            raise RuntimeError("face detection needs scikit-image (pip install scikit-image); "
+                               "or pass face boxes (--box x0,y0,x1,y1)") from None
+        self._cascade = Cascade(data.lbp_frontal_face_cascade_filename())
+        self.scale_factor = scale_factor
+        self.min_neighbors = min_neighbors
+        self.min_size_frac = min_size_frac
+        self.max_side = max_side
+        self.box_scale = box_scale
+        self.shift_y = shift_y
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+        h, w = grey.shape
+        # The cascade is slow in pure Python loops over positions: search a downscaled copy.
+        r = min(1.0, self.max_side / max(h, w))
+        if r < 1.0:
+            grey = cv2.resize(grey, (round(w * r), round(h * r)), interpolation=cv2.INTER_AREA)
+        side = min(grey.shape)
+        min_size = max(24, int(side * self.min_size_frac))
+        found = self._cascade.detect_multi_scale(
+            img=grey.astype(np.float32) / 255.0, scale_factor=self.scale_factor, step_ratio=1,
+            min_size=(min_size, min_size), max_size=(side, side),
+            min_neighbor_number=self.min_neighbors)
+        boxes = []
+        for d in found:
+            x0, y0, bw, bh = d["c"] / r, d["r"] / r, d["width"] / r, d["height"] / r
+            cx, cy = x0 + bw / 2, y0 + bh / 2 + self.shift_y * bh
+            half = 0.5 * self.box_scale * max(bw, bh)
+            boxes.append([cx - half, cy - half, cx + half, cy + half])
+        return suppress_overlaps(np.asarray(boxes, np.float32).reshape(-1, 4))
+
+
+def suppress_overlaps(boxes: np.ndarray, max_iou: float = 0.3) -> np.ndarray:
+    """Largest first; drops a box overlapping a kept one (IoU > max_iou or centre inside)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept: list[np.ndarray] = []
+    for i in np.argsort(-area, kind="stable"):
+        b = boxes[i]
+        cx, cy = 0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3])
+        ok = True
+        for k in kept:
+            iw = max(0.0, min(b[2], k[2]) - max(b[0], k[0]))
+            ih = max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
+            inter = iw * ih
+            union = area[i] + (k[2] - k[0]) * (k[3] - k[1]) - inter
+            if inter / union > max_iou or (k[0] <= cx <= k[2] and k[1] <= cy <= k[3]):
+                ok = False
+                break
+        if ok:
+            kept.append(b)
+    return np.asarray(kept, np.float32).reshape(-1, 4)
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+@dataclasses.dataclass
+class Face:
+    """One face: its box (x0, y0, x1, y1), landmarks [L, 2] (x, y) in image pixels and
+    per-landmark scores (the heatmap peak, about 1 for a confident point)."""
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+
+    def to_json(self) -> dict:
+        return {"box": [round(float(v), 2) for v in self.box],
+                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+                "scores": [round(float(s), 4) for s in self.scores]}
+
+
+def bucket_size(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
+    """The smallest bucket >= n (the largest bucket when n exceeds them all)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return buckets[-1]
+
+
+class Predictor:
+    """Face landmarks on numpy RGB uint8 images with a trained student.
+
+    `Predictor(variables, model, num_landmarks, input_size)`; `variables` is the student's
+    {'params', 'batch_stats'} (a training checkpoint's 'model' item also works: the
+    'student' subtree is taken). Construct from a run with `from_workdir` / `from_checkpoint`.
+    """
+
+    def __init__(self, variables: PyTree, model: Any, num_landmarks: int, input_size: int = 256,
+                 *, box_scale: float = 1.25, flip_test: bool = False,
+                 detector: Callable[[np.ndarray], np.ndarray] | None = None,
+                 buckets: Sequence[int] = BATCH_BUCKETS):
+        self.variables = jax.device_put(jax.tree.map(jnp.asarray, student_variables(variables)))
+        self.model = model
+        self.num_landmarks = int(num_landmarks)
+        self.input_size = int(input_size)
+        self.box_scale = float(box_scale)
+        self.buckets = tuple(sorted(buckets))
+        self._detector = detector
+        self.info: dict = {}
+        self.traced_batch_sizes: list[int] = []  # one entry per compilation (tests, logging)
+        flip_perm = None
+        if flip_test:
+            flip_perm = jnp.asarray(geometry.flip_permutation(self.num_landmarks))
+
+        def run(variables, crops):
+            self.traced_batch_sizes.append(int(crops.shape[0]))
+            x = input_pipeline.normalize(crops)
+            hm, _ = model.apply(variables, x, train=False)
+            if flip_perm is not None:
+                hm_m, _ = model.apply(variables, x[:, :, ::-1, :], train=False)
+                hm = 0.5 * (hm + heatmaps.flip_heatmaps(hm_m, flip_perm))
+            stride = crops.shape[1] / hm.shape[1]
+            pts = heatmaps.from_heatmap_coords(heatmaps.decode(hm), stride=stride)
+            return pts, jnp.max(hm, axis=(1, 2))
+
+        self._run = jax.jit(run)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, which: str = "best", **kwargs: Any) -> "Predictor":
+        """The student of a training workdir ('best', 'latest' or a step number)."""
+        return cls.from_loaded(load_student(workdir=workdir, which=which), **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, which: str = "best", **kwargs: Any) -> "Predictor":
+        """From <workdir>/checkpoints/<step> (or the checkpoints directory, or a workdir)."""
+        return cls.from_loaded(load_student(checkpoint=path, which=which), **kwargs)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedStudent, **kwargs: Any) -> "Predictor":
+        kwargs.setdefault("box_scale", loaded.box_scale)
+        p = cls(loaded.variables, loaded.model, loaded.num_landmarks, loaded.input_size, **kwargs)
+        p.info = loaded.describe()
+        return p
+
+    @property
+    def detector(self) -> Callable[[np.ndarray], np.ndarray]:
+        if self._detector is None:
+            self._detector = FaceDetector()
+        return self._detector
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        """Face boxes [F, 4] (x0, y0, x1, y1) in `image`, largest first."""
+        return np.asarray(self.detector(_as_rgb(image)), np.float32).reshape(-1, 4)
+
+    def crop(self, image: np.ndarray, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 crop [S, S, 3], image->crop affine [2, 3]) for one face box."""
+        m = geometry.crop_transform(np.asarray(box, np.float64), self.input_size, self.box_scale)
+        return geometry.warp_image(_as_rgb(image), m, self.input_size), m
+
+    def predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 crops [N, S, S, 3] -> (landmarks [N, L, 2] in crop pixels, scores [N, L]).
+
+        Batches are padded to a bucket size, so at most len(buckets) shapes are compiled.
+        """
+        crops = np.asarray(crops)
+        n = len(crops)
+        if n == 0:
+            return (np.zeros((0, self.num_landmarks, 2), np.float32),
+                    np.zeros((0, self.num_landmarks), np.float32))
+        if crops.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"crops must be [N, {self.input_size}, {self.input_size}, 3], "
+                             f"got {crops.shape}")
+        pts, scores = [], []
+        biggest = self.buckets[-1]
+        for i in range(0, n, biggest):
+            chunk = crops[i:i + biggest]
+            k = len(chunk)
+            b = bucket_size(k, self.buckets)
+            if b > k:
+                chunk = np.concatenate([chunk, np.zeros((b - k, *chunk.shape[1:]), chunk.dtype)])
+            p, s = self._run(self.variables, chunk)
+            pts.append(np.asarray(p)[:k])
+            scores.append(np.asarray(s)[:k])
+        return np.concatenate(pts), np.concatenate(scores)
+
+    def predict_many(self, images: Sequence[np.ndarray],
+                     boxes: Sequence[np.ndarray | Sequence[Sequence[float]] | None] | None = None
+                     ) -> list[list[Face]]:
+        """Faces of several images, all crops in shared batches. boxes[i] None: detect."""
+        if boxes is None:
+            boxes = [None] * len(images)
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(boxes)} box lists for {len(images)} images")
+        crops, mats, owners, face_boxes = [], [], [], []
+        for i, (image, bxs) in enumerate(zip(images, boxes)):
+            image = _as_rgb(image)
+            bxs = self.detect(image) if bxs is None else np.asarray(bxs, np.float32).reshape(-1, 4)
+            for box in bxs:
+                c, m = self.crop(image, box)
+                crops.append(c)
+                mats.append(m)
+                owners.append(i)
+                face_boxes.append(box)
+        out: list[list[Face]] = [[] for _ in images]
+        if not crops:
+            return out
+        pts, scores = self.predict_crops(np.stack(crops))
+        back = geometry.invert_affine(np.stack(mats))
+        orig = geometry.apply_affine(back, pts.astype(np.float64)).astype(np.float32)
+        for i, box, lm, sc in zip(owners, face_boxes, orig, scores):
+            out[i].append(Face(box=np.asarray(box, np.float32), landmarks=lm, scores=sc))
+        return out
+
+    def predict(self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]] | None = None
+                ) -> list[Face]:
+        """Faces of one RGB image (uint8 [H, W, 3]; grey [H, W] is accepted): detected, or one
+        per given box (x0, y0, x1, y1)."""
+        return self.predict_many([image], [boxes])[0]
+
+    def __call__(self, image: np.ndarray, boxes: Any = None) -> list[Face]:
+        return self.predict(image, boxes)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0:
+            img = img * 255.0  # skimage-style float images in [0, 1]
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image [H, W, 3], got shape {img.shape}")
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    elif img.shape[-1] == 4:
+        img = img[..., :3]
+    return img
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an image file; ImageReadError when it is missing or no image."""
+    if not os.path.exists(path):
+        raise ImageReadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a directory")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise ImageReadError(f"{path}: not an image OpenCV can decode")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
+    """A copy of the RGB image with each face's box and landmarks drawn."""
+    out = _as_rgb(image).copy()
+    side = max(out.shape[:2])
+    for face in faces:
+        box_side = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+        r = max(1, int(round(box_side / 120)))
+        t = max(1, side // 400)
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 200, 0), t, cv2.LINE_AA)
+        for x, y in face.landmarks:
+            # Fixed-point coordinates keep sub-pixel positions on small images.
+            cv2.circle(out, (int(round(x * 16)), int(round(y * 16))), r * 16, (0, 255, 0), -1,
+                       cv2.LINE_AA, shift=4)
+    return out
+
+
+def parse_box(text: str) -> np.ndarray:
+    """'x0,y0,x1,y1' -> [4] float32; ValueError on anything else."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or not (vals[2] > vals[0] and vals[3] > vals[1]):
+        raise ValueError(f"--box wants x0,y0,x1,y1 with x1 > x0 and y1 > y0, got {text!r}")
+    return np.asarray(vals, np.float32)
+
+
+def _draw_path(out_dir: str, image_path: str, used: set[str]) -> str:
+    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+    name, k = f"{stem}.png", 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}.png"
+    used.add(name)
+    return os.path.join(out_dir, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fan_jax.predict",
+        description="Facial landmarks for images with a trained fan_jax student. Prints JSON "
+                    "(per image, per face: box and landmarks in image pixels).",
+        epilog="Exit status: 0 all images had faces; 1 some image unreadable or without a "
+               "face; 2 checkpoint or argument errors.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
+    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
+    parser.add_argument("--which", default="best",
+                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
+                        help="face box for every image instead of detection (repeatable)")
+    parser.add_argument("--draw", metavar="OUT_DIR", help="write each image with its landmarks")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the JSON here, not stdout")
+    parser.add_argument("--flip_test", action="store_true",
+                        help="average with the mirrored crop's heatmaps (twice the compute)")
+    args = parser.parse_args(argv)
+
+    boxes = None
+    if args.box:
+        try:
+            boxes = np.stack([parse_box(b) for b in args.box])
+        except ValueError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            return 2
+    try:
+        predictor = Predictor.from_loaded(
+            load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
+            flip_test=args.flip_test)
+    except CheckpointError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+
+    records: list[dict] = []
+    images, slots = [], []
+    for path in args.images:
+        rec: dict[str, Any] = {"path": path}
+        records.append(rec)
+        try:
+            img = read_image(path)
+        except ImageReadError as e:
+            rec.update(error=str(e), faces=[])
+            print(f"ERROR: {e}", file=sys.stderr)
+            continue
+        rec.update(width=int(img.shape[1]), height=int(img.shape[0]))
+        images.append(img)
+        slots.append(rec)
+    try:
+        results = predictor.predict_many(images, None if boxes is None else [boxes] * len(images))
+    except RuntimeError as e:  # no detector available
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    used: set[str] = set()
+    status = 0 if len(images) == len(records) else 1
+    for rec, img, faces in zip(slots, images, results):
+        rec["faces"] = [f.to_json() for f in faces]
+        if not faces:
+            rec["error"] = "no face found (pass --box x0,y0,x1,y1 to give one)"
+            print(f"{rec['path']}: no face found", file=sys.stderr)
+            status = 1
+        if args.draw:
+            os.makedirs(args.draw, exist_ok=True)
+            out_path = _draw_path(args.draw, rec["path"], used)
+            cv2.imwrite(out_path, cv2.cvtColor(draw_faces(img, faces), cv2.COLOR_RGB2BGR))
+            rec["drawn"] = out_path
+    report = {"model": getattr(predictor, "info", {}), "images": records}
+    text = json.dumps(report, indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    n_faces = sum(len(r.get("faces", [])) for r in records)
+    print(f"{len(records)} image(s), {n_faces} face(s)"
+          f"{'' if status == 0 else '; some images failed (see above)'}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
