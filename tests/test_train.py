@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 import pytest
 
 from fan_jax import train
@@ -155,8 +156,14 @@ def test_distillation_run_logs_each_term(reference_run, tmp_path, caplog):
         "model.name": "tiny_student", "distill.teacher_workdir": teacher_dir,
         "train.num_train_steps": 2, "train.eval_every_steps": 1, "train.keep_checkpoints": 1})
     caplog.set_level(py_logging.INFO)
-    result = train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
-                                      evaluate_at_end=False)
+    # Other tests in the same worker (TensorFlow imports) can leave absl at WARNING.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        result = train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
+                                          evaluate_at_end=False)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     assert result.val_nme is not None and np.isfinite(result.val_nme)
     acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
     acc.Reload()
