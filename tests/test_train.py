@@ -233,6 +233,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     c.train.batch_size = 4
     c.eval.batch_size = 4
     helpers.register_tiny_regressor()
+    c.demo.kdloss_enabled = True  # as configs/demo_compare.py
     kd = c.demo.kdloss
     kd.model.name = kd.kd.teacher_model = "tiny_reg"
     kd.input_size, kd.train.num_train_steps, kd.train.batch_size = 64, 2, 4
