@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fan_jax import geometry, input_pipeline
+from fan_jax import geometry, input_pipeline, predict
 from fan_jax.predict import student_variables
 
 INPUT_NAME = "image"
@@ -450,11 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a trained student (no adapters, inference mode). The model takes "
                     "float32 RGB 0..255 face crops [B,S,S,3] (normalisation is inside) and "
                     "returns 'heatmaps' and 'landmarks' (crop pixels). See <out>.json.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
-    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
-    parser.add_argument("--which", default="best",
-                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+    predict.add_checkpoint_args(parser)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output file (.tflite/.onnx) or directory")
     parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
@@ -465,8 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_verify", action="store_true",
                         help="skip running the exported model next to JAX on two synthetic faces")
     args = parser.parse_args(argv)
-    from fan_jax import predict
-
     try:
         loaded = predict.load_student(workdir=args.workdir, checkpoint=args.checkpoint,
                                       which=args.which)
@@ -508,8 +502,6 @@ def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: i
     if quick:
         image_size, repeats, iters = min(image_size, 64), min(repeats, 2), min(iters, 2)
     if workdir:
-        from fan_jax import predict
-
         loaded = predict.load_student(workdir=workdir)
         model, variables, image_size = loaded.model, loaded.variables, loaded.input_size
         num_landmarks = loaded.num_landmarks

@@ -615,8 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     preemption = train._Preemption().__enter__()
     try:
         while step < num_steps:
-            check_now = jax.process_count() == 1 or step % log_every == 0
-            if check_now and preemption.any_host():
+            if preemption.stop_now(step, log_every):
                 flush()
                 save(None)
                 preempted = True

@@ -503,6 +503,15 @@ def _draw_path(out_dir: str, image_path: str, used: set[str]) -> str:
     return os.path.join(out_dir, name)
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--workdir | --checkpoint, and --which: the arguments of `load_student`."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
+    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
+    parser.add_argument("--which", default="best",
+                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fan_jax.predict",
@@ -510,11 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(per image, per face: box and landmarks in image pixels).",
         epilog="Exit status: 0 all images had faces; 1 some image unreadable or without a "
                "face; 2 checkpoint or argument errors.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
-    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
-    parser.add_argument("--which", default="best",
-                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+    add_checkpoint_args(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
                         help="face box for every image instead of detection (repeatable)")

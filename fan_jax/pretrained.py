@@ -86,10 +86,16 @@ def _load_encoder(encoder: Any, source: Any) -> Variables:
     else:
         raise TypeError(f"no Keras weight source for encoder {type(encoder).__name__}")
     model = _as_keras_model(source, build, description)
-    return keras_to_variables(model, encoder, bn_epsilon=bn_epsilon, what=_describe(encoder))
+    if not isinstance(source, (str, os.PathLike)):
+        return keras_to_variables(model, encoder, bn_epsilon=bn_epsilon, what=describe(encoder))
+    try:
+        return keras_to_variables(model, encoder, bn_epsilon=bn_epsilon, what=describe(encoder))
+    except ValueError as e:
+        raise WeightFileError(f"{os.fspath(source)}: {e}") from e
 
 
-def _describe(encoder: Any) -> str:
+def describe(encoder: Any) -> str:
+    """The encoder as it is named in messages, e.g. 'MobileNetV2Encoder(width=0.5)'."""
     if isinstance(encoder, MobileNetV2Encoder):
         return f"MobileNetV2Encoder(width={encoder.width})"
     if isinstance(encoder, ResNetEncoder):
@@ -207,10 +213,28 @@ def init_encoder_from_keras(model: Any, variables: Mapping[str, Any], source: An
     encoder = getattr(model, "encoder", None)
     if encoder is None:
         raise ValueError(f"{type(model).__name__} has no 'encoder' submodule")
-    return merge_encoder_variables(variables, _load_encoder(encoder, source), name="encoder")
+    if not isinstance(source, (str, os.PathLike)):
+        return merge_encoder_variables(variables, _load_encoder(encoder, source), name="encoder")
+    try:
+        return merge_encoder_variables(variables, _load_encoder(encoder, source), name="encoder")
+    except (WeightFileError, FileNotFoundError):
+        raise
+    except (ValueError, TypeError) as e:
+        raise WeightFileError(f"{os.fspath(source)}: cannot initialise {describe(encoder)}: {e}"
+                              ) from e
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+class WeightFileError(ValueError):
+    """A Keras weight file that cannot initialise the encoder; the message names the file."""
+
+
+_NO_TOP_HINT = ("use the 'no top' ImageNet file (e.g. "
+                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 or "
+                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5, or a model built with "
+                "include_top=False)")
 
 
 def _as_keras_model(source: Any, build, description: str) -> Any:
@@ -220,32 +244,45 @@ def _as_keras_model(source: Any, build, description: str) -> Any:
         return source
     path = os.fspath(source)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Keras weight file not found: {path}")
+        raise FileNotFoundError(f"Keras weight file not found: {path} (expected {description} "
+                                f"weights without the classifier, .h5 or .keras)")
     if path.endswith(".keras"):
         import keras
 
         try:
-            return keras.saving.load_model(path, compile=False)
+            model = keras.saving.load_model(path, compile=False)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"could not load the Keras model {path}: {e}") from e
-    include_top = False
+            raise WeightFileError(f"{path}: not a loadable Keras model (expected {description} "
+                                  f"saved with model.save): {type(e).__name__}: {e}") from e
+        if "predictions" in _layers_by_name(model)[0]:
+            raise WeightFileError(f"{path}: the model includes the ImageNet classifier "
+                                  f"('predictions' layer); {_NO_TOP_HINT}")
+        return model
     if path.endswith(".h5") and not path.endswith(".weights.h5"):
-        # A legacy HDF5 file loads by layer order, so the model must have the file's layers:
-        # the ImageNet downloads exist with and without the classifier.
-        include_top = _legacy_h5_has_classifier(path)
-    model = build(include_top)
+        # A legacy HDF5 file loads by layer order, so the model must have the file's layers.
+        if _legacy_h5_has_classifier(path):
+            raise WeightFileError(f"{path}: the file includes the ImageNet classifier "
+                                  f"('predictions' layer); {_NO_TOP_HINT}")
+    model = build(False)
     try:
         model.load_weights(path)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(
-            f"could not load {path} into {description} (include_top={include_top}): {e}") from e
+        raise WeightFileError(
+            f"{path}: could not be loaded into {description} without the classifier (wrong "
+            f"architecture or width, a file with the classifier, or not a Keras weight file): "
+            f"{type(e).__name__}: {str(e)[:300]}") from e
     return model
 
 
 def _legacy_h5_has_classifier(path: str) -> bool:
     import h5py
 
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise WeightFileError(f"{path}: not an HDF5 file (corrupt or truncated download?): {e}"
+                              ) from e
+    with f:
         if "layer_names" not in f.attrs and "model_weights" in f:
             f = f["model_weights"]
         names = [n.decode() if isinstance(n, bytes) else str(n)

@@ -141,18 +141,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
     return optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2), schedule
 
 
-def _encoder_arch(model: fan.FAN) -> tuple[str, float]:
-    from fan_jax.models.mobilenet_v2 import MobileNetV2Encoder
-    from fan_jax.models.resnet import ResNetEncoder
-
-    enc = model.encoder
-    if isinstance(enc, MobileNetV2Encoder):
-        return "mobilenet_v2", float(enc.width)
-    if isinstance(enc, ResNetEncoder) and enc.depth == 50:
-        return "resnet50", 1.0
-    raise ValueError(f"no Keras ImageNet weights for encoder {type(enc).__name__}")
-
-
 # Init runs once, but its hundreds of RNG draws take XLA's CPU backend longer to optimise
 # than the train step; unoptimised code is as correct and compiles in half the time.
 _RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -177,10 +165,9 @@ def init_variables(config: ml_collections.ConfigDict, model: fan.FAN, adapters: 
     if config.model.pretrained:
         from fan_jax import pretrained
 
-        arch, width = _encoder_arch(model)
-        logging.info("Initialising the %s encoder from %s", arch, config.model.pretrained)
-        variables = pretrained.init_encoder_from_keras(variables, config.model.pretrained, arch,
-                                                       width=width)
+        logging.info("Initialising the %s encoder from %s", pretrained.describe(model.encoder),
+                     config.model.pretrained)
+        variables = pretrained.init_encoder_from_keras(model, variables, config.model.pretrained)
     params = {"student": variables["params"]}
     batch_stats = {"student": variables.get("batch_stats", {})}
     if adapters is not None:
@@ -488,6 +475,13 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
         return False
 
+    def stop_now(self, step: int, check_every: int) -> bool:
+        """Whether to save and stop before `step`. On pods every host must reach the same
+        decision, so hosts only compare flags every `check_every` steps."""
+        if jax.process_count() > 1 and step % check_every:
+            return False
+        return self.any_host()
+
     def any_host(self) -> bool:
         """Whether any host was asked to stop (a collective on pods: call at the same steps)."""
         if jax.process_count() == 1:
@@ -728,9 +722,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     try:
         while step < num_steps:
-            # On pods every host must reach the same decision: check at log boundaries only.
-            check_now = jax.process_count() == 1 or step % log_every == 0
-            if check_now and preemption.any_host():
+            if preemption.stop_now(step, log_every):
                 flush()
                 save(None)
                 preempted = True

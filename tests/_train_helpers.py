@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -95,6 +96,22 @@ def fake_sources(num_train: int = 16, num_test: int = 4, num_landmarks: int = 68
                  seed: int = 0, test_split: str = "full") -> dict[str, list[dict]]:
     return {"train": fake_source(num_train, num_landmarks, seed=seed),
             test_split: fake_source(num_test, num_landmarks, seed=seed + 1000)}
+
+
+class SigtermOnRead:
+    """A source that sends this process SIGTERM when example `at` is first read."""
+
+    def __init__(self, source, at):
+        self.source, self.at, self.sent = source, at, False
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if not self.sent and int(i) == self.at:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.source[i]
 
 
 def load_config(name: str):

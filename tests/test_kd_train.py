@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from fan_jax import asm, geometry, input_pipeline, kd_train, steps, train
 from fan_jax.models import regression
+
+import _train_helpers as helpers  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -35,21 +36,9 @@ def load_config(name: str):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
-class TinyEncoder(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(8, (3, 3), strides=(4, 4))(x)
-        return nn.relu(nn.BatchNorm(use_running_average=not train)(x))
-
-
-def tiny_regressor(num_landmarks: int, dropout_rate: float = 0.1):
-    return regression.LandmarkRegressor(TinyEncoder(),
-                                        regression.RegressionHead(num_landmarks, dropout_rate))
-
-
 @pytest.fixture()
 def tiny(monkeypatch):
-    monkeypatch.setitem(regression.REGRESSORS, "tiny_reg", tiny_regressor)
+    monkeypatch.setitem(regression.REGRESSORS, "tiny_reg", helpers.tiny_regressor)
 
 
 @functools.cache
@@ -216,27 +205,11 @@ def test_non_finite_loss_raises(tiny, tmp_path):
         kd_train.train_and_evaluate(c, str(tmp_path / "nan"), sources=sources())
 
 
-class _SigtermOnRead:
-    """A source that sends this process SIGTERM when example `at` is first read."""
-
-    def __init__(self, source, at):
-        self.source, self.at, self.sent = source, at, False
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        if not self.sent and int(i) == self.at:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.source[i]
-
-
 def test_sigterm_saves_and_stops(tiny, tmp_path):
     c = tiny_config("teacher_tough", str(tmp_path), steps_=1000)
     c.train.eval_every_steps = -1
     src = sources()
-    killer = _SigtermOnRead(src["train"], at=5)
+    killer = helpers.SigtermOnRead(src["train"], at=5)
     previous = signal.getsignal(signal.SIGTERM)
     res = kd_train.train_and_evaluate(c, str(tmp_path / "run"), sources={**src, "train": killer})
     assert killer.sent and res.preempted and res.eval_results is None

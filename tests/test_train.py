@@ -71,27 +71,11 @@ def test_resume_is_exact(reference_run, tmp_path):
     _assert_same_params(_params(second.state), expected)
 
 
-class _SigtermOnRead:
-    """A source that sends this process SIGTERM when example `at` is first read."""
-
-    def __init__(self, source, at):
-        self.source, self.at, self.sent = source, at, False
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        if not self.sent and int(i) == self.at:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.source[i]
-
-
 def test_sigterm_saves_and_resumes_exactly(reference_run, tmp_path):
     _, expected = reference_run
     workdir = str(tmp_path)
     sources = helpers.fake_sources()
-    killer = _SigtermOnRead(sources["train"], at=5)
+    killer = helpers.SigtermOnRead(sources["train"], at=5)
     previous = signal.getsignal(signal.SIGTERM)
     result = train.train_and_evaluate(_config(**{"train.num_train_steps": 1000}), workdir,
                                       sources={**sources, "train": killer},
