@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
         from fan_jax import kd_train as runner  # the KD-Loss method: coordinate regression
     else:
         from fan_jax import train as runner
-    from fan_jax import train
+    from fan_jax import pretrained, train
     logging.info("mode %s, workdir %s, %d process(es), devices %s", mode, FLAGS.workdir,
                  jax.process_count(), jax.devices())
     try:
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         else:
             raise app.UsageError(f"unknown mode {mode!r}; expected train, eval or demo")
     except (train.NonFiniteLossError, train.TeacherError, train.CheckpointMismatchError,
-            FileNotFoundError) as e:
+            pretrained.WeightFileError, FileNotFoundError) as e:
         print(f"\nERROR: {e}", file=sys.stderr)
         sys.exit(1)
 

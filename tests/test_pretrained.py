@@ -141,7 +141,7 @@ def test_resnet50_weights_h5_round_trip(tmp_path):
 
 
 def test_mobilenet_v2_weight_files_round_trip(tmp_path):
-    """Keras 3 .weights.h5, .keras, and legacy HDF5 with and without the classifier."""
+    """Keras 3 .weights.h5, .keras, and legacy no-top HDF5 load; a file with the classifier is refused."""
     from keras.src.legacy.saving import legacy_h5_format
 
     model = keras_mobilenet_v2(0.5)
@@ -160,9 +160,12 @@ def test_mobilenet_v2_weight_files_round_trip(tmp_path):
             top.get_layer(layer.name).set_weights(layer.get_weights())
     top.save(tmp_path / "top.h5")
 
-    for name in ["m.weights.h5", "m.keras", "no_top.h5", "top.h5"]:
+    for name in ["m.weights.h5", "m.keras", "no_top.h5"]:
         loaded = pretrained.load_keras_mobilenet_v2(tmp_path / name, width=0.5)
         assert_variables_equal(loaded, reference)
+    # ImageNet init takes the 'no top' files; one with the classifier is named, not guessed at.
+    with pytest.raises(pretrained.WeightFileError, match="top.h5.*classifier"):
+        pretrained.load_keras_mobilenet_v2(tmp_path / "top.h5", width=0.5)
 
 
 def test_width_mismatch_names_layer_and_shapes(tmp_path):

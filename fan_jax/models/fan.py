@@ -74,6 +74,12 @@ def mobilefan_half(num_landmarks: int) -> FAN:
     return mobilefan(num_landmarks, decoder_channels=64)
 
 
+def mobilefan_narrow(num_landmarks: int) -> FAN:
+    """MobileFAN on a MobileNetV2 (0.5) encoder (Keras alpha 0.5): not in the paper; a lighter
+    student that still takes ImageNet weights (mobilenet_v2_..._0.5_224_no_top.h5)."""
+    return mobilefan(num_landmarks, width=0.5)
+
+
 def _resnet_fan(depth: int, num_landmarks: int, keras_style: bool) -> FAN:
     # Imported here so the students work even where resnet.py is absent or broken.
     from fan_jax.models.resnet import ResNetEncoder
@@ -100,6 +106,7 @@ def resnet18_fan(num_landmarks: int) -> FAN:
 MODELS: dict[str, Callable[[int], FAN]] = {
     "mobilefan": mobilefan,
     "mobilefan_0.5": mobilefan_half,
+    "mobilefan_w0.5": mobilefan_narrow,
     "teacher": teacher_resnet50,
     "resnet18_fan": resnet18_fan,
 }
