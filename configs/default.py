@@ -61,11 +61,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.lr_decay_factor = 0.1
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8  # PyTorch's and optax's default (the paper states none)
+    c.train.warmup_steps = 0  # linear learning-rate warm-up from 0 (the paper has none)
     c.train.log_every_steps = 50
     c.train.eval_every_steps = 0  # validation NME (ranks "best"); 0: once per epoch; -1: never
     c.train.checkpoint_every_steps = 0  # 0: once per epoch
     c.train.keep_checkpoints = 3  # the latest few, plus the best by validation NME
     c.train.nan_at_step = -1  # test hook: poison the batch of this step with NaN
+    # Rerunning a workdir with other settings than its record (config.json) is an error
+    # unless this is set; fields that define the model or the data can never change.
+    c.train.allow_changes = False
 
     c.distill = ml_collections.ConfigDict()
     c.distill.enabled = False

@@ -25,6 +25,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from fan_jax.errors import FanJaxError
+
 # Crop side = CROP_MARGIN * max(box w, h): room for the training augmentation
 # (box x1.25, scale down to 0.75, rotation 30 deg) without re-reading the original:
 # the rotated training square spans 1.25 / 0.75 * (cos 30 + sin 30) = 2.28 box sides.
@@ -40,11 +42,11 @@ JPEG_QUALITY = 95
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
-class DatasetFilesMissing(FileNotFoundError):
+class DatasetFilesMissing(FanJaxError, FileNotFoundError):
     """The manual download directory lacks files the builder needs."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(FanJaxError, ValueError):
     """An annotation or image file does not have the expected format."""
 
 

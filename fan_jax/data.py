@@ -22,6 +22,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from fan_jax.errors import FanJaxError
 from fan_jax_datasets import common
 from fan_jax_datasets.cofw import cofw_dataset_builder as _cofw
 from fan_jax_datasets.the300w import the300w_dataset_builder as _the300w
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         b = prepare(args.name, args.data_dir, args.manual_dir)
-    except (DatasetFilesMissing, DatasetFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FanJaxError, OSError) as e:  # missing or malformed files, unwritable data_dir
+        print(f"ERROR: {e}", file=sys.stderr)
         return 1
     for split, info in b.info.splits.items():
         print(f"  {split}: {info.num_examples}")

@@ -47,6 +47,7 @@ import numpy as np
 from flax import linen as nn
 
 from fan_jax import geometry, input_pipeline, predict
+from fan_jax.errors import FanJaxError
 from fan_jax.predict import student_variables
 
 INPUT_NAME = "image"
@@ -464,15 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = predict.load_student(workdir=args.workdir, checkpoint=args.checkpoint,
                                       which=args.which)
-    except predict.CheckpointError as e:
+    except (FanJaxError, OSError) as e:  # the checkpoint or its record
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     if args.quantize != "none" and args.format != "tflite":
         parser.error("--quantize applies to --format tflite only")
     t0 = time.perf_counter()
-    export(loaded.model, loaded.variables, loaded.input_size, args.format, args.out,
-           quantize=args.quantize, batch_size=args.batch_size, metadata=loaded.describe(),
-           num_representative=args.num_representative)
+    try:
+        export(loaded.model, loaded.variables, loaded.input_size, args.format, args.out,
+               quantize=args.quantize, batch_size=args.batch_size, metadata=loaded.describe(),
+               num_representative=args.num_representative)
+    except OSError as e:  # an unwritable --out
+        print(f"ERROR: {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"Wrote {args.out} ({file_size(args.out) / 2**20:.2f} MiB) in "
           f"{time.perf_counter() - t0:.0f}s; interface in {args.out.rstrip('/')}{SIDE_CAR_SUFFIX}")
     if not args.no_verify:

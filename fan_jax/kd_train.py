@@ -40,7 +40,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import asm, evaluate, geometry, input_pipeline, kd_loss, steps, train
+from fan_jax import (asm, checkpoints, evaluate, geometry, input_pipeline, kd_loss, steps, train,
+                     validate)
 from fan_jax.models import regression
 
 PyTree = Any
@@ -308,7 +309,7 @@ def load_kd_teacher(config: ml_collections.ConfigDict, role: str, num_landmarks:
         restored, step = train.restore_model_variables(
             workdir, config.kd.get("teacher_checkpoint", "best"), expected=expected,
             sharding=sharding)
-    except train.TeacherError as e:
+    except train.CheckpointMismatchError as e:
         raise train.TeacherError(f"the {kind} teacher checkpoint in {workdir} does not match "
                                  f"{model_cfg['name']!r} with {num_landmarks} landmarks: {e}"
                                  ) from None
@@ -489,20 +490,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Trains the configured role (resuming from `workdir`), then evaluates the test splits."""
     role = _role(config)
     t = config.train
-    if config.input_size % 32:
-        raise ValueError(f"input_size must be a multiple of 32, got {config.input_size}")
+    mesh = train.make_mesh()
+    validate.check(config, num_devices=mesh.devices.size)
+    changes = checkpoints.check_rerun(config, workdir)
     if sources is None:
         if config.dataset.prepare:
             train.ensure_dataset(config)
         sources = train.load_sources(config, ("train", config.dataset.val_split))
     num_landmarks = _num_landmarks(config, sources)
     train_source = sources["train"]
-    train.save_run_config(config, workdir)
-
-    mesh = train.make_mesh()
     n_dev = mesh.devices.size
-    if t.batch_size % n_dev:
-        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by {n_dev} devices")
     repl = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("batch"))
     steps_per_epoch = max(1, len(train_source) // t.batch_size)
@@ -545,15 +542,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     opt_item = lambda s: {"step": s.step, "opt_state": s.opt_state}  # noqa: E731
     latest = mngr.latest_step()
     if latest is not None:
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(model_item(state), repl)),
-            opt=ocp.args.StandardRestore(_abstract(opt_item(state), repl)),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
+        try:
+            restored = checkpoints.restore_for_resume(mngr, latest, model_item(state),
+                                                      opt_item(state), train_iter, repl)
+        except BaseException:
+            mngr.close()
+            raise
         m, o = restored["model"], restored["opt"]
         state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
                               opt_state=o["opt_state"])
         train_iter = restored["data"]
         logging.info("Resumed from %s at step %d", mngr.directory, latest)
+    for field, old_value, new_value in changes:
+        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
+                        new_value)
+    if jax.process_index() == 0:
+        checkpoints.write_record(config, workdir)  # the model is built and fits the checkpoint
 
     val_source = sources.get(config.dataset.val_split)
     eval_every = _every(t.eval_every_steps, steps_per_epoch) if val_source is not None else 0
@@ -677,8 +681,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                     sources: Mapping[str, Source] | None = None) -> dict:
-    """Eval mode: restores `config.eval.checkpoint` of `workdir` and scores the test splits."""
+                     sources: Mapping[str, Source] | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> dict:
+    """Eval mode: restores `config.eval.checkpoint` of `workdir` and scores the test splits
+    (model and data settings from the workdir's record; see train.evaluate_workdir)."""
+    config = checkpoints.config_from_record(config, workdir, overrides)
+    validate.check(config)
     num_landmarks = _num_landmarks(config, sources)
     model = build_model(config, num_landmarks)
     s = config.input_size

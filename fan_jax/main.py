@@ -6,6 +6,10 @@ locked, so a misspelt name fails instead of being ignored. `--mode=eval` (or the
 
 On several hosts (a TPU pod slice), run the same command on every host with
 `--multihost`; each host reads its own shard of the data.
+
+Exit status (fan_jax.errors): 0 done; 1 an `ERROR:` line (bad config, weight file, data
+file, checkpoint or record, I/O error, NaN loss); 2 the dataset is not built and its
+downloads are missing; 75 preempted by SIGTERM after saving (requeue the same command).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from fan_jax import errors
+
     if FLAGS.multihost:
         jax.distributed.initialize()
     config = FLAGS.config
@@ -45,22 +51,35 @@ def main(argv: list[str]) -> None:
         from fan_jax import kd_train as runner  # the KD-Loss method: coordinate regression
     else:
         from fan_jax import train as runner
-    from fan_jax import pretrained, train
     logging.info("mode %s, workdir %s, %d process(es), devices %s", mode, FLAGS.workdir,
                  jax.process_count(), jax.devices())
     try:
         if mode == "train":
-            runner.train_and_evaluate(config, FLAGS.workdir)
+            result = runner.train_and_evaluate(config, FLAGS.workdir)
+            preempted = result.preempted
         elif mode == "eval":
-            runner.evaluate_workdir(config, FLAGS.workdir)
+            overrides = config_flags.get_override_values(FLAGS["config"])
+            runner.evaluate_workdir(config, FLAGS.workdir, overrides=overrides)
+            preempted = False
         elif mode == "demo":
-            runner.run_demo(config, FLAGS.workdir)
+            preempted = runner.run_demo(config, FLAGS.workdir) is None
         else:
             raise app.UsageError(f"unknown mode {mode!r}; expected train, eval or demo")
-    except (train.NonFiniteLossError, train.TeacherError, train.CheckpointMismatchError,
-            pretrained.WeightFileError, FileNotFoundError) as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        sys.exit(1)
+    except errors.FanJaxError as e:
+        _fail(e)
+    except OSError as e:  # a read-only or full disk, a missing file: what and where, no trace
+        _fail(f"{type(e).__name__}: {e}")
+    if preempted:
+        print(f"\nPREEMPTED: SIGTERM; a checkpoint is saved in {FLAGS.workdir}. Run the same "
+              f"command again to resume (exit status {errors.EXIT_PREEMPTED}).", file=sys.stderr)
+        sys.exit(errors.EXIT_PREEMPTED)
+
+
+def _fail(error: object) -> None:
+    from fan_jax import errors
+
+    print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_ERROR)
 
 
 if __name__ == "__main__":

@@ -38,17 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from fan_jax import geometry, heatmaps, input_pipeline
+from fan_jax.errors import FanJaxError
 
 PyTree = Any
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FanJaxError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model its config names."""
 
 
-class ImageReadError(ValueError):
+class ImageReadError(FanJaxError, ValueError):
     """A file is missing or is not an image OpenCV can decode."""
 
 
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_loaded(
             load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
             flip_test=args.flip_test)
-    except CheckpointError as e:
+    except (FanJaxError, OSError) as e:  # the checkpoint or its record
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 

@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from fan_jax.errors import FanJaxError
 from fan_jax.models.mobilenet_v2 import MobileNetV2Encoder
 from fan_jax.models.resnet import KERAS_BN_EPS, ResNetEncoder
 
@@ -227,7 +228,7 @@ def init_encoder_from_keras(model: Any, variables: Mapping[str, Any], source: An
 # --------------------------------------------------------------------------- helpers
 
 
-class WeightFileError(ValueError):
+class WeightFileError(FanJaxError, ValueError):
     """A Keras weight file that cannot initialise the encoder; the message names the file."""
 
 

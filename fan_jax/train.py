@@ -46,27 +46,23 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import geometry, input_pipeline, steps
+from fan_jax import checkpoints, errors, geometry, input_pipeline, steps, validate
 from fan_jax.models import fan
 
 PyTree = Any
 Source = Sequence[Mapping[str, Any]]
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
+CONFIG_FILE = checkpoints.CONFIG_FILE
+CheckpointMismatchError = errors.CheckpointMismatchError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.FanJaxError, FloatingPointError):
     """The loss became NaN or Inf; the message names the step."""
 
 
-class TeacherError(RuntimeError):
+class TeacherError(errors.FanJaxError, RuntimeError):
     """The distillation teacher is missing or does not fit this run."""
-
-
-class CheckpointMismatchError(TeacherError):
-    """A checkpoint's parameters do not fit the configured model (a teacher's or not; a
-    TeacherError subclass so teacher loaders can catch both with one clause)."""
 
 
 @dataclasses.dataclass
@@ -138,7 +134,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
     t = config.train
     boundaries = {int(round(e * steps_per_epoch)): t.lr_decay_factor for e in t.lr_decay_epochs}
     schedule = optax.piecewise_constant_schedule(t.learning_rate, boundaries)
-    return optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2), schedule
+    warmup = int(t.get("warmup_steps", 0))
+    if warmup > 0:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, t.learning_rate, warmup), schedule], [warmup])
+    return optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=t.get("adam_eps", 1e-8)), schedule
 
 
 # Init runs once, but its hundreds of RNG draws take XLA's CPU backend longer to optimise
@@ -200,61 +200,12 @@ def _abstract(tree: PyTree, sharding: NamedSharding) -> PyTree:
 
 # --------------------------------------------------------------------------- checkpoints
 
+checkpoint_manager = checkpoints.manager
+_select_step = checkpoints.select_step
+_check_tree_matches = checkpoints.check_tree_matches
+_to_dict = checkpoints.to_dict
+_read_run_config = checkpoints.read_record
 
-def checkpoint_manager(directory: str, keep: int = 3, read_only: bool = False
-                       ) -> ocp.CheckpointManager:
-    """Keeps the latest `keep` steps plus the best one by 'val_nme' (lower is better)."""
-    pp = ocp.checkpoint_managers
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=lambda m: m["val_nme"], reverse=True, n=1,
-                 keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(
-        best_fn=lambda m: m["val_nme"], best_mode="min", preservation_policy=policy,
-        create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1)
-    handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler()}
-    if "://" not in directory:
-        directory = os.path.abspath(directory)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_handlers=handlers)
-
-
-def _select_step(mngr: ocp.CheckpointManager, which: str) -> int | None:
-    if which == "latest":
-        return mngr.latest_step()
-    if which == "best":
-        best = mngr.best_step()
-        return best if best is not None else mngr.latest_step()
-    step = int(which)
-    if step not in mngr.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory} "
-                                f"(have {list(mngr.all_steps())})")
-    return step
-
-
-def _check_tree_matches(restored_meta: PyTree, expected: PyTree, what: str) -> None:
-    """Raises CheckpointMismatchError naming the first parameter whose path or shape differs."""
-    def flat(tree):
-        return {"/".join(map(str, k)): tuple(getattr(v, "shape", ()))
-                for k, v in traverse_util.flatten_dict(_to_dict(tree)).items()}
-    have, want = flat(restored_meta), flat(expected)
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise CheckpointMismatchError(f"{what}: parameter names differ from the model's: missing "
-                           f"{missing[:3]}, unexpected {extra[:3]}")
-    for k in sorted(want):
-        if have[k] != want[k]:
-            raise CheckpointMismatchError(f"{what}: {k} has shape {have[k]} in the checkpoint, "
-                               f"{want[k]} in the model")
-
-
-def _to_dict(tree: PyTree) -> PyTree:
-    tree = getattr(tree, "tree", tree)  # orbax TreeMetadata -> its nested dict
-    if isinstance(tree, Mapping):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
 
 
 def restore_model_variables(workdir: str, which: str = "best", *, expected: PyTree | None = None,
@@ -283,13 +234,6 @@ def restore_model_variables(workdir: str, which: str = "best", *, expected: PyTr
     finally:
         mngr.close()
     return restored, step
-
-
-def _read_run_config(workdir: str) -> dict | None:
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
 
 
 def teacher_run_config(config: ml_collections.ConfigDict) -> dict:
@@ -572,8 +516,7 @@ def _every(value: int, steps_per_epoch: int) -> int:
 
 def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        checkpoints.write_record(config, workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -593,8 +536,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         sources: Mapping[str, Source] | None, evaluate_at_end: bool,
                         preemption: _Preemption) -> TrainResult:
     t = config.train
-    if config.input_size % 32:
-        raise ValueError(f"input_size must be a multiple of 32, got {config.input_size}")
+    mesh = make_mesh()
+    n_dev = mesh.devices.size
+    # Before anything is read or written: bad values, and a rerun that disagrees with the
+    # workdir's record, fail here with the workdir untouched.
+    validate.check(config, num_devices=n_dev)
+    changes = checkpoints.check_rerun(config, workdir)
     if config.distill.enabled:
         teacher_run_config(config)  # fail before building datasets or compiling
     if sources is None:
@@ -603,12 +550,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         sources = load_sources(config, ("train", config.dataset.val_split))
     num_landmarks = _num_landmarks(config, sources)
     train_source = sources["train"]
-    save_run_config(config, workdir)
-
-    mesh = make_mesh()
-    n_dev = mesh.devices.size
-    if t.batch_size % n_dev:
-        raise ValueError(f"train.batch_size {t.batch_size} is not divisible by {n_dev} devices")
     repl = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("batch"))
 
@@ -638,15 +579,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr = checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), keep=t.keep_checkpoints)
     latest = mngr.latest_step()
     if latest is not None:
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(_model_item(state), repl)),
-            opt=ocp.args.StandardRestore(_abstract(_opt_item(state), repl)),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
+        try:
+            restored = checkpoints.restore_for_resume(mngr, latest, _model_item(state),
+                                                      _opt_item(state), train_iter, repl)
+        except BaseException:
+            mngr.close()
+            raise
         m, o = restored["model"], restored["opt"]
         state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
                               opt_state=o["opt_state"])
         train_iter = restored["data"]
         logging.info("Resumed from %s at step %d", mngr.directory, latest)
+    for field, old_value, new_value in changes:
+        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
+                        new_value)
+    if jax.process_index() == 0:
+        checkpoints.write_record(config, workdir)  # the model is built and fits the checkpoint
 
     if d.enabled:
         step_fn = functools.partial(
@@ -802,9 +750,15 @@ def _restore_student(config, workdir, which, state, sharding) -> dict:
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                     sources: Mapping[str, Source] | None = None) -> dict:
-    """Eval mode: restores `config.eval.checkpoint` of `workdir` and scores the test splits."""
+                     sources: Mapping[str, Source] | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> dict:
+    """Eval mode: restores `config.eval.checkpoint` of `workdir` and scores the test splits.
+
+    The model and data settings come from the workdir's record, not from `config`; an entry
+    of `overrides` (the command line's) that contradicts the record is an error."""
     quiet_library_logs()
+    config = checkpoints.config_from_record(config, workdir, overrides)
+    validate.check(config)
     if sources is None and config.dataset.prepare:
         ensure_dataset(config)
     num_landmarks = _num_landmarks(config, sources)
@@ -907,12 +861,13 @@ def demo_kdloss_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return kd
 
 
-def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict] | None:
     """The whole pipeline on synthetic faces: draw a 300W-layout tree, build it with the 300W
     TFDS builder, train a teacher, MobileFAN and MobileFAN + KD, then (`demo.kdloss`) the
     KD-Loss teachers and student on the same data; evaluate all, print one table and write
     `demo_table.txt` and `demo_nme.png` (each run's CED and landmark grid are in
-    <workdir>/<run>/eval/). Re-running resumes finished stages; SIGTERM stops after saving."""
+    <workdir>/<run>/eval/). Re-running resumes finished stages; SIGTERM stops after saving
+    and returns None."""
     from fan_jax import data, evaluate, synthetic
 
     t0 = time.perf_counter()
@@ -940,7 +895,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         result = train_and_evaluate(c, os.path.join(workdir, name))
         if result.preempted:
             _demo_log(t0, f"stopped by SIGTERM during {label}; run the same command to resume")
-            return rows
+            return None
         rows[label] = result.eval_results
     kd_config = demo_kdloss_config(config)
     if kd_config is not None:
@@ -953,7 +908,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         kd_rows = kd_train.demo_rows(kd_config, os.path.join(workdir, "kdloss"))
         if kd_rows is None:
             _demo_log(t0, "stopped by SIGTERM during KD-Loss; run the same command to resume")
-            return rows
+            return None
         labels = {"kdloss_teacher_tough": "KD-Loss Tough teacher",
                   "kdloss_teacher_tolerant": "KD-Loss Tolerant teacher",
                   "kdloss_student": "KD-Loss student (MobileNetV2 regression)"}

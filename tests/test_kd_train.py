@@ -176,6 +176,7 @@ def test_three_roles_end_to_end(tiny, tmp_path):
 
     # Resume: the student's run continues from its last checkpoint.
     c = tiny_config("student", root, steps_=3)
+    c.train.allow_changes = True  # extending the run changes its record
     res = kd_train.train_and_evaluate(c, os.path.join(root, "student"), sources=src,
                                       evaluate_at_end=False)
     assert res.step == 3

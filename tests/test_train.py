@@ -65,8 +65,9 @@ def test_resume_is_exact(reference_run, tmp_path):
                                      sources=helpers.fake_sources(), evaluate_at_end=False)
     assert first.step == 2
     assert os.path.exists(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json"))
-    second = train.train_and_evaluate(_config(), workdir, sources=helpers.fake_sources(),
-                                      evaluate_at_end=False)
+    # Extending a run is a deliberate change to its record.
+    second = train.train_and_evaluate(_config(**{"train.allow_changes": True}), workdir,
+                                      sources=helpers.fake_sources(), evaluate_at_end=False)
     assert second.step == STEPS
     _assert_same_params(_params(second.state), expected)
 
@@ -84,7 +85,8 @@ def test_sigterm_saves_and_resumes_exactly(reference_run, tmp_path):
     assert result.step < STEPS, "the signal should stop the run within a few steps"
     assert result.step in _steps_in(workdir), "the preemption checkpoint is missing"
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
-    resumed = train.train_and_evaluate(_config(), workdir, sources=helpers.fake_sources(),
+    resumed = train.train_and_evaluate(_config(**{"train.allow_changes": True}), workdir,
+                                       sources=helpers.fake_sources(),
                                        evaluate_at_end=False)
     assert resumed.step == STEPS
     _assert_same_params(_params(resumed.state), expected)

@@ -1,0 +1,262 @@
+"""A workdir's checkpoints and its record.
+
+Layout of a training workdir:
+  config.json      the record: the config of the run that wrote the checkpoints
+  checkpoints/N/   orbax steps: 'model' ({'params', 'batch_stats'}), 'opt', 'data'
+
+The record is what readers (eval mode, predict, export, a student's teacher loading) build
+the model from, so it is written only once a run has built its model and restored any
+checkpoint, atomically, and a rerun that disagrees with it fails before touching anything.
+Every restore goes through `check_tree_matches`. Paths go through `etils.epath`, so gs://
+workdirs work for every kind of run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+from fan_jax.errors import CheckpointMismatchError, RecordMismatchError
+
+PyTree = Any
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+# What defines the model and the data a checkpoint belongs to: never changed by a rerun.
+DEFINING_FIELDS = (
+    "model.kind", "model.name", "input_size", "sigma", "dataset.name",
+    "augment.box_source", "augment.box_scale", "distill.enabled", "distill.fa_layers",
+    "distill.adapter_kind", "kd.role", "kd.teacher_model",
+)
+# Where the files are and how they are read: free to differ between machines and reruns.
+FREE_FIELDS = (
+    "mode", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "dataset.num_workers",
+    "distill.teacher_workdir", "distill.teacher_config", "train.allow_changes",
+    "train.nan_at_step", "eval", "demo", "kd.tough_workdir", "kd.tolerant_workdir",
+)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return str(epath.Path(workdir) / CHECKPOINT_DIR)
+
+
+def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    """Keeps the latest `keep` steps plus the best one by 'val_nme' (lower is better)."""
+    import grain
+
+    pp = ocp.checkpoint_managers
+    policy = pp.AnyPreservationPolicy([
+        pp.LatestN(n=keep),
+        pp.BestN(get_metric_fn=lambda m: m["val_nme"], reverse=True, n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=lambda m: m["val_nme"], best_mode="min", preservation_policy=policy,
+        create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1)
+    handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def select_step(mngr: ocp.CheckpointManager, which: str) -> int | None:
+    """'latest' | 'best' (lowest validation NME; latest if none was scored) | a step number."""
+    if which == "latest":
+        return mngr.latest_step()
+    if which == "best":
+        best = mngr.best_step()
+        return best if best is not None else mngr.latest_step()
+    step = int(which)
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory} "
+                                f"(have {list(mngr.all_steps())})")
+    return step
+
+
+def to_dict(tree: PyTree) -> PyTree:
+    tree = getattr(tree, "tree", tree)  # orbax TreeMetadata -> its nested dict
+    if isinstance(tree, Mapping):
+        return {k: to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def check_tree_matches(restored_meta: PyTree, expected: PyTree, what: str) -> None:
+    """Raises CheckpointMismatchError naming the first parameter whose path or shape differs."""
+    def flat(tree):
+        return {"/".join(map(str, k)): tuple(getattr(v, "shape", ()))
+                for k, v in traverse_util.flatten_dict(to_dict(tree)).items()}
+    have, want = flat(restored_meta), flat(expected)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"{what}: parameter names differ from the model's: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+            f"{'...' if len(extra) > 3 else ''}")
+    for k in sorted(want):
+        if have[k] != want[k]:
+            raise CheckpointMismatchError(f"{what}: {k} has shape {have[k]} in the checkpoint, "
+                                          f"{want[k]} in the model")
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def read_record(workdir: str) -> dict | None:
+    """The workdir's config.json as a dict, None when there is none."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecordMismatchError(f"{path}: not valid JSON ({e}); restore it from the run's "
+                                  f"logs or delete the workdir") from e
+
+
+def write_record(config: ml_collections.ConfigDict | Mapping, workdir: str) -> None:
+    """Writes config.json atomically: a reader sees the old record or the new one, whole."""
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+            else json.dumps(config, indent=2))
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(directory / CONFIG_FILE)
+
+
+def flatten(config: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
+    """{'a.b': value} with tuples and lists compared alike."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    out = {}
+
+    def visit(prefix, node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                visit(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = list(node) if isinstance(node, (tuple, list)) else node
+    visit("", d)
+    return out
+
+
+def _is_free(field: str) -> bool:
+    return any(field == f or field.startswith(f + ".") for f in FREE_FIELDS)
+
+
+def _is_defining(field: str) -> bool:
+    return any(field == f or field.startswith(f + ".") for f in DEFINING_FIELDS)
+
+
+def record_differences(config: ml_collections.ConfigDict, record: Mapping
+                       ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(defining, other) fields where `config` and the record differ: (field, record, config).
+    Free fields (paths, eval settings, mode) are not compared."""
+    have, want = flatten(record), flatten(config)
+    defining, other = [], []
+    for k in sorted(set(have) | set(want)):
+        if _is_free(k):
+            continue
+        a, b = have.get(k, "<absent>"), want.get(k, "<absent>")
+        if a != b and not _both_numbers_equal(a, b):
+            (defining if _is_defining(k) else other).append((k, a, b))
+    return defining, other
+
+
+def _both_numbers_equal(a, b) -> bool:
+    return (isinstance(a, (int, float)) and isinstance(b, (int, float))
+            and not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b))
+
+
+def _table(diffs) -> str:
+    return "\n".join(f"  {k}: {a!r} in the record, {b!r} now" for k, a, b in diffs)
+
+
+def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, Any, Any]]:
+    """Before a rerun in a workdir with a record: the model and data fields must match it, and
+    other changes need `train.allow_changes`. Returns the allowed changes (for the log)."""
+    record = read_record(workdir)
+    if record is None:
+        return []
+    defining, other = record_differences(config, record)
+    path = epath.Path(workdir) / CONFIG_FILE
+    if defining:
+        raise RecordMismatchError(
+            f"{path}: this workdir holds a run of another model or data; these fields differ "
+            f"from its record:\n{_table(defining)}\nUse a new --workdir for a different model "
+            f"or data. Nothing was changed.")
+    if other and not config.train.get("allow_changes", False):
+        raise RecordMismatchError(
+            f"{path}: rerunning with settings that differ from the run's record:\n"
+            f"{_table(other)}\nRepeat the run's settings, or pass "
+            f"--config.train.allow_changes=True to continue with these. Nothing was changed.")
+    return other
+
+
+def config_from_record(config: ml_collections.ConfigDict, workdir: str,
+                       overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The config a reader should use: the record's model and data fields, `config`'s free
+    fields (paths, eval settings). An override (`overrides`, the command line's) of a defining
+    field that differs from the record is an error."""
+    record = read_record(workdir)
+    if record is None:
+        return config
+    path = epath.Path(workdir) / CONFIG_FILE
+    rec = flatten(record)
+    conflicts = []
+    for k, v in (overrides or {}).items():
+        if _is_defining(k) and k in rec:
+            v = list(v) if isinstance(v, (tuple, list)) else v
+            if v != rec[k] and not _both_numbers_equal(v, rec[k]):
+                conflicts.append((k, rec[k], v))
+    if conflicts:
+        raise RecordMismatchError(
+            f"{path}: the command line overrides fields of the trained run:\n{_table(conflicts)}"
+            f"\nThe model is built from the record; drop these overrides.")
+    out = ml_collections.ConfigDict(config.to_dict())
+    merged = flatten(out)
+    for k, v in rec.items():
+        if k in merged and not _is_free(k):
+            node = out
+            *parts, last = k.split(".")
+            for p in parts:
+                node = node[p]
+            node[last] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def abstract(tree: PyTree, sharding: Any) -> PyTree:
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
+                        tree)
+
+
+def restore_for_resume(mngr: ocp.CheckpointManager, step: int, model_item: PyTree,
+                       opt_item: PyTree, train_iter: Any, sharding: Any) -> dict:
+    """Restores 'model', 'opt' and 'data' of `step` into the shapes of the run's fresh state.
+    The model tree is checked first, so a different model is one error naming the first
+    differing parameter, not an orbax traceback."""
+    import grain
+
+    what = f"checkpoint {mngr.directory}/{step}"
+    check_tree_matches(to_dict(mngr.item_metadata(step)["model"]), model_item, what)
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(abstract(model_item, sharding)),
+            opt=ocp.args.StandardRestore(abstract(opt_item, sharding)),
+            data=grain.checkpoint.CheckpointRestore(train_iter)))
+    except ValueError as e:  # the optimizer state differs (another optimizer or schedule)
+        raise CheckpointMismatchError(f"{what}: its optimizer or data state does not fit this "
+                                      f"run: {str(e)[:500]}") from e
