@@ -44,7 +44,7 @@ def test_resnet_teacher_beats_the_all_zero_map(tmp_path):
         "model.name": "resnet18_fan", "input_size": SIZE, "sigma": SIGMA,
         "augment.box_source": "landmarks", "train.batch_size": 8,
         "train.num_train_steps": STEPS, "train.learning_rate": 5e-3,
-        "train.warmup_steps": 20, "train.lr_decay_epochs": (), "train.log_every_steps": 10,
+        "train.warmup_steps": 20, "train.lr_decay_epochs": (), "train.log_every_steps": 1,
         "train.checkpoint_every_steps": STEPS})
     sources = kd_train.synthetic_sources(64, 8, size=96)
     result = train.train_and_evaluate(c, str(tmp_path), sources={"train": sources["train"],
@@ -53,6 +53,7 @@ def test_resnet_teacher_beats_the_all_zero_map(tmp_path):
     assert result.step == STEPS
     loss = _logged(str(tmp_path), "train/heatmap")
     zero = _all_zero_loss(SIZE, SIGMA)
-    first, last = loss[min(loss)], np.mean([loss[s] for s in sorted(loss)[-2:]])
+    first, last = loss[1], np.mean([loss[s] for s in sorted(loss)[-10:]])
     assert first > 0.9 * zero  # it starts at (or above) the flat map ...
+    print(f"all-zero {zero:.5f}, step 1 {first:.5f}, last 10 steps {last:.5f}")
     assert last < 0.75 * zero, (zero, loss)  # ... and ends clearly below it
