@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
@@ -241,6 +242,40 @@ def abstract(tree: PyTree, sharding: Any) -> PyTree:
 
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
                         tree)
+
+
+def resume(mngr: ocp.CheckpointManager, state: Any, train_iter: Any, sharding: Any
+           ) -> tuple[Any, Any]:
+    """(state, train_iter) from the manager's latest step, or as given when there is none.
+    Closes the manager when the checkpoint does not fit, so the caller only re-raises."""
+    latest = mngr.latest_step()
+    if latest is None:
+        return state, train_iter
+    try:
+        restored = restore_for_resume(
+            mngr, latest, {"params": state.params, "batch_stats": state.batch_stats},
+            {"step": state.step, "opt_state": state.opt_state}, train_iter, sharding)
+    except BaseException:
+        mngr.close()
+        raise
+    m, o = restored["model"], restored["opt"]
+    state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
+                          opt_state=o["opt_state"])
+    logging.info("Resumed from %s at step %d", mngr.directory, latest)
+    return state, restored["data"]
+
+
+def commit_record(config: ml_collections.ConfigDict, workdir: str,
+                  changes: list[tuple[str, Any, Any]]) -> None:
+    """Once the model is built and fits the checkpoint: log the allowed changes (from
+    `check_rerun`) and write the record (process 0 only)."""
+    import jax
+
+    for field, old_value, new_value in changes:
+        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
+                        new_value)
+    if jax.process_index() == 0:
+        write_record(config, workdir)
 
 
 def restore_for_resume(mngr: ocp.CheckpointManager, step: int, model_item: PyTree,

@@ -538,26 +538,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         num_workers=config.dataset.num_workers)
     mngr = train.checkpoint_manager(os.path.join(workdir, train.CHECKPOINT_DIR),
                                     keep=t.keep_checkpoints)
-    model_item = lambda s: {"params": s.params, "batch_stats": s.batch_stats}  # noqa: E731
-    opt_item = lambda s: {"step": s.step, "opt_state": s.opt_state}  # noqa: E731
-    latest = mngr.latest_step()
-    if latest is not None:
-        try:
-            restored = checkpoints.restore_for_resume(mngr, latest, model_item(state),
-                                                      opt_item(state), train_iter, repl)
-        except BaseException:
-            mngr.close()
-            raise
-        m, o = restored["model"], restored["opt"]
-        state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
-                              opt_state=o["opt_state"])
-        train_iter = restored["data"]
-        logging.info("Resumed from %s at step %d", mngr.directory, latest)
-    for field, old_value, new_value in changes:
-        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
-                        new_value)
-    if jax.process_index() == 0:
-        checkpoints.write_record(config, workdir)  # the model is built and fits the checkpoint
+    state, train_iter = checkpoints.resume(mngr, state, train_iter, repl)
+    checkpoints.commit_record(config, workdir, changes)  # the model is built and fits
 
     val_source = sources.get(config.dataset.val_split)
     eval_every = _every(t.eval_every_steps, steps_per_epoch) if val_source is not None else 0
@@ -610,8 +592,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step in mngr.all_steps():
             return
         mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_item(state)),
-            opt=ocp.args.StandardSave(opt_item(state)),
+            model=ocp.args.StandardSave(train._model_item(state)),
+            opt=ocp.args.StandardSave(train._opt_item(state)),
             data=grain.checkpoint.CheckpointSave(train_iter)), metrics=metrics, force=True)
 
     preempted = False
@@ -670,7 +652,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         variables = train.student_variables(state)
         if config.eval.checkpoint != "latest":
             restored, best = train.restore_model_variables(
-                workdir, config.eval.checkpoint, expected=model_item(state), sharding=repl)
+                workdir, config.eval.checkpoint, expected=train._model_item(state), sharding=repl)
             logging.info("Evaluating the %s checkpoint (step %d)", config.eval.checkpoint, best)
             variables = {"params": restored["params"]["student"],
                          "batch_stats": restored["batch_stats"]["student"]}

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fan_jax import geometry, heatmaps, input_pipeline
-from fan_jax.errors import FanJaxError
+from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
 PyTree = Any
 
@@ -98,16 +98,6 @@ def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
     return path, which
 
 
-def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple]:
-    out = {}
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            out.update(_flat_shapes(v, f"{prefix}/{k}" if prefix else str(k)))
-    else:
-        out[prefix] = tuple(np.shape(tree))
-    return out
-
-
 def load_student(workdir: str | None = None, checkpoint: str | None = None,
                  which: str = "best") -> LoadedStudent:
     """Restores the student of a training run (its config.json says which model).
@@ -115,7 +105,7 @@ def load_student(workdir: str | None = None, checkpoint: str | None = None,
     `which`: 'best' (by validation NME; the latest when no step has a metric), 'latest' or a
     step number. Raises CheckpointError with what is missing or which parameter differs.
     """
-    from fan_jax import train
+    from fan_jax import checkpoints, train
     from fan_jax.models import fan
 
     workdir, which = _resolve_checkpoint(workdir, checkpoint, which)
@@ -154,19 +144,13 @@ def load_student(workdir: str | None = None, checkpoint: str | None = None,
         raise CheckpointError(f"{config_path}: {e}") from None
     expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                               jnp.zeros((1, input_size, input_size, 3), jnp.float32))
-    want = _flat_shapes({k: expected[k] for k in ("params", "batch_stats") if k in expected})
-    have = _flat_shapes(variables)
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir}/{step} does not fit model {model_name!r} (from "
-            f"{config_path}): missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
-    for k in sorted(want):
-        if want[k] != have[k]:
-            raise CheckpointError(f"checkpoint {ckpt_dir}/{step} does not fit model "
-                                  f"{model_name!r}: {k} has shape {have[k]}, the model wants "
-                                  f"{want[k]}")
+    try:
+        checkpoints.check_tree_matches(
+            variables, {k: expected[k] for k in ("params", "batch_stats") if k in expected},
+            f"checkpoint {ckpt_dir}/{step}")
+    except CheckpointMismatchError as e:
+        raise CheckpointError(f"{e} (it does not fit model {model_name!r} from {config_path})"
+                              ) from None
     variables = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
     return LoadedStudent(model=model, variables=variables, num_landmarks=num_landmarks,
                          input_size=input_size, model_name=model_name, box_scale=box_scale,

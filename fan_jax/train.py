@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -42,7 +41,6 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -577,24 +575,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         num_workers=config.dataset.num_workers)
 
     mngr = checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), keep=t.keep_checkpoints)
-    latest = mngr.latest_step()
-    if latest is not None:
-        try:
-            restored = checkpoints.restore_for_resume(mngr, latest, _model_item(state),
-                                                      _opt_item(state), train_iter, repl)
-        except BaseException:
-            mngr.close()
-            raise
-        m, o = restored["model"], restored["opt"]
-        state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
-                              opt_state=o["opt_state"])
-        train_iter = restored["data"]
-        logging.info("Resumed from %s at step %d", mngr.directory, latest)
-    for field, old_value, new_value in changes:
-        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
-                        new_value)
-    if jax.process_index() == 0:
-        checkpoints.write_record(config, workdir)  # the model is built and fits the checkpoint
+    state, train_iter = checkpoints.resume(mngr, state, train_iter, repl)
+    checkpoints.commit_record(config, workdir, changes)  # the model is built and fits
 
     if d.enabled:
         step_fn = functools.partial(
