@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.photometric = False
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "heatmap"  # 'heatmap' (fan_jax.train) | 'regression' (KD-Loss, fan_jax.kd_train)
+    c.model.kind = "heatmap"  # 'heatmap' (fan_jax.train) | 'regression' (KD-Loss, fan_jax.tasks.kdloss)
     c.model.name = "mobilefan"  # fan_jax.models.fan.build_model: mobilefan | mobilefan_0.5 | teacher | resnet18_fan
     # Keras ImageNet weight file (.h5 / .keras, MobileNetV2 or ResNet50 'no top') for the
     # encoder; '' trains from scratch.

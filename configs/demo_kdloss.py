@@ -6,7 +6,7 @@ Small everything (64px crops, EfficientNet-B0 teachers, 200 steps each) so the t
 a few minutes of CPU, most of it XLA compiling the three train steps (measured on a shared,
 loaded 2-core machine: ~180 s to compile the B0 teacher step, ~95 s the student step, then
 0.33 s / 0.52 s per step). The numbers show the pipeline works, not the paper's accuracy.
-`fan_jax.kd_train.demo_rows` gives the rows for a combined table with the heatmap demo.
+`fan_jax.demo.kdloss_rows` gives the rows for a combined table with the heatmap demo.
 """
 
 import ml_collections

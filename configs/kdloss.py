@@ -6,7 +6,7 @@ Three runs per dataset, in this order (each a `python -m fan_jax.main --config=.
   <dataset>_kdloss_student.py           MobileNetV2 regressor, KD-Loss with both teachers
 The student reads the teachers from `kd.tough_workdir` / `kd.tolerant_workdir` (defaults:
 workdirs/<dataset>_kdloss_teacher_{tough,tolerant}). `model.kind = 'regression'` routes these
-configs to `fan_jax.kd_train`.
+configs to `fan_jax.tasks.kdloss` (trained by the one loop, `fan_jax.train`).
 
 Recipe (public code): 224x224 crops, Adam lr 1e-3 with inverse-time decay 1e-4 per step,
 batch 70, 150 epochs. On several devices the batch must divide evenly (e.g. 72 on 8 cores).
@@ -22,7 +22,7 @@ def experiment(dataset: str, role: str) -> ml_collections.ConfigDict:
     if role not in ("teacher_tough", "teacher_tolerant", "student"):
         raise ValueError(f"unknown KD-Loss role {role!r}")
     c = default.experiment(dataset)
-    c.model.kind = "regression"  # 'heatmap' (fan_jax.train) | 'regression' (fan_jax.kd_train)
+    c.model.kind = "regression"  # 'heatmap' (fan_jax.train) | 'regression' (fan_jax.tasks.kdloss)
     # fan_jax.models.regression.build_regressor:
     #   mobilenet_v2_reg | efficientnet_b3_reg | efficientnet_b0_reg
     c.model.name = "mobilenet_v2_reg" if role == "student" else "efficientnet_b3_reg"

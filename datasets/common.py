@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
+from fan_jax import geometry
 from fan_jax.errors import FanJaxError
 
 # Crop side = CROP_MARGIN * max(box w, h): room for the training augmentation
@@ -53,23 +54,10 @@ class DatasetFormatError(FanJaxError, ValueError):
 # ----------------------------------------------------------------------------- geometry
 
 
-def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Applies a [2, 3] affine to points [..., 2]."""
-    points = np.asarray(points, np.float64)
-    return points @ np.asarray(m, np.float64)[:, :2].T + np.asarray(m, np.float64)[:, 2]
-
-
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, np.float64)
-    a_inv = np.linalg.inv(m[:, :2])
-    return np.concatenate([a_inv, -a_inv @ m[:, 2:]], axis=1)
-
-
-def landmark_box(landmarks: np.ndarray) -> np.ndarray:
-    """Tight box x0, y0, x1, y1 = floor(min), ceil(max) (as fan_jax.geometry)."""
-    lo = np.floor(np.min(landmarks, axis=0))
-    hi = np.ceil(np.max(landmarks, axis=0))
-    return np.array([lo[0], lo[1], hi[0], hi[1]], np.float64)
+# The affine and box helpers are fan_jax.geometry's (one definition for builders and model).
+apply_affine = geometry.apply_affine
+invert_affine = geometry.invert_affine
+landmark_box = geometry.box_from_landmarks
 
 
 def crop_with_margin(

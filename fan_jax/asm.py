@@ -84,8 +84,10 @@ class ShapeModel:
         return out.reshape(shapes.shape)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes an npz (the path is used as given)."""
-        with open(path, "wb") as f:
+        """Writes an npz (the path is used as given; gs:// works)."""
+        from etils import epath
+
+        with epath.Path(path).open("wb") as f:
             np.savez(f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues,
                      variance_percent=np.float64(self.variance_percent),
                      clip_sigmas=np.float64(self.clip_sigmas),
@@ -93,7 +95,9 @@ class ShapeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ShapeModel":
-        with np.load(path) as z:
+        from etils import epath
+
+        with epath.Path(path).open("rb") as f, np.load(f) as z:
             version = int(z["format_version"])
             if version != FORMAT_VERSION:
                 raise ValueError(f"{path}: ASM format version {version}, expected {FORMAT_VERSION}")

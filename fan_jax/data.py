@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -111,6 +112,56 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         spec.tfds_name, split=split, data_dir=os.fspath(data_dir) if data_dir else None,
         download=False, **kwargs,
     )
+
+
+# --------------------------------------------------------------------------- a config's data
+
+
+def ensure_built(config: Any) -> None:
+    """Builds the config's TFDS dataset from `dataset.manual_dir` unless it is built.
+
+    Missing downloads: prints where to put the files and exits with status 2.
+    """
+    import jax
+
+    # On several hosts one builds (they share data_dir) while the others wait for it.
+    if jax.process_index() == 0:
+        try:
+            prepare(config.dataset.name, data_dir=config.dataset.data_dir or None,
+                    manual_dir=config.dataset.manual_dir or None)
+        except DatasetFilesMissing as e:
+            print(f"\nThe {config.dataset.name} dataset is not built yet and its downloaded "
+                  f"files are missing.\n\n{e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fan_jax dataset prepared")
+
+
+def sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:
+    """Random-access TFDS array_record sources of the config's dataset, one per split."""
+    return {s: data_source(config.dataset.name, s, config.dataset.data_dir or None)
+            for s in dict.fromkeys(splits)}
+
+
+def test_splits(config: Any) -> tuple[str, ...]:
+    """`eval.splits`, or every test split of the config's dataset."""
+    return tuple(config.eval.splits) or get(config.dataset.name).test_splits
+
+
+def num_landmarks(config: Any, srcs: Mapping[str, Any] | None = None) -> int:
+    """Landmarks per face: of the given sources' first example, else of the dataset."""
+    if srcs:
+        import numpy as np
+
+        return int(np.asarray(next(iter(srcs.values()))[0]["landmarks"]).shape[0])
+    return get(config.dataset.name).num_landmarks
+
+
+def is_tfds(srcs: Mapping[str, Any]) -> bool:
+    """Whether every source is a TFDS data source (not in-memory examples)."""
+    return all(type(s).__module__.startswith("tensorflow_datasets") for s in srcs.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,3 +34,11 @@ class RecordMismatchError(FanJaxError, ValueError):
 
 class CheckpointMismatchError(FanJaxError, ValueError):
     """A checkpoint's parameter tree does not fit the model (names the first differing path)."""
+
+
+class TeacherError(FanJaxError, RuntimeError):
+    """A teacher a run distils from is missing, of another dataset, or does not fit."""
+
+
+class NonFiniteLossError(FanJaxError, FloatingPointError):
+    """A NaN or Inf loss: training stopped before saving anything past the last good step."""

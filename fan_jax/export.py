@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fan_jax import geometry, input_pipeline, predict
+from fan_jax import geometry, landmarks, predict
+from fan_jax.checkpoints import student_variables
 from fan_jax.errors import FanJaxError
-from fan_jax.predict import student_variables
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("heatmaps", "landmarks")
@@ -123,9 +123,15 @@ def _native_convs(next_fun, args, kwargs, context):
     return y
 
 
-def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = True
-                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """images float32 [B,S,S,3] 0..255 RGB -> (heatmaps [B,S/4,S/4,L], landmarks [B,L,2]).
+def output_names(kind: str = "heatmap") -> tuple[str, ...]:
+    """The exported outputs of a model kind: a regression (KD-Loss) model has no heatmaps."""
+    return OUTPUT_NAMES if kind == "heatmap" else ("landmarks",)
+
+
+def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = True,
+                 kind: str = "heatmap") -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """images float32 [B,S,S,3] 0..255 RGB -> (heatmaps [B,S/4,S/4,L], landmarks [B,L,2]),
+    or (landmarks,) for a regression model (`output_names(kind)`).
 
     The variables are closed over, so exporters bake them into the graph as constants.
     native_convs: depthwise and 1x1 convolutions as convolutions (what runtimes have
@@ -134,14 +140,15 @@ def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = 
     variables = jax.tree.map(jnp.asarray, student_variables(variables))
 
     def infer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = input_pipeline.normalize(images)
+        x = landmarks.normalize(images)
         if native_convs:
             with nn.intercept_methods(_native_convs):
-                hm, _ = model.apply(variables, x, train=False)
+                raw = landmarks.raw_outputs(kind, model, variables, x)
         else:
-            hm, _ = model.apply(variables, x, train=False)
-        stride = images.shape[1] / hm.shape[1]
-        return hm, decode_landmarks(hm, stride)
+            raw = landmarks.raw_outputs(kind, model, variables, x)
+        if kind == "regression":
+            return (landmarks.from_normalized(raw, images.shape[1]),)
+        return raw, decode_landmarks(raw, images.shape[1] / raw.shape[1])
 
     return infer
 
@@ -149,7 +156,8 @@ def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = 
 # --------------------------------------------------------------------------- exporters
 
 
-def _tf_serving_function(infer: Callable, input_size: int, batch_size: int | None):
+def _tf_serving_function(infer: Callable, input_size: int, batch_size: int | None,
+                         names: tuple[str, ...] = OUTPUT_NAMES):
     """A tf.function with signature image -> {'heatmaps', 'landmarks'} (None batch: any)."""
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -160,9 +168,7 @@ def _tf_serving_function(infer: Callable, input_size: int, batch_size: int | Non
 
     @tf.function(autograph=False, input_signature=[spec])
     def serve(image):
-        hm, lm = converted(image)
-        return {OUTPUT_NAMES[0]: tf.identity(hm, name=OUTPUT_NAMES[0]),
-                OUTPUT_NAMES[1]: tf.identity(lm, name=OUTPUT_NAMES[1])}
+        return {n: tf.identity(v, name=n) for n, v in zip(names, converted(image))}
 
     return serve
 
@@ -175,9 +181,11 @@ def _save_tf_module(serve, path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
 
 
-def export_savedmodel(model: Any, variables: Mapping[str, Any], input_size: int, path: str) -> str:
+def export_savedmodel(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
+                      kind: str = "heatmap") -> str:
     """Writes a TF SavedModel (signature 'serving_default', any batch size) to directory `path`."""
-    serve = _tf_serving_function(inference_fn(model, variables), input_size, None)
+    serve = _tf_serving_function(inference_fn(model, variables, kind=kind), input_size, None,
+                                 output_names(kind))
     _save_tf_module(serve, path)
     return path
 
@@ -204,7 +212,8 @@ def synthetic_crops(num: int, input_size: int, seed: int = 0) -> np.ndarray:
 
 def export_tflite(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
                   quantize: str = "none", batch_size: int = 1,
-                  representative: np.ndarray | None = None, num_representative: int = 64) -> str:
+                  representative: np.ndarray | None = None, num_representative: int = 64,
+                  kind: str = "heatmap") -> str:
     """Writes a .tflite model with a fixed batch size.
 
     quantize: 'none' (float32), 'float16' (float16 weights, float32 compute: half the size,
@@ -215,7 +224,8 @@ def export_tflite(model: Any, variables: Mapping[str, Any], input_size: int, pat
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANTIZATIONS}")
-    serve = _tf_serving_function(inference_fn(model, variables), input_size, batch_size)
+    serve = _tf_serving_function(inference_fn(model, variables, kind=kind), input_size,
+                                 batch_size, output_names(kind))
     with tempfile.TemporaryDirectory() as tmp:
         # Converting from a SavedModel keeps the signature's input and output names.
         _save_tf_module(serve, tmp)
@@ -268,15 +278,15 @@ def _import_jax2onnx_plugins() -> None:
 
 
 def export_onnx(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
-                metadata: Mapping[str, str] | None = None) -> str:
+                metadata: Mapping[str, str] | None = None, kind: str = "heatmap") -> str:
     """Writes a single-file .onnx model with a symbolic batch dimension 'batch'."""
     _pylogging.getLogger("onnx_ir").setLevel(_pylogging.ERROR)
     _import_jax2onnx_plugins()
     from jax2onnx import to_onnx
 
-    proto = to_onnx(inference_fn(model, variables), [("batch", input_size, input_size, 3)],
-                    model_name="mobilefan", input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES))
+    proto = to_onnx(inference_fn(model, variables, kind=kind),
+                    [("batch", input_size, input_size, 3)], model_name="fan_jax",
+                    input_names=[INPUT_NAME], output_names=list(output_names(kind)))
     for k, v in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(k), str(v)
@@ -330,11 +340,11 @@ class ExportedModel:
         if self.format == "tflite":
             out = self._runner(**{INPUT_NAME: x})
         elif self.format == "onnx":
-            vals = self._sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-            out = dict(zip(OUTPUT_NAMES, vals))
+            names = [o.name for o in self._sess.get_outputs()]
+            out = dict(zip(names, self._sess.run(names, {INPUT_NAME: x})))
         else:
             out = self._fn(**{INPUT_NAME: self._tf.constant(x)})
-        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
+        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES if k in out}
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = np.asarray(images, np.float32)
@@ -351,7 +361,7 @@ class ExportedModel:
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
             parts.append({k: v[:n] for k, v in self._run(chunk).items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def detect_format(path: str) -> str:
@@ -377,7 +387,7 @@ def load_exported(path: str, num_threads: int | None = None) -> ExportedModel:
 
 def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, out: str, *,
            quantize: str = "none", batch_size: int = 1, metadata: Mapping[str, Any] | None = None,
-           num_representative: int = 64) -> str:
+           num_representative: int = 64, kind: str = "heatmap") -> str:
     """Exports to `out` in format `fmt` and writes the `<out>.json` sidecar; returns `out`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -388,26 +398,35 @@ def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     info = describe(model, variables, input_size, fmt, quantize,
-                    batch_size if fmt == "tflite" else None, metadata)
+                    batch_size if fmt == "tflite" else None, metadata, kind=kind)
     if fmt == "tflite":
         export_tflite(model, variables, input_size, out, quantize=quantize,
-                      batch_size=batch_size, num_representative=num_representative)
+                      batch_size=batch_size, num_representative=num_representative, kind=kind)
     elif fmt == "onnx":
         export_onnx(model, variables, input_size, out,
-                    metadata={"fan_jax": json.dumps(info, sort_keys=True)})
+                    metadata={"fan_jax": json.dumps(info, sort_keys=True)}, kind=kind)
     else:
-        export_savedmodel(model, variables, input_size, out)
+        export_savedmodel(model, variables, input_size, out, kind=kind)
     with open(out.rstrip("/") + SIDE_CAR_SUFFIX, "w") as f:
         json.dump(info, f, indent=2)
     return out
 
 
 def describe(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, quantize: str,
-             batch_size: int | None, metadata: Mapping[str, Any] | None = None) -> dict:
+             batch_size: int | None, metadata: Mapping[str, Any] | None = None,
+             kind: str = "heatmap") -> dict:
     """The sidecar: what goes in, what comes out, how to map landmarks back."""
-    head = student_variables(variables)["params"]["head"]["conv"]["kernel"]
-    num_landmarks = int(np.shape(head)[-1])
+    head = student_variables(variables)["params"]["head"]
+    if kind == "regression":
+        num_landmarks = int(np.shape(head["out"]["kernel"])[-1]) // 2
+    else:
+        num_landmarks = int(np.shape(head["conv"]["kernel"])[-1])
     hm = input_size // 4
+    outputs = {
+        "heatmaps": {"shape": [batch_size or "batch", hm, hm, num_landmarks],
+                     "dtype": "float32", "stride": 4},
+        "landmarks": {"shape": [batch_size or "batch", num_landmarks, 2], "dtype": "float32",
+                      "units": "crop pixels (x, y), pixel-centre convention"}}
     return {
         "format": fmt,
         "quantize": quantize,
@@ -415,27 +434,27 @@ def describe(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str
         "input": {"name": INPUT_NAME, "shape": [batch_size or "batch", input_size, input_size, 3],
                   "dtype": "float32", "layout": "NHWC", "channels": "RGB", "range": [0, 255],
                   "normalization": "inside the graph: (x / 255 - mean) / std, ImageNet "
-                                   f"mean {list(input_pipeline.IMAGENET_MEAN)} std "
-                                   f"{list(input_pipeline.IMAGENET_STD)}",
+                                   f"mean {list(landmarks.IMAGENET_MEAN)} std "
+                                   f"{list(landmarks.IMAGENET_STD)}",
                   "crop": "square crop centred on the face box, side = max(w, h) * 1.25, "
                           "resized to the input size (fan_jax.geometry.crop_transform)"},
-        "outputs": {
-            "heatmaps": {"shape": [batch_size or "batch", hm, hm, num_landmarks],
-                         "dtype": "float32", "stride": 4},
-            "landmarks": {"shape": [batch_size or "batch", num_landmarks, 2], "dtype": "float32",
-                          "units": "crop pixels (x, y), pixel-centre convention"}},
+        "kind": kind,
+        "outputs": {k: outputs[k] for k in output_names(kind)},
         **({"source": dict(metadata)} if metadata else {}),
     }
 
 
-def _verify(model: Any, variables: Mapping[str, Any], input_size: int, path: str) -> dict:
+def _verify(model: Any, variables: Mapping[str, Any], input_size: int, path: str,
+            kind: str = "heatmap") -> dict:
     """Runs the exported model next to JAX on two synthetic face crops."""
     crops = synthetic_crops(2, input_size, seed=7)
-    exported = load_exported(path)
-    got = exported(crops)
-    hm, lm = jax.jit(inference_fn(model, variables))(crops.astype(np.float32))
-    return {"max_abs_heatmap_diff": float(np.max(np.abs(got["heatmaps"] - np.asarray(hm)))),
-            "max_landmark_diff_px": float(np.max(np.abs(got["landmarks"] - np.asarray(lm))))}
+    got = load_exported(path)(crops)
+    want = dict(zip(output_names(kind), jax.jit(inference_fn(model, variables, kind=kind))(
+        crops.astype(np.float32))))
+    out = {"max_landmark_diff_px": float(np.max(np.abs(got["landmarks"] - want["landmarks"])))}
+    if "heatmaps" in want:
+        out["max_abs_heatmap_diff"] = float(np.max(np.abs(got["heatmaps"] - want["heatmaps"])))
+    return out
 
 
 def file_size(path: str) -> int:
@@ -474,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(loaded.model, loaded.variables, loaded.input_size, args.format, args.out,
                quantize=args.quantize, batch_size=args.batch_size, metadata=loaded.describe(),
-               num_representative=args.num_representative)
+               num_representative=args.num_representative, kind=loaded.kind)
     except OSError as e:  # an unwritable --out
         print(f"ERROR: {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -482,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f}s; interface in {args.out.rstrip('/')}{SIDE_CAR_SUFFIX}")
     if not args.no_verify:
         print("Check against JAX on synthetic faces:",
-              json.dumps(_verify(loaded.model, loaded.variables, loaded.input_size, args.out)))
+              json.dumps(_verify(loaded.model, loaded.variables, loaded.input_size, args.out,
+                                 loaded.kind)))
     return 0
 
 

@@ -98,9 +98,12 @@ def invert_affine(m: np.ndarray) -> np.ndarray:
 
 
 def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Applies a [..., 2, 3] affine to [..., L, 2] points (batch dims broadcast)."""
+    """Applies a [..., 2, 3] affine to [..., L, 2] points (batch dims broadcast); a single
+    point [2] gives a point [2]."""
     m = np.asarray(m, dtype=np.float64)
     pts = np.asarray(points)
+    if pts.ndim == 1:
+        return apply_affine(m, pts[None])[..., 0, :]
     out = pts.astype(np.float64) @ np.swapaxes(m[..., :2], -1, -2) + m[..., None, :, 2]
     return out.astype(np.result_type(pts.dtype, np.float32))
 

@@ -32,14 +32,10 @@ from typing import Any
 import cv2
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from fan_jax import geometry
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Dataset-specific features passed through to eval batches when a source has them.
 EVAL_EXTRAS = ("attributes", "occluded", "subset")
@@ -76,18 +72,6 @@ class AugmentConfig:
 
 # ---------------------------------------------------------------------------------------
 # Normalisation (device side)
-
-
-def normalize(images: Any) -> Any:
-    """uint8 [..., 3] images -> ImageNet mean/std float32 (jnp; call inside the jitted step)."""
-    x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
-    return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-
-
-def normalize_np(images: np.ndarray) -> np.ndarray:
-    """numpy twin of :func:`normalize` (host-side tools, tests)."""
-    x = np.asarray(images, dtype=np.float32) * (1.0 / 255.0)
-    return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
 
 
 # ---------------------------------------------------------------------------------------

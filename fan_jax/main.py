@@ -47,22 +47,21 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     config = FLAGS.config
     mode = FLAGS.mode or config.mode
-    if config.model.get("kind", "heatmap") == "regression":
-        from fan_jax import kd_train as runner  # the KD-Loss method: coordinate regression
-    else:
-        from fan_jax import train as runner
+    from fan_jax import train
     logging.info("mode %s, workdir %s, %d process(es), devices %s", mode, FLAGS.workdir,
                  jax.process_count(), jax.devices())
     try:
         if mode == "train":
-            result = runner.train_and_evaluate(config, FLAGS.workdir)
+            result = train.train_and_evaluate(config, FLAGS.workdir)
             preempted = result.preempted
         elif mode == "eval":
             overrides = config_flags.get_override_values(FLAGS["config"])
-            runner.evaluate_workdir(config, FLAGS.workdir, overrides=overrides)
+            train.evaluate_workdir(config, FLAGS.workdir, overrides=overrides)
             preempted = False
         elif mode == "demo":
-            preempted = runner.run_demo(config, FLAGS.workdir) is None
+            from fan_jax import demo
+
+            preempted = demo.run_demo(config, FLAGS.workdir) is None
         else:
             raise app.UsageError(f"unknown mode {mode!r}; expected train, eval or demo")
     except errors.FanJaxError as e:

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -37,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fan_jax import geometry, heatmaps, input_pipeline
+from fan_jax import checkpoints, geometry, landmarks
+from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
 PyTree = Any
@@ -54,26 +54,6 @@ class ImageReadError(FanJaxError, ValueError):
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-@dataclasses.dataclass
-class LoadedStudent:
-    """A restored student: the module, its {'params', 'batch_stats'} and the run's settings."""
-
-    model: Any
-    variables: dict
-    num_landmarks: int
-    input_size: int
-    model_name: str
-    box_scale: float = 1.25
-    dataset: str | None = None
-    workdir: str | None = None
-    step: int | None = None
-
-    def describe(self) -> dict:
-        return {"model": self.model_name, "dataset": self.dataset, "workdir": self.workdir,
-                "step": self.step, "num_landmarks": self.num_landmarks,
-                "input_size": self.input_size}
 
 
 def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
@@ -99,87 +79,26 @@ def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
 
 
 def load_student(workdir: str | None = None, checkpoint: str | None = None,
-                 which: str = "best") -> LoadedStudent:
-    """Restores the student of a training run (its config.json says which model).
+                 which: str = "best") -> LoadedModel:
+    """Restores the trained network of a run, heatmap or KD-Loss regression (its record,
+    config.json, says which), through `fan_jax.checkpoints.load_model`.
 
     `which`: 'best' (by validation NME; the latest when no step has a metric), 'latest' or a
     step number. Raises CheckpointError with what is missing or which parameter differs.
     """
-    from fan_jax import checkpoints, train
-    from fan_jax.models import fan
-
     workdir, which = _resolve_checkpoint(workdir, checkpoint, which)
-    config_path = os.path.join(workdir, train.CONFIG_FILE)
-    ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)
-    if not os.path.isdir(workdir):
+    if "://" not in workdir and not os.path.isdir(workdir):
         raise CheckpointError(f"workdir {workdir} does not exist")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{workdir} has no {train.CONFIG_FILE}: not a fan_jax training "
-                              "workdir (python -m fan_jax.main --config=... --workdir=DIR writes "
-                              "one)")
-    if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
-        raise CheckpointError(f"no checkpoints in {ckpt_dir}: train first, e.g.\n  python -m "
-                              f"fan_jax.main --config=configs/wflw_distill.py --workdir={workdir}")
-    with open(config_path) as f:
-        config = json.load(f)
-    model_name = config.get("model", {}).get("name", "mobilefan")
-    input_size = int(config.get("input_size", 256))
-    box_scale = float(config.get("augment", {}).get("box_scale", 1.25))
     try:
-        restored, step = train.restore_model_variables(workdir, which)
-    except FileNotFoundError as e:
+        loaded = checkpoints.load_model(workdir, which)
+    except (FileNotFoundError, CheckpointMismatchError, FanJaxError) as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds on a damaged checkpoint
-        raise CheckpointError(f"could not read the checkpoint in {ckpt_dir} ({which}): "
+        raise CheckpointError(f"could not read the checkpoint in "
+                              f"{checkpoints.checkpoint_dir(workdir)} ({which}): "
                               f"{type(e).__name__}: {e}") from None
-    variables = _student_only(restored, ckpt_dir)
-    try:
-        num_landmarks = int(np.shape(variables["params"]["head"]["conv"]["kernel"])[-1])
-    except (KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {ckpt_dir}/{step} has no heatmap head "
-                              "(params/head/conv/kernel): not a fan_jax landmark model") from None
-    try:
-        model = fan.build_model(model_name, num_landmarks)
-    except ValueError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                              jnp.zeros((1, input_size, input_size, 3), jnp.float32))
-    try:
-        checkpoints.check_tree_matches(
-            variables, {k: expected[k] for k in ("params", "batch_stats") if k in expected},
-            f"checkpoint {ckpt_dir}/{step}")
-    except CheckpointMismatchError as e:
-        raise CheckpointError(f"{e} (it does not fit model {model_name!r} from {config_path})"
-                              ) from None
-    variables = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
-    return LoadedStudent(model=model, variables=variables, num_landmarks=num_landmarks,
-                         input_size=input_size, model_name=model_name, box_scale=box_scale,
-                         dataset=config.get("dataset", {}).get("name"), workdir=workdir,
-                         step=int(step))
-
-
-def student_variables(variables: Mapping[str, Any]) -> dict:
-    """{'params', 'batch_stats'} of the student alone, from either those variables or a
-    training checkpoint's 'model' item ({'params': {'student': ..., 'adapters': ...}, ...})."""
-    params = variables["params"]
-    stats = variables.get("batch_stats", {}) or {}
-    if "student" in params:
-        params = params["student"]
-        stats = stats.get("student", {}) or {}
-    out = {"params": params}
-    if stats:
-        out["batch_stats"] = stats
-    return out
-
-
-def _student_only(restored: Mapping[str, Any], where: str) -> dict:
-    try:
-        params = restored["params"]["student"]
-        stats = restored.get("batch_stats", {}).get("student", {})
-    except (KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{where}: the 'model' item has no params/student subtree "
-                              "(not written by fan_jax.train)") from None
-    return {"params": dict(params), "batch_stats": dict(stats or {})}
+    loaded.variables = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.variables)
+    return loaded
 
 
 # --------------------------------------------------------------------------- faces
@@ -289,10 +208,12 @@ class Predictor:
     """
 
     def __init__(self, variables: PyTree, model: Any, num_landmarks: int, input_size: int = 256,
-                 *, box_scale: float = 1.25, flip_test: bool = False,
+                 *, kind: str = "heatmap", box_scale: float = 1.25, flip_test: bool = False,
                  detector: Callable[[np.ndarray], np.ndarray] | None = None,
                  buckets: Sequence[int] = BATCH_BUCKETS):
-        self.variables = jax.device_put(jax.tree.map(jnp.asarray, student_variables(variables)))
+        self.variables = jax.device_put(jax.tree.map(jnp.asarray,
+                                                     checkpoints.student_variables(variables)))
+        self.kind = kind
         self.model = model
         self.num_landmarks = int(num_landmarks)
         self.input_size = int(input_size)
@@ -307,14 +228,7 @@ class Predictor:
 
         def run(variables, crops):
             self.traced_batch_sizes.append(int(crops.shape[0]))
-            x = input_pipeline.normalize(crops)
-            hm, _ = model.apply(variables, x, train=False)
-            if flip_perm is not None:
-                hm_m, _ = model.apply(variables, x[:, :, ::-1, :], train=False)
-                hm = 0.5 * (hm + heatmaps.flip_heatmaps(hm_m, flip_perm))
-            stride = crops.shape[1] / hm.shape[1]
-            pts = heatmaps.from_heatmap_coords(heatmaps.decode(hm), stride=stride)
-            return pts, jnp.max(hm, axis=(1, 2))
+            return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
         self._run = jax.jit(run)
 
@@ -329,9 +243,10 @@ class Predictor:
         return cls.from_loaded(load_student(checkpoint=path, which=which), **kwargs)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedStudent, **kwargs: Any) -> "Predictor":
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "Predictor":
         kwargs.setdefault("box_scale", loaded.box_scale)
-        p = cls(loaded.variables, loaded.model, loaded.num_landmarks, loaded.input_size, **kwargs)
+        p = cls(loaded.variables, loaded.model, loaded.num_landmarks, loaded.input_size,
+                kind=loaded.kind, **kwargs)
         p.info = loaded.describe()
         return p
 

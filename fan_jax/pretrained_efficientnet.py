@@ -7,7 +7,7 @@ include_top=False)`, or a model containing one), or a weight file as users downl
 `keras_to_variables`: our encoder names its submodules after the Keras layers.
 
 Keras's input `Rescaling` and `Normalization` layers are not converted: the encoder takes
-`fan_jax.input_pipeline.normalize` output (see `fan_jax.models.efficientnet`).
+`fan_jax.landmarks.normalize` output (see `fan_jax.models.efficientnet`).
 `keras_input_normalization` reads the Normalization layer's statistics for callers that
 must reproduce a particular Keras model's preprocessing.
 

@@ -1,4 +1,4 @@
-"""Pure training and evaluation steps (jit them with shardings in train.py).
+"""Pure training steps of the heatmap task (jit them with shardings in train.py).
 
 Every function here is a pure function of arrays: the models, the optimizer and the
 loss settings are bound with `functools.partial` before `jax.jit`, so the same step runs
@@ -24,11 +24,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 
-from fan_jax import heatmaps, input_pipeline, losses
+from fan_jax import heatmaps, losses
+from fan_jax.landmarks import prepare_images
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -56,13 +56,6 @@ def render_targets(landmarks: jax.Array, image_size: int, heatmap_size: int, sig
                                      size=heatmap_size, sigma=sigma)
 
 
-def prepare_images(images: jax.Array) -> jax.Array:
-    """uint8 crops -> ImageNet-normalised float32; float input passes through."""
-    if images.dtype == jnp.uint8:
-        return input_pipeline.normalize(images)
-    return images.astype(jnp.float32)
-
-
 def _student_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array,
                      rng: jax.Array):
     (hm, taps), new_vars = model.apply(
@@ -71,7 +64,7 @@ def _student_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, imag
     return hm, taps, new_vars["batch_stats"]
 
 
-def _apply_gradients(state: TrainState, grads: PyTree, new_batch_stats: PyTree,
+def apply_gradients(state: TrainState, grads: PyTree, new_batch_stats: PyTree,
                      tx: optax.GradientTransformation) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -95,7 +88,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         return loss, ({"student": new_bs}, {"loss": loss, "heatmap": loss})
 
     grads, (new_bs, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-    return _apply_gradients(state, grads, new_bs, tx), metrics
+    return apply_gradients(state, grads, new_bs, tx), metrics
 
 
 def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[str, jax.Array],
@@ -137,28 +130,4 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
         return loss, (new_batch_stats, {"loss": loss, "heatmap": hm_loss, **terms})
 
     grads, (new_bs, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-    return _apply_gradients(state, grads, new_bs, tx), metrics
-
-
-def predict_heatmaps(variables: PyTree, images: jax.Array, *, model: nn.Module,
-                     flip_perm: np.ndarray | None = None) -> jax.Array:
-    """Inference-mode heatmaps [B, h, h, L]; with `flip_perm`, averaged with the mirror's.
-
-    `variables` is {'params', 'batch_stats'} of the student alone (no adapters).
-    Mirroring the crop (x' = W-1-x) and the heatmap (x' = w-1-x) are reflections about
-    the same edge in the pixel-centre convention, so the averaged maps need no shift.
-    """
-    images = prepare_images(images)
-    hm, _ = model.apply(variables, images, train=False)
-    if flip_perm is not None:
-        hm_mirror, _ = model.apply(variables, images[:, :, ::-1, :], train=False)
-        hm = 0.5 * (hm + heatmaps.flip_heatmaps(hm_mirror, flip_perm))
-    return hm
-
-
-def eval_step(variables: PyTree, images: jax.Array, *, model: nn.Module,
-              flip_perm: np.ndarray | None = None) -> jax.Array:
-    """Decoded landmarks [B, L, 2] in crop pixel coordinates (optionally flip-tested)."""
-    hm = predict_heatmaps(variables, images, model=model, flip_perm=flip_perm)
-    stride = images.shape[1] / hm.shape[1]
-    return heatmaps.from_heatmap_coords(heatmaps.decode(hm), stride=stride)
+    return apply_gradients(state, grads, new_bs, tx), metrics

@@ -1021,6 +1021,26 @@ def write_300w_tree(out_dir: str, num_train: int, num_test: int, seed: int = 0, 
     return out
 
 
+def sources(num_train: int, num_test: int, seed: int = 0, size: int = 160
+                      ) -> dict[str, list[dict]]:
+    """In-memory 68-point synthetic faces {'train', 'test'} in the TFDS feature layout (what
+    `train_and_evaluate(sources=...)` takes: no build, the crop is the whole image)."""
+    from fan_jax import geometry
+
+    def make(n: int, stream: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            img, lm = render_face(image_rng(seed, i, stream), size)
+            lm = lm.astype(np.float32)
+            out.append({"image": img, "landmarks": lm,
+                        "box": geometry.box_from_landmarks(lm).astype(np.float32),
+                        "to_original": np.eye(2, 3, dtype=np.float32),
+                        "original_landmarks": lm, "file_name": f"synthetic_{stream}_{i}"})
+        return out
+
+    return {"train": make(num_train, 101), "test": make(num_test, 102)}
+
+
 # ----------------------------------------------------------------------------- preview / CLI
 
 def draw_landmarks(img: np.ndarray, landmarks: np.ndarray, numbers: bool = False) -> np.ndarray:

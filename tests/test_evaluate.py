@@ -1,12 +1,17 @@
-"""Evaluation: decoded peaks map back to the original frame; flip-test; files written."""
+"""Evaluation: decoded peaks map back to the original frame; flip-test; files written.
+
+The fake models render Gaussians at known points and go through the real landmarks function
+(`fan_jax.landmarks`: decode, mirror, average), unjitted, so numpy-side checks stay simple.
+"""
 
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fan_jax import evaluate, geometry, heatmaps
+from fan_jax import evaluate, geometry, heatmaps, landmarks
 
 SIZE, HM = 64, 16  # input and heatmap side (stride 4)
 
@@ -42,15 +47,32 @@ def _batches(crop_pts, num_images, batch_size, rng):
     return out
 
 
-def _fake_model(crop_pts, shift_hm=(0.0, 0.0)):
-    """Renders Gaussians at the known points (mirrored when the image is mirrored)."""
-    mirrored_pts = geometry.flip_landmarks(crop_pts, SIZE)
+class _FakeHeatmapModel:
+    """`apply(variables, x)` renders Gaussians at the known points (mirrored when the image is
+    mirrored, which the marker pixel tells), like a FAN returning (heatmaps, taps)."""
+
+    def __init__(self, crop_pts, shift_hm=(0.0, 0.0), mirror_shift_hm=None):
+        self.pts = jnp.asarray(crop_pts)
+        self.mirrored_pts = jnp.asarray(geometry.flip_landmarks(crop_pts, SIZE))
+        self.shift = jnp.asarray(shift_hm)
+        self.mirror_shift = jnp.asarray(shift_hm if mirror_shift_hm is None else mirror_shift_hm)
+
+    def apply(self, variables, x, train=False):
+        mirrored = x[:, 0, -1, 0] > 0  # the marker (255 before normalisation) moved right
+        pts = jnp.where(mirrored[:, None, None], self.mirrored_pts[None], self.pts[None])
+        shift = jnp.where(mirrored[:, None, None], self.mirror_shift, self.shift)
+        hm_pts = heatmaps.to_heatmap_coords(pts, stride=SIZE // HM) + shift
+        return heatmaps.render_gaussians(hm_pts, size=HM, sigma=1.0), ()
+
+
+def _fake_model(crop_pts, shift_hm=(0.0, 0.0), mirror_shift_hm=None, flip=True):
+    model = _FakeHeatmapModel(crop_pts, shift_hm, mirror_shift_hm)
+    perm = geometry.flip_permutation(len(crop_pts)) if flip else None
 
     def predict(images):
-        mirrored = images[:, 0, -1, 0] == 255
-        pts = np.where(mirrored[:, None, None], mirrored_pts[None], crop_pts[None])
-        hm_pts = np.asarray(heatmaps.to_heatmap_coords(pts, stride=SIZE // HM)) + np.asarray(shift_hm)
-        return np.asarray(heatmaps.render_gaussians(hm_pts, size=HM, sigma=1.0))
+        plain, flipped = landmarks.landmarks_with_flip("heatmap", model, None,
+                                                       jnp.asarray(images), perm)
+        return np.asarray(plain), None if flipped is None else np.asarray(flipped)
 
     return predict
 
@@ -61,7 +83,7 @@ def test_perfect_model_scores_zero_with_and_without_flip(tmp_path):
     batches = _batches(pts, num_images=5, batch_size=2, rng=rng)
     res = evaluate.evaluate_splits(
         _fake_model(pts), {"common": lambda: batches}, "300w", "inter_ocular",
-        geometry.flip_permutation(68), out_dir=str(tmp_path))
+        out_dir=str(tmp_path))
     for setting in ("no_flip", "flip"):
         m = res["common"][setting]
         assert m["num_images"] == 5  # the padded sixth image is dropped
@@ -81,7 +103,8 @@ def test_known_offset_gives_hand_computed_nme():
     # One heatmap pixel right = 4 crop pixels; the crop's eye corners are 9 heatmap px apart,
     # so NME = 4 / 36 whatever similarity maps the crop to the original.
     res = evaluate.evaluate_splits(
-        _fake_model(pts, shift_hm=(1.0, 0.0)), {"s": lambda: batches}, "300w", "inter_ocular", None)
+        _fake_model(pts, shift_hm=(1.0, 0.0), flip=False), {"s": lambda: batches}, "300w",
+        "inter_ocular")
     assert res["s"]["no_flip"]["nme"] == pytest.approx(4 / 36, rel=1e-4)
     assert res["s"]["no_flip"]["fr"] == 1.0
     assert "flip" not in res["s"]
@@ -92,14 +115,8 @@ def test_flip_test_averages_the_mirror_back():
     pts = _crop_points(68, rng)
     batches = _batches(pts, num_images=3, batch_size=3, rng=rng)
     # A model whose mirrored prediction is off: flip-test must land between the two.
-    good, bad = _fake_model(pts), _fake_model(pts, shift_hm=(0.0, 3.0))
-
-    def predict(images):
-        mirrored = images[:, 0, -1, 0] == 255
-        return np.where(mirrored[:, None, None, None], bad(images), good(images))
-
-    res = evaluate.evaluate_splits(predict, {"s": lambda: batches}, "300w", "inter_ocular",
-                                   geometry.flip_permutation(68))
+    predict = _fake_model(pts, mirror_shift_hm=(0.0, 3.0))
+    res = evaluate.evaluate_splits(predict, {"s": lambda: batches}, "300w", "inter_ocular")
     assert res["s"]["no_flip"]["nme"] < 1e-5
     assert res["s"]["flip"]["nme"] > 1e-3  # the bad mirror changed the answer
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fan_jax import export, heatmaps, predict
+from fan_jax import checkpoints, export, heatmaps, landmarks, predict
 from test_predict import trained_student_workdir
 
 HM_STRIDE = 4
@@ -117,10 +117,8 @@ def test_exported_inputs_are_raw_rgb_pixels(exported, jax_fn, student):
     got = export.load_exported(exported["onnx"])(crops)
     hm, _ = jax_fn(crops.astype(np.float32))
     np.testing.assert_allclose(got["heatmaps"], np.asarray(hm), atol=1e-4)
-    from fan_jax import input_pipeline
-
     hm_norm, _ = jax.jit(lambda x: student.model.apply(student.variables, x, train=False))(
-        input_pipeline.normalize_np(crops))
+        landmarks.normalize_np(crops))
     np.testing.assert_allclose(got["heatmaps"], np.asarray(hm_norm), atol=1e-4)
 
 
@@ -201,9 +199,9 @@ def test_native_convs_match_the_training_layers(student):
 def test_student_variables_drop_the_adapters():
     item = {"params": {"student": {"head": 1}, "adapters": {"adapter_0": 2}},
             "batch_stats": {"student": {"bn": 3}, "adapters": {"bn": 4}}}
-    assert predict.student_variables(item) == {"params": {"head": 1}, "batch_stats": {"bn": 3}}
+    assert checkpoints.student_variables(item) == {"params": {"head": 1}, "batch_stats": {"bn": 3}}
     plain = {"params": {"head": 1}, "batch_stats": {"bn": 3}}
-    assert predict.student_variables(plain) == plain
+    assert checkpoints.student_variables(plain) == plain
 
 
 def test_cli_errors(tmp_path, capsys, workdir):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fan_jax import pretrained, synthetic, train
+from fan_jax import checkpoints, pretrained, synthetic
+from fan_jax.tasks import heatmap as heatmap_task
 from fan_jax.models import fan
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -88,7 +89,7 @@ def test_init_variables_loads_the_file(weight_files, name, model_name, key):
     config = helpers.tiny_config(name, **{"model.pretrained": weight_files[key],
                                           "model.name": model_name})
     model = fan.build_model(config.model.name, 68)
-    params, batch_stats = train.init_variables(config, model, None, jax.random.key(0))
+    params, batch_stats = heatmap_task.init_variables(config, model, None, jax.random.key(0))
     got = _encoder_params({"params": params["student"]})
     want = _file_encoder_params(model, weight_files[key])
     assert got.keys() == want.keys()
@@ -99,7 +100,7 @@ def test_init_variables_loads_the_file(weight_files, name, model_name, key):
         pretrained._load_encoder(model.encoder, weight_files[key])["batch_stats"])
     for k in file_stats:
         np.testing.assert_array_equal(np.asarray(stats[k]), np.asarray(file_stats[k]))
-    scratch, _ = train.init_variables(helpers.tiny_config(name, **{"model.name": model_name}), model, None, jax.random.key(0))
+    scratch, _ = heatmap_task.init_variables(helpers.tiny_config(name, **{"model.name": model_name}), model, None, jax.random.key(0))
     assert not np.array_equal(np.asarray(got[next(iter(want))]),
                               np.asarray(_encoder_params({"params": scratch["student"]})[
                                   next(iter(want))]))
@@ -139,7 +140,7 @@ def test_cli_trains_from_a_keras_weight_file(weight_files, tiny_300w, tmp_path):
     r = _main(*_cli_args("300w_mobilefan_0.5", manual, tfds_dir, workdir, weights,
                          **{"train.learning_rate": 0.0}))
     assert r.returncode == 0, r.stderr[-4000:]
-    restored, step = train.restore_model_variables(str(workdir), "latest")
+    restored, step = checkpoints.restore_model(str(workdir), "latest")
     assert step == 1
     model = fan.build_model("mobilefan_0.5", 68)
     got = _encoder_params({"params": restored["params"]["student"]})
@@ -189,7 +190,7 @@ def test_bad_weight_file_is_named(weight_files, tmp_path, kind):
     config = helpers.tiny_config("300w_mobilefan", **{"model.pretrained": path})
     model = fan.build_model("mobilefan", 68)
     with pytest.raises((pretrained.WeightFileError, FileNotFoundError)) as info:
-        train.init_variables(config, model, None, jax.random.key(0))
+        heatmap_task.init_variables(config, model, None, jax.random.key(0))
     message = str(info.value)
     assert path in message
     assert __import__("re").search(expected, message), message
@@ -199,7 +200,7 @@ def test_resnet_file_into_a_torchvision_style_teacher_is_named(weight_files):
     config = helpers.tiny_config("300w_teacher", **{"model.pretrained": weight_files["resnet50.h5"]})
     model = fan.build_model("resnet18_fan", 68)
     with pytest.raises(pretrained.WeightFileError, match="resnet50_notop.h5.*ResNet"):
-        train.init_variables(config, model, None, jax.random.key(0))
+        heatmap_task.init_variables(config, model, None, jax.random.key(0))
 
 
 def test_cli_bad_weight_file_is_one_error_line(weight_files, tiny_300w, tmp_path):

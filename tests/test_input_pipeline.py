@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fan_jax import geometry
+from fan_jax import geometry, landmarks
 from fan_jax import input_pipeline as ip
 
 S = 256
@@ -161,11 +161,11 @@ def test_decode_image_bytes_and_greyscale():
 
 def test_normalize_device_matches_numpy():
     img = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-    ref = (img / 255.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
-    out = np.asarray(ip.normalize(img))
+    ref = (img / 255.0 - np.array(landmarks.IMAGENET_MEAN)) / np.array(landmarks.IMAGENET_STD)
+    out = np.asarray(landmarks.normalize(img))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=1e-5)
-    np.testing.assert_allclose(ip.normalize_np(img), ref, atol=1e-5)
+    np.testing.assert_allclose(landmarks.normalize_np(img), ref, atol=1e-5)
 
 
 def _random_source(n, num_landmarks=68, seed=0, jpeg_every=0):
@@ -312,9 +312,10 @@ def test_measure_throughput_runs():
 
 def test_tfds_data_source_end_to_end(tmp_path):
     """The real source type: a prepared TFDS split (COFW fixture) read by tfds.data_source."""
-    data = pytest.importorskip("fan_jax.data")
-    fixtures = pytest.importorskip("fan_jax_datasets.cofw.fixtures")
     import tensorflow_datasets as tfds
+
+    from fan_jax import data
+    from fan_jax_datasets.cofw import fixtures
 
     tfds.disable_progress_bar()
     fixtures.write_fixture(str(tmp_path / "manual"))

@@ -12,6 +12,8 @@ import sys
 import jax
 import numpy as np
 
+from fan_jax.tasks import heatmap as heatmap_task
+from fan_jax import optim
 from fan_jax import input_pipeline, steps, train
 from fan_jax.models import fan
 
@@ -38,8 +40,8 @@ def _single_process_reference() -> dict[str, np.ndarray]:
     sources = helpers.fake_sources(**SOURCES)
     model = fan.build_model("tiny_student", 68)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    params, batch_stats = train.init_variables(config, model, None, init_rng)
-    tx, _ = train.make_optimizer(config, train.steps_per_epoch(config, len(sources["train"])))
+    params, batch_stats = heatmap_task.init_variables(config, model, None, init_rng)
+    tx, _ = optim.make_optimizer(config, train.steps_per_epoch(config, len(sources["train"])))
     state = steps.create_train_state(params, batch_stats, tx)
     iters = [input_pipeline.train_iterator(
         sources["train"], 68, seed=config.seed, global_batch_size=config.train.batch_size,

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from fan_jax import heatmaps, input_pipeline, losses, steps
+from fan_jax import heatmaps, landmarks, losses, steps
 from fan_jax.models import fan
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,7 +77,7 @@ def test_train_step_matches_reference(size):
     new_state, metrics = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                                    sigma=sigma))(state, batch, jax.random.key(0))
 
-    images = jnp.asarray(input_pipeline.normalize_np(batch["image"]))
+    images = jnp.asarray(landmarks.normalize_np(batch["image"]))
     target = jnp.asarray(_targets_reference(batch["landmarks"], size, sigma), jnp.float32)
 
     def ref_loss(p):
@@ -149,7 +149,7 @@ def test_distill_step_terms_and_frozen_teacher():
     np.testing.assert_allclose(m["loss"], m["heatmap"] + 0.5 * terms, rtol=1e-6)
 
     # Reference terms: teacher in inference mode (running statistics), student in train mode.
-    images = jnp.asarray(input_pipeline.normalize_np(batch["image"]))
+    images = jnp.asarray(landmarks.normalize_np(batch["image"]))
     _, t_taps = teacher.apply(tv, images, train=False)
     (_, s_taps), _ = student.apply({"params": state.params["student"],
                                     "batch_stats": state.batch_stats["student"]}, images,
@@ -184,23 +184,28 @@ def test_distill_ablation_subsets_and_bn_adapters():
     assert not np.allclose(new_state.batch_stats["adapters"]["adapter_0_bn"]["mean"], before)
 
 
-def test_eval_step_flip_test():
+def test_landmarks_flip_test_matches_host_reference():
     model = helpers.tiny_fan(L)
     params, bs = _init(model, 64)
     variables = {"params": params, "batch_stats": bs}
     images = _batch(64, n=3)["image"]
     perm = np.array([1, 0, 2, 4, 3])
-    pred = steps.eval_step(variables, images, model=model, flip_perm=perm)
-    plain = steps.eval_step(variables, images, model=model)
+    pred, scores = landmarks.landmarks("heatmap", model, variables, images, perm)
+    plain, _ = landmarks.landmarks("heatmap", model, variables, images)
+    both = landmarks.landmarks_with_flip("heatmap", model, variables, images, perm)
     # Reference on host: mirror the image, mirror the heatmaps back, swap channels, average.
-    x = jnp.asarray(input_pipeline.normalize_np(images))
+    x = jnp.asarray(landmarks.normalize_np(images))
     hm = np.asarray(model.apply(variables, x)[0])
     hm_m = np.asarray(model.apply(variables, x[:, :, ::-1])[0])[:, :, ::-1][..., perm]
     avg = 0.5 * (hm + hm_m)
     expected = heatmaps.from_heatmap_coords(heatmaps.decode(jnp.asarray(avg)), stride=4)
     np.testing.assert_allclose(pred, expected, atol=1e-5)
+    np.testing.assert_allclose(scores, avg.max(axis=(1, 2)), atol=1e-6)
     assert not np.allclose(pred, plain)  # the mirror pass changed something
     assert pred.shape == plain.shape == (3, L, 2)
+    # Evaluation's pair comes from the same two passes.
+    np.testing.assert_allclose(both[0], plain, atol=1e-6)
+    np.testing.assert_allclose(both[1], pred, atol=1e-6)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""

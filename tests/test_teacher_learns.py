@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from fan_jax import heatmaps, kd_train, train
+from fan_jax import heatmaps, synthetic, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _train_helpers as helpers  # noqa: E402
@@ -46,7 +46,7 @@ def test_resnet_teacher_beats_the_all_zero_map(tmp_path):
         "train.num_train_steps": STEPS, "train.learning_rate": 5e-3,
         "train.warmup_steps": 20, "train.lr_decay_epochs": (), "train.log_every_steps": 1,
         "train.checkpoint_every_steps": STEPS})
-    sources = kd_train.synthetic_sources(64, 8, size=96)
+    sources = synthetic.sources(64, 8, size=96)
     result = train.train_and_evaluate(c, str(tmp_path), sources={"train": sources["train"],
                                                                 "full": sources["test"]},
                                       evaluate_at_end=False)

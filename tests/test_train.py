@@ -13,6 +13,10 @@ import numpy as np
 from absl import logging as absl_logging
 import pytest
 
+from fan_jax import checkpoints
+from fan_jax.tasks import heatmap as heatmap_task
+from fan_jax import demo
+from fan_jax import errors
 from fan_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -96,18 +100,18 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     config = _config(**{"train.num_train_steps": 6, "train.nan_at_step": 3,
                         "train.log_every_steps": 10})
-    with pytest.raises(train.NonFiniteLossError, match=r"step 3\b"):
+    with pytest.raises(errors.NonFiniteLossError, match=r"step 3\b"):
         train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
                                  evaluate_at_end=False)
     assert _steps_in(workdir) == [2]
-    restored, step = train.restore_model_variables(workdir, "latest")
+    restored, step = checkpoints.restore_model(workdir, "latest")
     assert step == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
 
 
 def test_missing_teacher_names_the_training_command(tmp_path):
     config = helpers.tiny_config("300w_distill", **{"distill.teacher_workdir": str(tmp_path / "t")})
-    with pytest.raises(train.TeacherError) as e:
+    with pytest.raises(errors.TeacherError) as e:
         train.train_and_evaluate(config, str(tmp_path / "s"), sources=helpers.fake_sources())
     msg = str(e.value)
     assert "No teacher checkpoint" in msg
@@ -118,8 +122,8 @@ def test_mismatched_teacher_is_a_clear_error(reference_run, tmp_path):
     teacher_dir, _ = reference_run
     # Another dataset's teacher.
     config = helpers.tiny_config("wflw_distill", **{"distill.teacher_workdir": teacher_dir})
-    with pytest.raises(train.TeacherError, match="trained on '300w'.*wflw"):
-        train.teacher_run_config(config)
+    with pytest.raises(errors.TeacherError, match="trained on '300w'.*wflw"):
+        heatmap_task.teacher_record(config)
     # Weights that do not fit the architecture the run config names.
     fake = tmp_path / "teacher"
     os.makedirs(fake)
@@ -129,8 +133,8 @@ def test_mismatched_teacher_is_a_clear_error(reference_run, tmp_path):
     run_config["model"]["name"] = "tiny_teacher"
     (fake / "config.json").write_text(json.dumps(run_config))
     config = helpers.tiny_config("300w_distill", **{"distill.teacher_workdir": str(fake)})
-    with pytest.raises(train.TeacherError, match="does not match model 'tiny_teacher'.*shape"):
-        train.load_teacher(config, 68)
+    with pytest.raises(errors.TeacherError, match="shape.*does not fit model 'tiny_teacher'"):
+        heatmap_task.load_teacher(config, 68)
 
 
 def test_distillation_run_logs_each_term(reference_run, tmp_path, caplog):
@@ -160,7 +164,7 @@ def test_distillation_run_logs_each_term(reference_run, tmp_path, caplog):
     progress = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
     assert progress and "ETA" in progress[-1]
     # The student's checkpoint holds the student and its adapters, never the teacher.
-    restored, _ = train.restore_model_variables(workdir, "latest")
+    restored, _ = checkpoints.restore_model(workdir, "latest")
     assert set(restored["params"]) == {"student", "adapters"}
 
 
@@ -184,7 +188,7 @@ def test_keeps_latest_and_best(tmp_path):
     assert sorted(nmes) == list(range(1, STEPS + 1))
     best = min(nmes, key=nmes.get)
     assert _steps_in(workdir) == sorted({best, STEPS})
-    restored, step = train.restore_model_variables(workdir, "best")
+    restored, step = checkpoints.restore_model(workdir, "best")
     assert step == best
 
 
@@ -224,7 +228,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     kd.model.name = kd.kd.teacher_model = "tiny_reg"
     kd.input_size, kd.train.num_train_steps, kd.train.batch_size = 64, 2, 4
     kd.eval.batch_size, kd.kd.asm_augmentations = 4, 1
-    rows = train.run_demo(c, str(tmp_path))
+    rows = demo.run_demo(c, str(tmp_path))
     assert list(rows) == ["teacher", "MobileFAN", "MobileFAN + KD", "KD-Loss Tough teacher",
                           "KD-Loss Tolerant teacher", "KD-Loss student (MobileNetV2 regression)"]
     for res in rows.values():

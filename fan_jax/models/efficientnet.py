@@ -7,7 +7,7 @@ to round(1280 * width) channels + BN + swish. Output stride 32; B3 gives 1536 ch
 
 Input preprocessing is *not* part of the module. Keras puts `Rescaling(1/255)` and a
 `Normalization` layer (mean/variance held as weights) in front of the stem; here, like the
-other encoders of this package, the input is what `fan_jax.input_pipeline.normalize` gives
+other encoders of this package, the input is what `fan_jax.landmarks.normalize` gives
 (ImageNet mean/std), so one data pipeline feeds every model. The Keras model on raw pixels
 `x` equals this encoder on `(x / 255 - mean) / sqrt(variance)` with the Keras layer's
 statistics (see `fan_jax.pretrained_efficientnet.keras_input_normalization`). With

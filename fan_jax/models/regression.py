@@ -2,7 +2,7 @@
 
 `LandmarkRegressor.__call__(images [B, S, S, 3], train) -> [B, L, 2]`: landmark coordinates
 normalised to the crop, u = (p + 0.5) / S for crop pixel p (so the crop's pixel edges are 0
-and 1; see `fan_jax.kd_train`). The dense layer emits (x0, y0, x1, y1, ...) like the public
+and 1; see `fan_jax.landmarks`). The dense layer emits (x0, y0, x1, y1, ...) like the public
 code's 2L vector. Parameters live under 'encoder' and 'head'.
 
 Student: MobileNetV2 (width 1.0) with its full stack, i.e. `MobileNetV2Encoder` plus Keras's
@@ -105,6 +105,15 @@ REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
     "efficientnet_b3_reg": efficientnet_b3_regressor,
     "efficientnet_b0_reg": efficientnet_b0_regressor,
 }
+
+
+def config_kwargs(model_config: Any) -> dict:
+    """Constructor overrides from a config's model section (negative dropout = the default)."""
+    kw = {}
+    rate = model_config.get("dropout_rate", -1.0)
+    if rate is not None and rate >= 0:
+        kw["dropout_rate"] = float(rate)
+    return kw
 
 
 def build_regressor(name: str, num_landmarks: int, **kwargs: Any) -> LandmarkRegressor:
