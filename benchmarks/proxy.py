@@ -121,7 +121,7 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
     None when SIGTERM stopped it (rerun to resume)."""
     import jax
 
-    from fan_jax import data, synthetic, train
+    from fan_jax import data, synthetic_300w, train
 
     t0 = time.perf_counter()
     p = config.proxy
@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
     data_dir = config.dataset.data_dir or os.path.join(out, "tensorflow_datasets")
     if not os.path.exists(os.path.join(manual, "synthetic_300w.json")):
         _log(t0, f"drawing {p.num_train} training and {p.num_test} test faces ({p.image_size}px)")
-        synthetic.write_300w_tree(manual, p.num_train, p.num_test, seed=config.seed,
+        synthetic_300w.write_300w_tree(manual, p.num_train, p.num_test, seed=config.seed,
                                   size=p.image_size, overwrite=True)
     data.prepare("300w", data_dir=data_dir, manual_dir=manual)
     config.dataset.data_dir, config.dataset.manual_dir = data_dir, manual

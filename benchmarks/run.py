@@ -257,34 +257,22 @@ def fill_variables(shapes: Any, seed: int = 0, device: Any = None) -> Json:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_train_step(num_landmarks: int, heatmap_size: int, lr: float = 1e-3) -> tuple[Callable, Any]:
-    """(step, optimizer): one jitted MobileFAN train step, shared by callers (compiling takes minutes).
+def jitted_train_step(num_landmarks: int, lr: float = 1e-3) -> tuple[Callable, Any]:
+    """(step, optimizer): the project's own `fan_jax.steps.train_step` for MobileFAN, jitted
+    with the state donated, as `fan_jax.train` runs it (compiling takes minutes, so shared).
 
-    step(params, batch_stats, opt_state, images, landmarks) -> (params, batch_stats, opt_state, loss):
-    Gaussian targets rendered from the landmarks on device, heatmap MSE, Adam; state donated.
+    step(state, batch, rng) -> (state, metrics): Gaussian targets rendered from the
+    landmarks on device, heatmap MSE, Adam.
     """
     import jax
     import optax
 
-    from fan_jax.heatmaps import render_gaussians, to_heatmap_coords
-    from fan_jax.losses import heatmap_mse
+    from fan_jax import steps
 
-    model = build_student(num_landmarks)
     tx = optax.adam(lr)
-
-    def step(params, batch_stats, opt_state, images, landmarks):
-        targets = render_gaussians(to_heatmap_coords(landmarks), size=heatmap_size, sigma=1.0)
-
-        def loss_fn(p):
-            (heatmaps, _), updates = model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                                 train=True, mutable=["batch_stats"])
-            return heatmap_mse(heatmaps, targets), updates["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1, 2)), tx
+    step = functools.partial(steps.train_step, model=build_student(num_landmarks), tx=tx,
+                             sigma=1.0)
+    return jax.jit(step, donate_argnums=(0,)), tx
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,20 +311,24 @@ class JaxStudentTrainer:
                  device: Any = None):
         import jax
 
-        step, tx = jitted_train_step(num_landmarks, image_size // 4, lr)
+        from fan_jax import steps
+
+        step, tx = jitted_train_step(num_landmarks, lr)
         images, landmarks = random_batch(batch, image_size, num_landmarks, seed)
-        self.images, self.landmarks = jax.device_put(images, device), jax.device_put(landmarks, device)
+        self.batch = {"image": jax.device_put(images, device),
+                      "landmarks": jax.device_put(landmarks, device)}
+        self.rng = jax.device_put(jax.random.key(seed), device)
         variables = init_variables(num_landmarks, image_size, seed, device)
-        params = variables["params"]
-        self.state = (params, variables["batch_stats"], jax.jit(tx.init)(params))
+        self.state = jax.jit(functools.partial(steps.create_train_state, tx=tx))(
+            {"student": variables["params"]}, {"student": variables["batch_stats"]})
         key = ("train", num_landmarks, batch, image_size, lr, str(device))
-        self._step, self.compile_s = compile_once(key, step, *self.state, self.images, self.landmarks)
+        self._step, self.compile_s = compile_once(key, step, self.state, self.batch, self.rng)
         self.loss = None
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            *state, self.loss = self._step(*self.state, self.images, self.landmarks)
-            self.state = tuple(state)
+            self.state, metrics = self._step(self.state, self.batch, self.rng)
+            self.loss = metrics["loss"]
         self.loss.block_until_ready()
 
 

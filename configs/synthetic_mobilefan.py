@@ -1,6 +1,6 @@
 """MobileFAN on synthetic faces: is the generator learnable? (held-out NME after training)
 
-  python -m fan_jax.synthetic --out /tmp/synth --num_train 3000 --num_test 300 --size 160 --workers 2
+  python -m fan_jax.synthetic_300w --out /tmp/synth --num_train 3000 --num_test 300 --size 160 --workers 2
   python -m fan_jax.main --config=configs/synthetic_mobilefan.py --workdir=/tmp/synth_mobilefan \
       --config.dataset.manual_dir=/tmp/synth --config.dataset.data_dir=/tmp/synth_tfds
 

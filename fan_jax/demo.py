@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fan_jax import evaluate, synthetic, tasks
+from fan_jax import evaluate, synthetic, synthetic_300w, tasks
 from fan_jax.tasks import kdloss
 from fan_jax.train import train_and_evaluate
 
@@ -116,7 +116,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     if not os.path.exists(os.path.join(manual, "synthetic_300w.json")):
         _demo_log(t0, f"drawing {d.num_train} training and {d.num_test} test faces "
                       f"({d.image_size}px) into {manual}")
-        synthetic.write_300w_tree(manual, d.num_train, d.num_test, seed=config.seed,
+        synthetic_300w.write_300w_tree(manual, d.num_train, d.num_test, seed=config.seed,
                                   size=d.image_size, overwrite=True)
     _demo_log(t0, "building them with the 300W TFDS builder")
     data.prepare("300w", data_dir=data_dir, manual_dir=manual)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fan_jax import checkpoints, pretrained, synthetic
+from fan_jax import checkpoints, pretrained, synthetic_300w
 from fan_jax.tasks import heatmap as heatmap_task
 from fan_jax.models import fan
 
@@ -115,7 +115,7 @@ def _main(*args, timeout=900):
 @pytest.fixture(scope="module")
 def tiny_300w(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic_300w")
-    synthetic.write_300w_tree(str(d / "manual"), num_train=8, num_test=4, size=96)
+    synthetic_300w.write_300w_tree(str(d / "manual"), num_train=8, num_test=4, size=96)
     return str(d / "manual"), str(d / "tfds")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fan_jax import synthetic as S
+from fan_jax import synthetic_300w as T
 from fan_jax.geometry import FLIP_PERMUTATIONS
 
 
@@ -184,11 +185,11 @@ def test_jaw_lies_on_the_face_outline():
 # ----------------------------------------------------------------------------- 300W tree
 
 def test_subset_counts():
-    c = S.subset_counts(3148, 689)
+    c = T.subset_counts(3148, 689)
     assert c == {'afw': 337, 'helen/trainset': 2000, 'lfpw/trainset': 811,
                  'helen/testset': 330, 'lfpw/testset': 224, 'ibug': 135}
     for n_train, n_test in ((0, 0), (1, 1), (7, 2), (10, 5), (101, 33)):
-        c = S.subset_counts(n_train, n_test)
+        c = T.subset_counts(n_train, n_test)
         assert sum(c[k] for k in ('afw', 'helen/trainset', 'lfpw/trainset')) == n_train
         assert sum(c[k] for k in ('helen/testset', 'lfpw/testset', 'ibug')) == n_test
         if n_test >= 2:
@@ -198,11 +199,11 @@ def test_subset_counts():
 def test_write_300w_tree(tmp_path):
     out = str(tmp_path / '300w')
     size = 96
-    counts = S.write_300w_tree(out, num_train=7, num_test=5, seed=3, size=size)
+    counts = T.write_300w_tree(out, num_train=7, num_test=5, seed=3, size=size)
     assert counts['train'] == 7 and counts['full'] == 5 and counts['total'] == 12
     assert counts['challenging'] == counts['ibug'] >= 1
     assert counts['common'] == counts['helen/testset'] + counts['lfpw/testset']
-    names = S.tree_file_names(counts)
+    names = T.tree_file_names(counts)
     spaced = 0
     exts = set()
     for folder, _, _, ext, _ in S.SUBSETS:
@@ -218,7 +219,7 @@ def test_write_300w_tree(tmp_path):
             spaced += ' ' in name
             path = os.path.join(d, name)
             img = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            ref_img, ref_lm = S.render_tree_image(3, folder, i, size)
+            ref_img, ref_lm = T.render_tree_image(3, folder, i, size)
             assert img.shape == ref_img.shape and img.shape[0] == size
             if ext == '.png':  # lossless: the very pixels that were rendered
                 np.testing.assert_array_equal(img, ref_img)
@@ -226,29 +227,29 @@ def test_write_300w_tree(tmp_path):
                 assert np.abs(img.astype(int) - ref_img).mean() < 12
             pts = _parse_pts(os.path.splitext(path)[0] + '.pts')
             np.testing.assert_allclose(pts, ref_lm.astype(np.float64) + 1.0, atol=1e-5)
-            np.testing.assert_allclose(S.read_pts(os.path.splitext(path)[0] + '.pts'), pts)
+            np.testing.assert_allclose(T.read_pts(os.path.splitext(path)[0] + '.pts'), pts)
     assert spaced == 1 and exts == {'.jpg', '.png'}
     assert os.path.exists(os.path.join(out, 'synthetic_300w.json'))
 
     # Same seed, same bytes; an existing tree is only replaced on request.
     with pytest.raises(FileExistsError):
-        S.write_300w_tree(out, 2, 2, seed=3, size=size)
+        T.write_300w_tree(out, 2, 2, seed=3, size=size)
     out2 = str(tmp_path / 'again')
-    S.write_300w_tree(out2, 7, 5, seed=3, size=size)
+    T.write_300w_tree(out2, 7, 5, seed=3, size=size)
     for folder in names:
         for name in names[folder]:
             for p in (name, os.path.splitext(name)[0] + '.pts'):
                 with open(os.path.join(out, folder, p), 'rb') as fa:
                     with open(os.path.join(out2, folder, p), 'rb') as fb:
                         assert fa.read() == fb.read()
-    small = S.write_300w_tree(out, 2, 2, seed=3, size=size, overwrite=True)
+    small = T.write_300w_tree(out, 2, 2, seed=3, size=size, overwrite=True)
     n_files = sum(len(os.listdir(os.path.join(out, s[0]))) for s in S.SUBSETS)
     assert n_files == 2 * small['total']
 
 
 def test_parallel_write_matches_serial(tmp_path):
-    S.write_300w_tree(str(tmp_path / 'a'), 3, 2, seed=4, size=64, workers=1)
-    S.write_300w_tree(str(tmp_path / 'b'), 3, 2, seed=4, size=64, workers=2)
+    T.write_300w_tree(str(tmp_path / 'a'), 3, 2, seed=4, size=64, workers=1)
+    T.write_300w_tree(str(tmp_path / 'b'), 3, 2, seed=4, size=64, workers=2)
     for root, _, files in os.walk(tmp_path / 'a'):
         for name in files:
             if name.endswith('.json'):
@@ -260,7 +261,7 @@ def test_parallel_write_matches_serial(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    counts = S.main(['--out', str(tmp_path / 't'), '--num_train', '3', '--num_test', '2',
+    counts = T.main(['--out', str(tmp_path / 't'), '--num_train', '3', '--num_test', '2',
                      '--seed', '1', '--size', '64'])
     printed = capsys.readouterr().out
     assert 'images/s' in printed and counts['total'] == 5

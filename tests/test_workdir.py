@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from fan_jax import checkpoints, errors, synthetic, train, validate
+from fan_jax import checkpoints, errors, synthetic_300w, train, validate
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _train_helpers as helpers  # noqa: E402
@@ -240,7 +240,7 @@ def test_cli_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     manual = tmp_path / "manual"
-    synthetic.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
+    synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
     r = _main("--config=configs/300w_mobilefan.py", f"--config.dataset.manual_dir={manual}",
               f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.input_size=64",
               f"--workdir={blocker / 'run'}")
@@ -249,7 +249,7 @@ def test_cli_unwritable_workdir(tmp_path):
 
 def test_cli_malformed_dataset_file(tmp_path):
     manual = tmp_path / "manual"
-    synthetic.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
+    synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
     pts = sorted((manual / "helen" / "trainset").glob("*.pts"))[0]
     pts.write_text(pts.read_text().replace("n_points:  68", "n_points:  67"))
     r = _main("--config=configs/300w_mobilefan.py", f"--config.dataset.manual_dir={manual}",
@@ -260,7 +260,7 @@ def test_cli_malformed_dataset_file(tmp_path):
 
 def test_cli_sigterm_exits_75_and_resumes(tmp_path):
     manual = tmp_path / "manual"
-    synthetic.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
+    synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
     args = ["--config=configs/300w_mobilefan_0.5.py", f"--config.dataset.manual_dir={manual}",
             f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.input_size=64",
             "--config.train.batch_size=2", "--config.train.num_train_steps=100000",
