@@ -13,6 +13,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import run as bench  # noqa: E402
+from benchmarks.sections import accelerator  # noqa: E402
+from benchmarks.sections import export  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks import jax_runners  # noqa: E402
+from benchmarks import torch_runners  # noqa: E402
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -21,7 +26,7 @@ def test_time_interleaved_alternates_and_warms_up():
     calls = []
     ticks = itertools.count()
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = bench.time_interleaved(fns, repeats=3, warmup=2, clock=lambda: float(next(ticks)))
+    times = harness.time_interleaved(fns, repeats=3, warmup=2, clock=lambda: float(next(ticks)))
     assert calls == ["a", "b"] * 2 + ["a", "b"] * 3
     assert times == {"a": [1.0] * 3, "b": [1.0] * 3}
 
@@ -29,25 +34,25 @@ def test_time_interleaved_alternates_and_warms_up():
 def test_time_interleaved_repeats_per_fn_drops_out_early():
     calls = []
     fns = {"slow": lambda: calls.append("slow"), "fast": lambda: calls.append("fast")}
-    times = bench.time_interleaved(fns, repeats=3, warmup=0, repeats_per_fn={"slow": 1})
+    times = harness.time_interleaved(fns, repeats=3, warmup=0, repeats_per_fn={"slow": 1})
     assert calls == ["slow", "fast", "fast", "fast"]
     assert len(times["slow"]) == 1 and len(times["fast"]) == 3
 
 
 def test_summarize():
-    s = bench.summarize([2.0, 1.0, 4.0], work=8)
+    s = harness.summarize([2.0, 1.0, 4.0], work=8)
     assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["max_s"] == 4.0
     assert s["spread"] == pytest.approx(1.5)
     assert s["per_s"] == pytest.approx(4.0)
     assert s["repeats"] == 3
     with pytest.raises(ValueError):
-        bench.summarize([])
+        harness.summarize([])
 
 
 def test_ratio_handles_missing():
-    assert bench.ratio(6.0, 3.0) == 2.0
-    assert bench.ratio(None, 3.0) is None
-    assert bench.ratio(1.0, None) is None
+    assert harness.ratio(6.0, 3.0) == 2.0
+    assert harness.ratio(None, 3.0) is None
+    assert harness.ratio(1.0, None) is None
 
 
 def test_format_table_aligns_columns():
@@ -60,33 +65,33 @@ def test_format_table_aligns_columns():
 
 
 def test_registry_hoists_summary_and_drops_rows(monkeypatch):
-    monkeypatch.setattr(bench, "SECTIONS", {})
+    monkeypatch.setattr(harness, "SECTIONS", {})
 
-    @bench.section("dummy")
+    @harness.section("dummy")
     def dummy(cfg):
         """A test section."""
         return {"value": cfg.repeats, "summary": {"dummy_speedup": 2.0}, "rows": [("m", "1", "2", "3", "")]}
 
-    @bench.section("off", default=False)
+    @harness.section("off", default=False)
     def off(cfg):
         raise AssertionError("non-default sections must not run unless named")
 
     with pytest.raises(ValueError, match="twice"):
-        bench.section("dummy")(dummy)
-    report, rows = bench.run_sections(bench.Config(repeats=7), log=lambda s: None)
+        harness.section("dummy")(dummy)
+    report, rows = bench.run_sections(harness.Config(repeats=7), log=lambda s: None)
     assert report["dummy_speedup"] == 2.0
     assert report["sections"]["dummy"]["value"] == 7
     assert "rows" not in report["sections"]["dummy"] and "summary" not in report["sections"]["dummy"]
     assert rows == [("m", "1", "2", "3", "")]
     json.dumps(report)
     with pytest.raises(ValueError, match="unknown sections"):
-        bench.run_sections(bench.Config(), ["nope"], log=lambda s: None)
+        bench.run_sections(harness.Config(), ["nope"], log=lambda s: None)
 
 
 def test_parse_args_defaults():
     args = bench.parse_args(["--quick", "--repeats", "3", "--sections", "train,fs_loss"])
     assert args.quick and args.repeats == 3 and args.sections == "train,fs_loss"
-    assert set(bench.SECTIONS) >= {"machine", "train", "inference", "fs_loss", "accelerator"}
+    assert set(harness.SECTIONS) >= {"machine", "train", "inference", "fs_loss", "accelerator"}
 
 
 # ---------------------------------------------------------------------------------- --quick runs
@@ -107,7 +112,7 @@ def test_quick_fs_loss_section(tmp_path):
 
 def test_quick_inference_with_and_without_torch(monkeypatch, tmp_path):
     with monkeypatch.context() as m:
-        m.setattr(bench, "load_torch", lambda: None)
+        m.setattr(harness, "load_torch", lambda: None)
         report = bench.main(["--quick", "--sections", "inference", "--json", str(tmp_path / "a.json")])
     assert report["inference_speedup_vs_torch"] is None
     section = report["sections"]["inference"]
@@ -138,8 +143,8 @@ def test_quick_train_with_torch_and_accelerator_section(tmp_path):
 def test_init_variables_are_finite_and_bn_is_identity():
     import jax
 
-    variables = bench.init_variables(98, 64)
-    shapes = bench.variable_shapes(98, 64)
+    variables = jax_runners.init_variables(98, 64)
+    shapes = jax_runners.variable_shapes(98, 64)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         leaf = np.asarray(leaf)
@@ -156,7 +161,7 @@ def test_accelerator_section_skipped_on_cpu():
 
     if jax.default_backend() != "cpu":
         pytest.skip("an accelerator is present")
-    assert "skipped" in bench.accelerator_section(bench.Config.quick_config())
+    assert "skipped" in accelerator.accelerator_section(harness.Config.quick_config())
 
 
 # ---------------------------------------------------------------------------------- PyTorch twin
@@ -165,7 +170,7 @@ def test_accelerator_section_skipped_on_cpu():
 def _jax_param_count(num_landmarks: int) -> int:
     import jax
 
-    shapes = bench.variable_shapes(num_landmarks, 64)["params"]
+    shapes = jax_runners.variable_shapes(num_landmarks, 64)["params"]
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
 
 
@@ -191,12 +196,12 @@ def test_torch_twin_shapes():
 
 def test_pick_torch_threads_probes_each_candidate():
     pytest.importorskip("torch")
-    threads, probe = bench.pick_torch_threads((2, 1), 5, 64)
+    threads, probe = torch_runners.pick_torch_threads((2, 1), 5, 64)
     assert threads in (1, 2)
     assert set(probe) == {"1", "2"} and all(t > 0 for t in probe.values())
-    assert bench.pick_torch_threads((3,), 5, 64) == (3, {})
-    cfg = bench.Config(torch_threads=4)
-    assert bench.torch_thread_candidates(cfg) == (4,)
+    assert torch_runners.pick_torch_threads((3,), 5, 64) == (3, {})
+    cfg = harness.Config(torch_threads=4)
+    assert torch_runners.torch_thread_candidates(cfg) == (4,)
 
 
 def test_torch_targets_match_fan_jax_targets():
@@ -204,7 +209,7 @@ def test_torch_targets_match_fan_jax_targets():
     from benchmarks.torch_mobilefan import render_gaussians as torch_render
     from fan_jax.heatmaps import render_gaussians, to_heatmap_coords
 
-    _, landmarks = bench.random_batch(2, 64, 5, seed=1)
+    _, landmarks = jax_runners.random_batch(2, 64, 5, seed=1)
     ours = np.asarray(render_gaussians(to_heatmap_coords(landmarks), size=16, sigma=1.0))
     # The torch trainer maps crop -> heatmap coords inline with the same formula.
     theirs = torch_render((torch.from_numpy(landmarks) + 0.5) / 4 - 0.5, 16, 1.0).permute(0, 2, 3, 1).numpy()
@@ -216,9 +221,9 @@ def test_torch_targets_match_fan_jax_targets():
 
 def test_quick_pipeline_section(monkeypatch):
     # Consumers measured by other sections of the same run; absent ones read "n/a".
-    monkeypatch.setattr(bench, "CONSUMERS", {"train": {"images_per_s": 4.0, "batch": 2, "image_size": 64,
+    monkeypatch.setattr(harness, "CONSUMERS", {"train": {"images_per_s": 4.0, "batch": 2, "image_size": 64,
                                                        "step": "CPU student train step"}})
-    report, rows = bench.run_sections(bench.Config.quick_config(), ["machine", "pipeline"], log=lambda s: None)
+    report, rows = bench.run_sections(harness.Config.quick_config(), ["machine", "pipeline"], log=lambda s: None)
     section = report["sections"]["pipeline"]
     assert set(section["workers"]) == {"0", "1"}
     for s in section["workers"].values():
@@ -236,7 +241,7 @@ def test_quick_distill_section():
     import _train_helpers as helpers
 
     helpers.register_tiny_models()  # MobileFAN + a ResNet teacher compile for minutes on a small CPU
-    cfg = bench.Config.quick_config(distill_student="tiny_student", distill_teacher="tiny_teacher")
+    cfg = harness.Config.quick_config(distill_student="tiny_student", distill_teacher="tiny_teacher")
     report, rows = bench.run_sections(cfg, ["machine", "distill"], log=lambda s: None)
     section = report["sections"]["distill"]
     for name in ("plain", "distill_gram", "distill_direct"):
@@ -245,13 +250,13 @@ def test_quick_distill_section():
     # Same weights and batch: both FS forms give the same loss.
     assert section["loss_rel_diff_gram_vs_direct"] < 1e-4
     assert report["distill_images_per_s"] > 0 and report["distill_gram_speedup_vs_direct"] > 0
-    assert bench.CONSUMERS["distill"]["images_per_s"] == report["distill_images_per_s"]
+    assert harness.CONSUMERS["distill"]["images_per_s"] == report["distill_images_per_s"]
     assert len(rows) == 3 and all(len(r) == 5 for r in rows)
     json.dumps(report)
 
 
 def test_quick_export_section():
-    report, rows = bench.run_sections(bench.Config.quick_config(), ["machine", "export"], log=lambda s: None)
+    report, rows = bench.run_sections(harness.Config.quick_config(), ["machine", "export"], log=lambda s: None)
     section = report["sections"]["export"]
     if "skipped" in section:
         pytest.skip(section["skipped"])
@@ -264,6 +269,6 @@ def test_quick_export_section():
 
 
 def test_export_section_notes_missing_dependencies(monkeypatch):
-    monkeypatch.setattr(bench, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats})
-    out = bench.export_section(bench.Config.quick_config())
+    monkeypatch.setattr(export, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats})
+    out = export.export_section(harness.Config.quick_config())
     assert "skipped" in out and "onnxruntime" in out["formats"]["onnx"]

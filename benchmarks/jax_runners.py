@@ -1,0 +1,202 @@
+"""fan_jax runners for the speed sections: the student's variables, the project's own
+jitted train step, inference, and a generic step runner."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.harness import Json, bytes_field
+
+
+def build_student(num_landmarks: int):
+    """fan_jax MobileFAN (flax module)."""
+    from fan_jax.models import build_model
+
+    return build_model("mobilefan", num_landmarks)
+
+
+def random_batch(batch: int, image_size: int, num_landmarks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images [B, S, S, 3] ~ N(0, 1) (already normalised) and landmarks [B, L, 2] in crop pixels."""
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+    landmarks = rng.uniform(0, image_size - 1, (batch, num_landmarks, 2)).astype(np.float32)
+    return images, landmarks
+
+
+@functools.lru_cache(maxsize=None)
+def variable_shapes(num_landmarks: int, image_size: int) -> Any:
+    """The student's variables as ShapeDtypeStructs (tracing only; nothing compiles)."""
+    import jax
+
+    model = build_student(num_landmarks)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+
+
+def init_variables(num_landmarks: int, image_size: int, seed: int = 0, device: Any = None) -> Json:
+    """Variables of the model's shapes, filled on the host: kernels LeCun-normal, biases 0, BN identity.
+
+    ``model.init`` costs minutes of XLA compile on a small CPU (eagerly, each op compiles on its
+    own; under jit, the random initialisers make a large program), and timings do not depend on
+    the exact initialiser, only on finite, normal-range values (no NaN, no denormals).
+    """
+    return fill_variables(variable_shapes(num_landmarks, image_size), seed, device)
+
+
+def fill_variables(shapes: Any, seed: int = 0, device: Any = None) -> Json:
+    """Host-filled variables of any flax ShapeDtypeStruct tree (see ``init_variables``)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path: tuple, leaf: Any) -> np.ndarray:
+        name = getattr(path[-1], "key", str(path[-1]))
+        shape, dtype = leaf.shape, leaf.dtype
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1])) or 1
+            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+        if name in ("scale", "var"):
+            return np.ones(shape, dtype)
+        return np.zeros(shape, dtype)  # bias, mean
+
+    return jax.device_put(jax.tree_util.tree_map_with_path(fill, shapes), device)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_train_step(num_landmarks: int, lr: float = 1e-3) -> tuple[Callable, Any]:
+    """(step, optimizer): the project's own `fan_jax.steps.train_step` for MobileFAN, jitted
+    with the state donated, as `fan_jax.train` runs it (compiling takes minutes, so shared).
+
+    step(state, batch, rng) -> (state, metrics): Gaussian targets rendered from the
+    landmarks on device, heatmap MSE, Adam.
+    """
+    import jax
+    import optax
+
+    from fan_jax import steps
+
+    tx = optax.adam(lr)
+    step = functools.partial(steps.train_step, model=build_student(num_landmarks), tx=tx,
+                             sigma=1.0)
+    return jax.jit(step, donate_argnums=(0,)), tx
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_predict(num_landmarks: int) -> Callable:
+    """predict(variables, images) -> heatmaps, eval mode, jitted."""
+    import jax
+
+    model = build_student(num_landmarks)
+    return jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def compile_once(key: tuple, jitted: Callable, *args: Any) -> tuple[Any, float]:
+    """(executable, compile seconds; 0 when cached): ahead-of-time ``jitted.lower(*args).compile()``.
+
+    Calling the executable, not the jitted function, guarantees that no compile lands inside a
+    timed repeat (jit re-lowered the train step once after its first call here, for state
+    from ``init_variables``), and gives the compile time on its own.
+    """
+    if key not in _COMPILED:
+        t0 = time.perf_counter()
+        _COMPILED[key] = (jitted.lower(*args).compile(), time.perf_counter() - t0)
+        return _COMPILED[key]
+    return _COMPILED[key][0], 0.0
+
+
+class JaxStudentTrainer:
+    """Runs ``jitted_train_step`` on a fixed random batch, threading the (donated) state.
+
+    ``device`` (default: JAX's default device) holds the data, so the step runs there.
+    """
+
+    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, lr: float = 1e-3,
+                 device: Any = None):
+        import jax
+
+        from fan_jax import steps
+
+        step, tx = jitted_train_step(num_landmarks, lr)
+        images, landmarks = random_batch(batch, image_size, num_landmarks, seed)
+        self.batch = {"image": jax.device_put(images, device),
+                      "landmarks": jax.device_put(landmarks, device)}
+        self.rng = jax.device_put(jax.random.key(seed), device)
+        variables = init_variables(num_landmarks, image_size, seed, device)
+        self.state = jax.jit(functools.partial(steps.create_train_state, tx=tx))(
+            {"student": variables["params"]}, {"student": variables["batch_stats"]})
+        key = ("train", num_landmarks, batch, image_size, lr, str(device))
+        self._step, self.compile_s = compile_once(key, step, self.state, self.batch, self.rng)
+        self.loss = None
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.state, metrics = self._step(self.state, self.batch, self.rng)
+            self.loss = metrics["loss"]
+        self.loss.block_until_ready()
+
+
+class JaxStudentPredictor:
+    """Runs ``jitted_predict`` on a fixed random batch."""
+
+    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, device: Any = None):
+        import jax
+
+        images, _ = random_batch(batch, image_size, num_landmarks, seed)
+        self.images = jax.device_put(images, device)
+        self.variables = init_variables(num_landmarks, image_size, seed, device)
+        key = ("predict", num_landmarks, batch, image_size, str(device))
+        self._predict, self.compile_s = compile_once(key, jitted_predict(num_landmarks), self.variables,
+                                                     self.images)
+
+    def run(self, iters: int) -> None:
+        for _ in range(iters):
+            out = self._predict(self.variables, self.images)
+        out.block_until_ready()
+
+
+def model_variables(model: Any, image_size: int, seed: int, device: Any = None) -> Json:
+    """Host-filled variables of any FAN (see ``init_variables``): shapes by tracing, no compile."""
+    import jax
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    return fill_variables(shapes, seed, device)
+
+
+class StepRunner:
+    """Runs a ``fan_jax.steps`` step (AOT-compiled, state donated) on a fixed uint8 batch.
+
+    ``step(state, *extra, batch, rng) -> (state, metrics)``; ``extra`` holds the frozen
+    teacher variables of ``distill_step``.
+    """
+
+    def __init__(self, step: Callable, state: Any, extra: tuple, batch: Json):
+        import jax
+
+        self.state, self.extra, self.batch, self.rng = state, extra, batch, jax.random.key(0)
+        # Lowered here, compiled by ``compile`` (callers may compile several in parallel).
+        self.lowered = jax.jit(step, donate_argnums=(0,)).lower(state, *extra, batch, self.rng)
+        self.compiled, self.compile_s, self.metrics, self.first_loss = None, None, None, None
+
+    def compile(self) -> "StepRunner":
+        t0 = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - t0
+        return self
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.state, self.metrics = self.compiled(self.state, *self.extra, self.batch, self.rng)
+        self.metrics["loss"].block_until_ready()
+        if self.first_loss is None:  # from the shared initial state: comparable across runners
+            self.first_loss = float(self.metrics["loss"])
+
+    def temp_bytes(self) -> int | None:
+        return bytes_field(self.compiled.memory_analysis(), "temp_size_in_bytes")

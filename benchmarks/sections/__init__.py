@@ -1,0 +1,1 @@
+"""Benchmark sections, one module each; importing `benchmarks.run` registers them in order."""

@@ -1,0 +1,99 @@
+"""The distilled step (FA + FS against the frozen teacher) against the plain step."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import harness
+from benchmarks.harness import (Config, Json, core_count, cpu_device, fmt, mib, ratio, section,
+                                spread, summarize, time_interleaved)
+from benchmarks.jax_runners import StepRunner, fill_variables, model_variables
+
+
+@section("distill")
+def distill_section(cfg: Config) -> Json:
+    """Distilled train step (student + frozen teacher, FA1-3 + FS1-3) images/s vs the plain student step."""
+    import concurrent.futures
+
+    import jax
+    import optax
+
+    from fan_jax import steps
+    from fan_jax.models import fan
+
+    b, size, L = cfg.train_batch, cfg.image_size, cfg.num_landmarks
+    device = cpu_device()  # on the CPU, beside the train section's numbers
+    student, teacher = fan.build_model(cfg.distill_student, L), fan.build_model(cfg.distill_teacher, L)
+    adapters = fan.Adapters(features=fan.teacher_channels(teacher))  # the paper's 1x1 convs
+    sv = model_variables(student, size, 0, device)
+    tv = model_variables(teacher, size, 1, device)
+    taps = jax.eval_shape(lambda v, x: student.apply(v, x)[1], sv,
+                          jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+    av = fill_variables(jax.eval_shape(lambda t: adapters.init(jax.random.PRNGKey(0), t), taps), 2, device)
+    rng = np.random.default_rng(0)
+    # uint8 crops, as the input pipeline delivers them: normalisation is part of the step.
+    batch = jax.device_put({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+                            "landmarks": rng.uniform(0, size - 1, (b, L, 2)).astype(np.float32)}, device)
+    tx = optax.adam(1e-3)
+
+    def state(with_adapters: bool) -> Any:
+        params = {"student": sv["params"], **({"adapters": av["params"]} if with_adapters else {})}
+        # Fresh copies: each runner donates (consumes) its own state.
+        params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), params)
+        bs = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), {"student": sv["batch_stats"]})
+        return steps.TrainState(step=jax.device_put(np.int32(0), device), params=params, batch_stats=bs,
+                                opt_state=jax.jit(tx.init)(params))
+
+    def distill(form: str) -> Callable:
+        return functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher, tx=tx,
+                                 fs_form=form)
+
+    runners = {
+        "plain": StepRunner(functools.partial(steps.train_step, model=student, tx=tx), state(False), (), batch),
+        "distill_gram": StepRunner(distill("gram"), state(True), (tv,), batch),
+        "distill_direct": StepRunner(distill("direct"), state(True), (tv,), batch),
+    }
+    # XLA's compile releases the GIL: two at a time overlap on two cores (~1 min each here).
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(2, core_count())) as pool:
+        list(pool.map(StepRunner.compile, runners.values()))
+    compile_wall_s = time.perf_counter() - t0
+    repeats = min(cfg.repeats, cfg.distill_repeats)
+    times = time_interleaved({k: (lambda r=r: r.run(1)) for k, r in runners.items()}, cfg.repeats, cfg.warmup,
+                             repeats_per_fn={"distill_gram": repeats,
+                                             "distill_direct": min(repeats, cfg.distill_direct_repeats)})
+    out: Json = {"batch": b, "image_size": size, "num_landmarks": L, "student": cfg.distill_student,
+                 "teacher": cfg.distill_teacher, "adapters": "conv", "terms": "FA1-3 + FS1-3", "lam": 1e-4,
+                 "device": str(device), "compile_wall_s": compile_wall_s,
+                 "repeats_note": f"distill steps: {repeats} repeats (direct form: "
+                                 f"{min(repeats, cfg.distill_direct_repeats)}), plain step: {cfg.repeats}, "
+                                 "to keep the section to minutes on a small CPU"}
+    for name, r in runners.items():
+        out[name] = summarize(times[name], work=b)
+        out[name].update(compile_s=r.compile_s, temp_bytes=r.temp_bytes(), first_loss=r.first_loss,
+                         final_loss=float(r.metrics["loss"]))
+    gram, direct, plain = out["distill_gram"], out["distill_direct"], out["plain"]
+    # Same initial state, teacher and batch: the two FS forms must compute the same first loss
+    # (the final ones differ: the runners took different numbers of steps).
+    out["loss_rel_diff_gram_vs_direct"] = abs(gram["first_loss"] - direct["first_loss"]) / max(
+        abs(direct["first_loss"]), 1e-30)
+    harness.CONSUMERS["distill"] = {"images_per_s": gram["per_s"], "batch": b, "image_size": size,
+                            "step": "CPU distilled train step, Gram FS (distill section)"}
+    vs_plain = ratio(gram["per_s"], plain["per_s"])
+    gram_speedup = ratio(gram["per_s"], direct["per_s"])
+    out["summary"] = {"distill_images_per_s": gram["per_s"], "distill_speed_vs_plain_step": vs_plain,
+                      "distill_gram_speedup_vs_direct": gram_speedup}
+    label = f"(batch {b}, {size}px)"
+    out["rows"] = [
+        (f"distill step images/s {label}, vs plain student step", fmt(gram["per_s"]), fmt(plain["per_s"]),
+         fmt(vs_plain, "x"), spread(gram, plain)),
+        (f"distill step images/s {label}, Gram vs direct N x N FS", fmt(gram["per_s"]), fmt(direct["per_s"]),
+         fmt(gram_speedup, "x"), spread(gram, direct)),
+        ("distill step temp memory MiB, Gram vs direct FS", fmt(mib(gram["temp_bytes"])),
+         fmt(mib(direct["temp_bytes"])), fmt(ratio(direct["temp_bytes"], gram["temp_bytes"]), "x"), ""),
+    ]
+    return out
