@@ -420,7 +420,22 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status: 0 all images had faces; 1 some image unreadable or without a "
                "face; 2 checkpoint or argument errors.")
     add_checkpoint_args(parser)
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="images, or one video file (.mp4, .avi, ...): then --draw is the "
+                             "annotated output video and --output a JSON-lines file")
+    video = parser.add_argument_group("video and camera (fan_jax.video)")
+    video.add_argument("--camera", type=int, default=None, metavar="INDEX",
+                       help="read frames from this camera instead of files")
+    video.add_argument("--detect_every", type=int, default=10, metavar="K",
+                       help="run the face detector every K frames (and when a track is unsure)")
+    video.add_argument("--min_score", type=float, default=0.2,
+                       help="re-detect when a face's mean landmark score falls below this")
+    video.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
+    video.add_argument("--min_cutoff", type=float, default=1.0,
+                       help="One-Euro cutoff (Hz) for a still face: lower smooths more")
+    video.add_argument("--beta", type=float, default=0.05,
+                       help="One-Euro speed coefficient: higher lags less on fast motion")
+    video.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
                         help="face box for every image instead of detection (repeatable)")
     parser.add_argument("--draw", metavar="OUT_DIR", help="write each image with its landmarks")
@@ -428,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip_test", action="store_true",
                         help="average with the mirrored crop's heatmaps (twice the compute)")
     args = parser.parse_args(argv)
+    from fan_jax import video
+
+    is_video = args.camera is not None or (len(args.images) == 1 and video.is_video(args.images[0]))
+    if not args.images and args.camera is None:
+        parser.error("give images, a video file or --camera INDEX")
 
     boxes = None
     if args.box:
@@ -444,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 
+    if is_video:
+        return _run_video(args, predictor)
     records: list[dict] = []
     images, slots = [], []
     for path in args.images:
@@ -487,6 +509,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(records)} image(s), {n_faces} face(s)"
           f"{'' if status == 0 else '; some images failed (see above)'}", file=sys.stderr)
     return status
+
+
+def _run_video(args: argparse.Namespace, predictor: Predictor) -> int:
+    from fan_jax import video
+
+    source = args.camera if args.camera is not None else args.images[0]
+    tracker = video.FaceTracker(predictor, detect_every=args.detect_every,
+                                min_score=args.min_score, smoothing=not args.no_smooth,
+                                min_cutoff=args.min_cutoff, beta=args.beta)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        summary = video.run(tracker, source, draw=args.draw, jsonl=out,
+                            max_frames=args.max_frames)
+    except (FanJaxError, OSError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if "warning" in summary:
+        print(f"WARNING: {summary['warning']}", file=sys.stderr)
+    print(f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
+          f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
+          f"{summary['frames_per_s']} frames/s", file=sys.stderr)
+    return 0 if summary["faces"] else 1
 
 
 if __name__ == "__main__":
