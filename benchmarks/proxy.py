@@ -116,6 +116,18 @@ def _log(t0: float, msg: str) -> None:
     print(f"[proxy {time.perf_counter() - t0:7.0f}s] {msg}", flush=True)
 
 
+def finished(config: ml_collections.ConfigDict, out: str) -> dict[str, list[dict]]:
+    """{row key: [per-seed result]} of the runs already finished in `out`."""
+    results: dict[str, list[dict]] = {}
+    for row in rows(config):
+        for seed in range(row.seeds or config.proxy.seeds):
+            done = os.path.join(out, "runs", row.key, f"s{seed}", "proxy_result.json")
+            if os.path.exists(done):
+                with open(done) as f:
+                    results.setdefault(row.key, []).append(json.load(f))
+    return results
+
+
 def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
     """Trains every row (skipping finished runs); returns {row key: [per-seed result]}, or
     None when SIGTERM stopped it (rerun to resume)."""
@@ -141,7 +153,9 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
         num_train = json.load(f)["counts"]["train"]
 
     results: dict[str, list[dict]] = {}
-    for row in rows(config):
+    # The KD / no-KD pairs first, the single-term rows after: a run stopped for time leaves
+    # the comparisons that matter most complete (the table keeps the paper's order).
+    for row in sorted(rows(config), key=lambda r: r.seeds == 1 and r.model != "teacher"):
         for seed in range(row.seeds or p.seeds):
             workdir = os.path.join(out, "runs", row.key, f"s{seed}")
             done = os.path.join(workdir, "proxy_result.json")
@@ -252,6 +266,8 @@ def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | 
     parser.add_argument("--teacher_steps", type=int)
     parser.add_argument("--num_train", type=int)
     parser.add_argument("--ablation", action="store_true", help="add the per-layer rows")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: table and plot of the runs finished so far")
     args = parser.parse_args(argv)
 
     from configs import proxy
@@ -270,7 +286,7 @@ def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | 
     logging.set_verbosity(logging.INFO)  # the loop's progress lines (steps/s, ETA)
     try:
         validate.check(run_config(config, rows(config)[-1], 0, args.out, config.proxy.num_train))
-        results = run(config, args.out)
+        results = finished(config, args.out) if args.report else run(config, args.out)
     except (errors.FanJaxError, OSError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return errors.EXIT_ERROR

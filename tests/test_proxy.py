@@ -79,3 +79,10 @@ def test_tiny_mode_trains_every_row_and_resumes(tmp_path, capsys):
     assert proxy.main(["--out", out, "--tiny"], config=_tiny_models()) == 0
     assert "seed 0:" not in capsys.readouterr().out
     assert os.path.getmtime(marker) == mtime
+
+    # --report tables what has finished and trains nothing, even with runs missing.
+    os.remove(os.path.join(out, "runs", "mobilefan_fs", "s0", "proxy_result.json"))
+    assert proxy.main(["--out", out, "--tiny", "--report"], config=_tiny_models()) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0:" not in printed and "| MobileFAN + FA | 1 |" in printed
+    assert "| MobileFAN + FS |" not in printed
