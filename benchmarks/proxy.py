@@ -218,8 +218,8 @@ def format_table(config: ml_collections.ConfigDict, results: dict[str, list[dict
                      f"{minutes:.1f} |")
     return "\n".join(lines) + (
         f"\n\nSynthetic 300W faces ({p.num_train} train, {p.num_test} test), {config.input_size}x"
-        f"{config.input_size} crops, inter-ocular NME without flip-test; teacher "
-        f"{p.teacher_model} {p.teacher_steps} steps, students {p.student_steps} steps, batch "
+        f"{config.input_size} crops, inter-ocular NME without flip-test; teacher model "
+        f"'{p.teacher_model}' {p.teacher_steps} steps, students {p.student_steps} steps, batch "
         f"{config.train.batch_size}, lambda {config.distill.lam:g}. '±' is the std over seeds.\n")
 
 
