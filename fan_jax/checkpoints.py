@@ -50,6 +50,12 @@ def checkpoint_dir(workdir: str) -> str:
     return str(epath.Path(workdir) / CHECKPOINT_DIR)
 
 
+def has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` holds at least one checkpoint step."""
+    d = epath.Path(checkpoint_dir(workdir))
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
 def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the latest `keep` steps plus the best one by 'val_nme' (lower is better)."""
     pp = ocp.checkpoint_managers
@@ -452,8 +458,7 @@ def load_model(workdir: str, which: str = "best", *, sharding: Any = None,
                                 "workdir (python -m fan_jax.main --config=... --workdir=DIR "
                                 "writes one)")
     directory = checkpoint_dir(workdir)
-    d = epath.Path(directory)
-    if not d.is_dir() or not any(p.name.isdigit() for p in d.iterdir()):
+    if not has_checkpoints(workdir):
         raise FileNotFoundError(f"no checkpoints in {directory}: train first, e.g.\n  python -m "
                                 f"fan_jax.main --config=<config> --workdir={workdir}")
     model_cfg = record.get("model", {})

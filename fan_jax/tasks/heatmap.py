@@ -65,9 +65,7 @@ def teacher_record(config: ml_collections.ConfigDict) -> dict:
                            f"teacher and point to it:\n  {train_cmd}\n  then "
                            "--config.distill.teacher_workdir=<that workdir>")
     record = checkpoints.read_record(workdir)
-    ckpt_dir = epath.Path(checkpoints.checkpoint_dir(workdir))
-    has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if record is None or not has_ckpt:
+    if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
         raise TeacherError(f"No teacher checkpoint in {where}. "
                            f"Train the teacher first:\n  {train_cmd}")

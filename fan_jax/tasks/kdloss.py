@@ -208,9 +208,7 @@ def teacher_record(config: ml_collections.ConfigDict, r: str) -> dict:
         raise TeacherError(f"kd.{kind}_workdir is empty: train the {kind} teacher and "
                            f"point to it:\n  {train_cmd}")
     record = checkpoints.read_record(workdir)
-    directory = epath.Path(checkpoints.checkpoint_dir(workdir))
-    has_ckpt = directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-    if record is None or not has_ckpt:
+    if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
         raise TeacherError(f"No {kind} teacher checkpoint in {where}. "
                            f"Train it first:\n  {train_cmd}")
