@@ -3,9 +3,10 @@
     python -m fan_jax.predict --workdir=DIR photo.jpg other.png [--draw OUT_DIR] [--output out.json]
     python -m fan_jax.predict --checkpoint DIR/checkpoints/1200 --box 120,80,260,240 photo.jpg
 
-Faces come from the LBP frontal-face cascade that ships inside scikit-image (no download;
-OpenCV 5 wheels no longer bundle cascades), or from `--box x0,y0,x1,y1`. Each face box is
-cropped the way training cropped (square, side = max(w, h) * 1.25, `geometry.crop_transform`),
+Faces come from `fan_jax.detect` (`--detector`: dlib's HOG detector when the `detect` extra
+is installed, else scikit-image's LBP cascade), or from `--box x0,y0,x1,y1`. Detector boxes
+are calibrated to the landmark box the models were trained on, and each box is cropped the
+way training cropped (square, side = max(w, h) * 1.25, `geometry.crop_transform`),
 all faces of all images are batched, and the jitted model runs once per padded batch size
 (1, 2, 4, 8, 16, 32), so a handful of shapes is ever compiled. Landmarks come back in the
 original image's pixel coordinates (0-based pixel centres).
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fan_jax import checkpoints, geometry, landmarks
+from fan_jax import checkpoints, detect, geometry, landmarks
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
@@ -104,73 +105,9 @@ def load_student(workdir: str | None = None, checkpoint: str | None = None,
 # --------------------------------------------------------------------------- faces
 
 
-class FaceDetector:
-    """Frontal faces with scikit-image's bundled LBP cascade (OpenCV's, as shipped in skimage).
-
-    Returns boxes (x0, y0, x1, y1) in image pixels, largest first. Cascade boxes span brows
-    to mouth, tighter than the landmark boxes the models were trained on, so each box is
-    scaled by `box_scale` and moved down by `shift_y` of its side before cropping.
-    """
-
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 8,
-                 min_size_frac: float = 0.08, max_side: int = 640, box_scale: float = 1.1,
-                 shift_y: float = 0.1):
-        try:
-            from skimage import data
-            from skimage.feature import Cascade
-        except ImportError:
-            raise RuntimeError("face detection needs scikit-image (pip install scikit-image); "
-                               "or pass face boxes (--box x0,y0,x1,y1)") from None
-        self._cascade = Cascade(data.lbp_frontal_face_cascade_filename())
-        self.scale_factor = scale_factor
-        self.min_neighbors = min_neighbors
-        self.min_size_frac = min_size_frac
-        self.max_side = max_side
-        self.box_scale = box_scale
-        self.shift_y = shift_y
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-        h, w = grey.shape
-        # The cascade is slow in pure Python loops over positions: search a downscaled copy.
-        r = min(1.0, self.max_side / max(h, w))
-        if r < 1.0:
-            grey = cv2.resize(grey, (round(w * r), round(h * r)), interpolation=cv2.INTER_AREA)
-        side = min(grey.shape)
-        min_size = max(24, int(side * self.min_size_frac))
-        found = self._cascade.detect_multi_scale(
-            img=grey.astype(np.float32) / 255.0, scale_factor=self.scale_factor, step_ratio=1,
-            min_size=(min_size, min_size), max_size=(side, side),
-            min_neighbor_number=self.min_neighbors)
-        boxes = []
-        for d in found:
-            x0, y0, bw, bh = d["c"] / r, d["r"] / r, d["width"] / r, d["height"] / r
-            cx, cy = x0 + bw / 2, y0 + bh / 2 + self.shift_y * bh
-            half = 0.5 * self.box_scale * max(bw, bh)
-            boxes.append([cx - half, cy - half, cx + half, cy + half])
-        return suppress_overlaps(np.asarray(boxes, np.float32).reshape(-1, 4))
-
-
-def suppress_overlaps(boxes: np.ndarray, max_iou: float = 0.3) -> np.ndarray:
-    """Largest first; drops a box overlapping a kept one (IoU > max_iou or centre inside)."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    kept: list[np.ndarray] = []
-    for i in np.argsort(-area, kind="stable"):
-        b = boxes[i]
-        cx, cy = 0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3])
-        ok = True
-        for k in kept:
-            iw = max(0.0, min(b[2], k[2]) - max(b[0], k[0]))
-            ih = max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
-            inter = iw * ih
-            union = area[i] + (k[2] - k[0]) * (k[3] - k[1]) - inter
-            if inter / union > max_iou or (k[0] <= cx <= k[2] and k[1] <= cy <= k[3]):
-                ok = False
-                break
-        if ok:
-            kept.append(b)
-    return np.asarray(kept, np.float32).reshape(-1, 4)
+# The detectors live in fan_jax.detect; these names are kept for existing callers.
+FaceDetector = detect.LBPDetector
+suppress_overlaps = detect.suppress_overlaps
 
 
 # --------------------------------------------------------------------------- predictor
@@ -209,7 +146,7 @@ class Predictor:
 
     def __init__(self, variables: PyTree, model: Any, num_landmarks: int, input_size: int = 256,
                  *, kind: str = "heatmap", box_scale: float = 1.25, flip_test: bool = False,
-                 detector: Callable[[np.ndarray], np.ndarray] | None = None,
+                 detector: str | Callable[[np.ndarray], np.ndarray] = "auto",
                  buckets: Sequence[int] = BATCH_BUCKETS):
         self.variables = jax.device_put(jax.tree.map(jnp.asarray,
                                                      checkpoints.student_variables(variables)))
@@ -252,8 +189,9 @@ class Predictor:
 
     @property
     def detector(self) -> Callable[[np.ndarray], np.ndarray]:
-        if self._detector is None:
-            self._detector = FaceDetector()
+        """The face detector (built on first use from its `fan_jax.detect` name)."""
+        if isinstance(self._detector, str):
+            self._detector = detect.make_detector(self._detector)
         return self._detector
 
     def detect(self, image: np.ndarray) -> np.ndarray:
@@ -438,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     video.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
                         help="face box for every image instead of detection (repeatable)")
+    parser.add_argument("--detector", default="auto", choices=["auto", *sorted(detect.DETECTORS)],
+                        help="face detector (fan_jax.detect): auto = dlib when installed "
+                             "(pip install -e \".[detect]\"), else the LBP cascade")
     parser.add_argument("--draw", metavar="OUT_DIR", help="write each image with its landmarks")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the JSON here, not stdout")
     parser.add_argument("--flip_test", action="store_true",
@@ -459,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_loaded(
             load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
-            flip_test=args.flip_test)
+            flip_test=args.flip_test, detector=args.detector)
     except (FanJaxError, OSError) as e:  # the checkpoint or its record
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

@@ -208,35 +208,6 @@ def _iou(a, b):
     return inter / (area(a) + area(b) - inter)
 
 
-def test_detector_finds_the_astronaut_and_nothing_in_a_blank_image():
-    from skimage import data
-
-    det = predict.FaceDetector()
-    boxes = det(data.astronaut())
-    assert len(boxes) == 1
-    assert _iou(boxes[0], ASTRONAUT_FACE) > 0.5
-    assert len(det(np.full((300, 400, 3), 128, np.uint8))) == 0
-
-
-def test_suppress_overlaps_keeps_the_largest_of_each_cluster():
-    boxes = np.array([[0, 0, 10, 10], [1, 1, 12, 12], [50, 50, 60, 60], [2, 2, 6, 6],
-                      [40, 40, 70, 70]], np.float32)
-    np.testing.assert_array_equal(predict.suppress_overlaps(boxes),
-                                  [[40, 40, 70, 70], [1, 1, 12, 12]])
-    assert predict.suppress_overlaps(np.zeros((0, 4))).shape == (0, 4)
-
-
-def test_detector_scales_boxes_of_large_images_back():
-    from skimage import data
-
-    img = data.astronaut()
-    big = cv2.resize(img, (1024, 1024), interpolation=cv2.INTER_LINEAR)
-    det = predict.FaceDetector(max_side=512)
-    small_box = det(img)[0]
-    big_box = det(big)[0]
-    np.testing.assert_allclose(big_box / 2, small_box, atol=12)
-
-
 # --------------------------------------------------------------------------- trained model
 
 
