@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-8  # PyTorch's and optax's default (the paper states none)
     c.train.warmup_steps = 0  # linear learning-rate warm-up from 0 (the paper has none)
+    # 'bfloat16': convolutions and matmuls in bf16 (GPU/TPU); parameters, optimizer state,
+    # BN statistics and losses stay float32 (fan_jax/steps.py). On CPUs, bf16 is slower.
+    c.train.compute_dtype = "float32"
     c.train.log_every_steps = 50
     c.train.eval_every_steps = 0  # validation NME (ranks "best"); 0: once per epoch; -1: never
     c.train.checkpoint_every_steps = 0  # 0: once per epoch

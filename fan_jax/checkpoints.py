@@ -45,6 +45,10 @@ FREE_FIELDS = (
     "train.nan_at_step", "eval", "demo", "kd.tough_workdir", "kd.tolerant_workdir",
 )
 
+# Fields added after runs were recorded, with the value an older record implies: a rerun
+# of such a run with the default compares equal instead of needing allow_changes.
+ADDED_FIELDS = {"train.compute_dtype": "float32"}
+
 
 def checkpoint_dir(workdir: str) -> str:
     return str(epath.Path(workdir) / CHECKPOINT_DIR)
@@ -191,7 +195,7 @@ def record_differences(config: ml_collections.ConfigDict, record: Mapping
     for k in sorted(set(have) | set(want)):
         if _is_free(k):
             continue
-        a, b = have.get(k, "<absent>"), want.get(k, "<absent>")
+        a, b = have.get(k, ADDED_FIELDS.get(k, "<absent>")), want.get(k, "<absent>")
         if a != b and not _both_numbers_equal(a, b):
             (defining if _is_defining(k) else other).append((k, a, b))
     return defining, other

@@ -10,6 +10,13 @@ only when distilling with an FA term) and `batch_stats` mirrors it: the adapters
 them by dropping a key. The teacher's variables are never part of the state: they are a
 separate argument of `distill_step`, applied with `train=False` behind `stop_gradient`.
 
+Mixed precision (`compute_dtype='bfloat16'`, config `train.compute_dtype`): the step casts
+a bfloat16 copy of the parameters and images, so every convolution and matmul runs in
+bfloat16, while the parameters, their gradients, the optimizer state and the BN statistics
+stay float32 (BN reduces in float32), and the losses cast their inputs to float32 (the FS
+Gram sums accumulate in float32 at HIGHEST precision). bfloat16 has float32's exponent
+range, so no loss scaling is needed.
+
 Batches hold 'image' [B, H, W, 3] (uint8 from the input pipeline, normalised here on
 device; float32 is taken as already normalised) and 'landmarks' [B, L, 2] in crop pixel
 coordinates. Heatmap targets are rendered here, on device: at 64x64xL float32 they
@@ -44,6 +51,24 @@ class TrainState:
     opt_state: PyTree
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """The jnp dtype of a `train.compute_dtype` name ('float32' or 'bfloat16')."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+    """`tree` with its floating leaves in `dtype` (a no-op for float32)."""
+    if dtype == jnp.float32:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def create_train_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))
@@ -58,8 +83,11 @@ def render_targets(landmarks: jax.Array, image_size: int, heatmap_size: int, sig
 
 def _student_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array,
                      rng: jax.Array):
+    # Parameters are cast to the images' dtype (float32 master weights; gradients flow back
+    # through the cast in float32). BN statistics stay float32.
     (hm, taps), new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        {"params": cast_floating(params, images.dtype), "batch_stats": batch_stats}, images,
+        train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
     return hm, taps, new_vars["batch_stats"]
 
@@ -72,10 +100,11 @@ def apply_gradients(state: TrainState, grads: PyTree, new_batch_stats: PyTree,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, sigma: float = 1.0
-               ) -> tuple[TrainState, Metrics]:
+               model: nn.Module, tx: optax.GradientTransformation, sigma: float = 1.0,
+               compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the heatmap MSE; returns the new state and {'loss', 'heatmap'}."""
-    images, landmarks = prepare_images(batch["image"]), batch["landmarks"]
+    images = prepare_images(batch["image"]).astype(COMPUTE_DTYPES[compute_dtype])
+    landmarks = batch["landmarks"]
     # Unused by today's models (no dropout); folded per step so adding a stochastic layer
     # keeps runs reproducible and resumable.
     rng = jax.random.fold_in(rng, state.step)
@@ -95,8 +124,8 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
                  rng: jax.Array, *, model: nn.Module, adapters: nn.Module | None, teacher: nn.Module,
                  tx: optax.GradientTransformation, sigma: float = 1.0, lam: float = 1e-4,
                  fa_layers: Sequence[bool] = (True, True, True),
-                 fs_layers: Sequence[bool] = (True, True, True), fs_form: str = "gram"
-                 ) -> tuple[TrainState, Metrics]:
+                 fs_layers: Sequence[bool] = (True, True, True), fs_form: str = "gram",
+                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One step of L = L_hm + lam * sum_r (FA_r + FS_r) against a frozen teacher.
 
     The teacher runs in inference mode (running BN statistics) and its outputs pass
@@ -104,8 +133,12 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
     `adapters` is None when no FA term is enabled (then params has no 'adapters').
     Returns the new state and {'loss', 'heatmap', 'fa1'.., 'fs1'..} (enabled terms only).
     """
-    images, landmarks = prepare_images(batch["image"]), batch["landmarks"]
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    images = prepare_images(batch["image"]).astype(dtype)
+    landmarks = batch["landmarks"]
     rng = jax.random.fold_in(rng, state.step)
+    teacher_variables = dict(teacher_variables)
+    teacher_variables["params"] = cast_floating(teacher_variables["params"], dtype)
     _, teacher_taps = teacher.apply(teacher_variables, images, train=False)
     teacher_taps = jax.lax.stop_gradient(tuple(teacher_taps))
 
@@ -115,7 +148,7 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
         new_batch_stats = {"student": new_bs}
         adapted = None
         if adapters is not None:
-            adapter_vars = {"params": params["adapters"]}
+            adapter_vars = {"params": cast_floating(params["adapters"], dtype)}
             if "adapters" in state.batch_stats:  # only the conv_bn_relu kind has BN
                 adapter_vars["batch_stats"] = state.batch_stats["adapters"]
             adapted, new_adapter_vars = adapters.apply(adapter_vars, taps, train=True,

@@ -67,6 +67,9 @@ def problems(config: ml_collections.ConfigDict, num_devices: int = 1) -> list[st
     if "warmup_steps" in t:
         need(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0,
              f"train.warmup_steps: must be an integer >= 0, got {t.warmup_steps!r}")
+    if "compute_dtype" in t:
+        need(t.compute_dtype in ("float32", "bfloat16"),
+             f"train.compute_dtype: must be 'float32' or 'bfloat16', got {t.compute_dtype!r}")
     if "lr_decay_factor" in t:
         need(_num(t.lr_decay_factor) and t.lr_decay_factor > 0,
              f"train.lr_decay_factor: must be > 0, got {t.lr_decay_factor!r}")

@@ -192,7 +192,8 @@ def _depthwise_conv_bwd(strides, padding, res, g):
     for _, tap in _depthwise_taps(xp, k, strides, out_hw):
         partial_sum = _batch_sum(tap * g).reshape(-1, c)
         ones = jnp.ones((partial_sum.shape[0],), partial_sum.dtype)
-        dk.append(jnp.dot(ones, partial_sum, precision=jax.lax.Precision.HIGHEST))
+        dk.append(jnp.dot(ones, partial_sum, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32))
     return dx, jnp.stack(dk).reshape(k, k, 1, c).astype(kernel.dtype)
 
 
@@ -328,7 +329,8 @@ _ACTIVATIONS = {
 
 
 def _channel_sum(a: Array) -> Array:
-    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
+    # float32 accumulation whatever the input dtype (bfloat16 sums of 10^5 terms drift).
+    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0, dtype=jnp.float32)
 
 
 def _batch_moments(x: Array) -> tuple[Array, Array]:
@@ -348,33 +350,39 @@ def batch_norm_act_train(x: Array, scale: Array, bias: Array, epsilon: float,
     sum(g*x) - mean*sum(g) for the scale gradient, so neither pass materialises x - mean
     (autodiff of the textbook formula stores it, a full extra write and read per layer).
     """
-    mean, var = _batch_moments(x)
-    act = _ACTIVATIONS[activation][0]
-    return act((x - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias)
+    return _bn_act_fwd(x, scale, bias, epsilon, activation)[0]
+
+
+def _normalise(x, mean, a, bias):
+    # Statistics are float32; the output keeps the input's dtype (bfloat16 stays bfloat16).
+    a = a.astype(x.dtype)
+    return x * a + (bias.astype(jnp.float32) - mean * a.astype(jnp.float32)).astype(x.dtype)
 
 
 def _bn_act_fwd(x, scale, bias, epsilon, activation):
     mean, var = _batch_moments(x)
     rstd = jax.lax.rsqrt(var + epsilon)
     act = _ACTIVATIONS[activation][0]
-    return act((x - mean) * (scale * rstd) + bias), (x, scale, bias, mean, rstd)
+    a = scale.astype(jnp.float32) * rstd
+    return act(_normalise(x, mean, a, bias)), (x, scale, bias, mean, rstd)
 
 
 def _bn_act_bwd(epsilon, activation, res, g):
     x, scale, bias, mean, rstd = res
     m = x.size // x.shape[-1]
     mask_fn = _ACTIVATIONS[activation][1]
+    a = scale.astype(jnp.float32) * rstd
     if mask_fn is not None:
-        y = (x - mean) * (scale * rstd) + bias
-        g = jnp.where(mask_fn(y), g, jnp.zeros_like(g))
+        g = jnp.where(mask_fn(_normalise(x, mean, a, bias)), g, jnp.zeros_like(g))
     sum_g = _channel_sum(g)
     sum_gx = _channel_sum(g * x)
     dbias = sum_g
     dscale = (sum_gx - mean * sum_g) * rstd          # sum(g * xhat)
-    a = scale * rstd
-    # dx = a * (g - mean(g) - xhat * mean(g * xhat)), with xhat = (x - mean) * rstd.
+    # dx = a * (g - mean(g) - xhat * mean(g * xhat)), with xhat = (x - mean) * rstd; the
+    # per-channel factors are float32, the per-pixel products in the input's dtype.
     k = dscale * rstd / m
-    dx = a * (g - k * (x - mean)) - a * (sum_g / m)
+    dt = x.dtype
+    dx = a.astype(dt) * g - (a * k).astype(dt) * x + (a * (k * mean - sum_g / m)).astype(dt)
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
@@ -409,8 +417,8 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (c,), jnp.float32)
         bias = self.param("bias", self.bias_init, (c,), jnp.float32)
         if use_running_average:
-            a = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
-            return _ACTIVATIONS[self.activation][0](x * a + (bias - ra_mean.value * a))
+            a = scale.astype(jnp.float32) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return _ACTIVATIONS[self.activation][0](_normalise(x, ra_mean.value, a, bias))
         if not self.is_initializing():
             # Identical reductions inside batch_norm_act_train are CSE'd with these.
             mean, var = _batch_moments(jax.lax.stop_gradient(x))

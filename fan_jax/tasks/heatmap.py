@@ -111,8 +111,11 @@ def build(config: ml_collections.ConfigDict, num_landmarks: int, steps_per_epoch
     tx, schedule = optim.make_optimizer(config, steps_per_epoch)
     model = fan.build_model(config.model.name, num_landmarks)
     d = config.distill
+    dtype = config.train.get("compute_dtype", "float32")
+    steps.compute_dtype(dtype)  # a clear error for an unknown name, before any compile
     if not d.enabled:
-        step = functools.partial(_no_teacher, model=model, tx=tx, sigma=config.sigma)
+        step = functools.partial(_no_teacher, model=model, tx=tx, sigma=config.sigma,
+                                 compute_dtype=dtype)
         init = functools.partial(init_variables, config, model, None)
         return Task("heatmap", model, label(config), tx, schedule, init, step)
     teacher, teacher_vars = load_teacher(config, num_landmarks, sharding)
@@ -122,6 +125,6 @@ def build(config: ml_collections.ConfigDict, num_landmarks: int, steps_per_epoch
     step = functools.partial(
         steps.distill_step, model=model, adapters=adapters, teacher=teacher, tx=tx,
         sigma=config.sigma, lam=d.lam, fa_layers=tuple(d.fa_layers),
-        fs_layers=tuple(d.fs_layers), fs_form=d.fs_form)
+        fs_layers=tuple(d.fs_layers), fs_form=d.fs_form, compute_dtype=dtype)
     init = functools.partial(init_variables, config, model, adapters)
     return Task("heatmap", model, label(config), tx, schedule, init, step, teacher_vars)

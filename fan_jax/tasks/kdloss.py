@@ -135,18 +135,26 @@ def fit_or_load_asm(config: ml_collections.ConfigDict, workdir: str, source: Sou
 
 def _forward(model: regression.LandmarkRegressor, params: PyTree, batch_stats: PyTree,
              images: jax.Array, rng: jax.Array) -> tuple[jax.Array, PyTree]:
-    pred, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    return pred, new_vars["batch_stats"]
+    pred, new_vars = model.apply(
+        {"params": steps.cast_floating(params, images.dtype), "batch_stats": batch_stats},
+        images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    return pred.astype(jnp.float32), new_vars["batch_stats"]
+
+
+def _frozen_forward(model: regression.LandmarkRegressor, variables: PyTree,
+                    images: jax.Array) -> jax.Array:
+    variables = dict(variables)
+    variables["params"] = steps.cast_floating(variables["params"], images.dtype)
+    return jax.lax.stop_gradient(model.apply(variables, images, train=False).astype(jnp.float32))
 
 
 def teacher_step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Array],
                  rng: jax.Array, *, model: regression.LandmarkRegressor,
-                 tx: optax.GradientTransformation, shape_model: asm.ShapeModel | None = None
-                 ) -> tuple[TrainState, Metrics]:
+                 tx: optax.GradientTransformation, shape_model: asm.ShapeModel | None = None,
+                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the MSE to the landmarks (to their ASM projection with `shape_model`).
     `frozen` is unused (a teacher has no teacher)."""
-    images = prepare_images(batch["image"])
+    images = prepare_images(batch["image"]).astype(steps.compute_dtype(compute_dtype))
     target = to_normalized(batch["landmarks"], images.shape[1])
     if shape_model is not None:
         target = shape_model.project_jnp(target)
@@ -165,15 +173,15 @@ def student_step(state: TrainState, frozen: tuple[PyTree, PyTree],
                  batch: Mapping[str, jax.Array], rng: jax.Array, *,
                  model: regression.LandmarkRegressor, tough: regression.LandmarkRegressor,
                  tolerant: regression.LandmarkRegressor, tx: optax.GradientTransformation,
-                 loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig()
-                 ) -> tuple[TrainState, Metrics]:
+                 loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig(),
+                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables."""
-    images = prepare_images(batch["image"])
+    images = prepare_images(batch["image"]).astype(steps.compute_dtype(compute_dtype))
     gt = to_normalized(batch["landmarks"], images.shape[1])
     rng = jax.random.fold_in(rng, state.step)
     tough_vars, tolerant_vars = frozen
-    t_tough = jax.lax.stop_gradient(tough.apply(tough_vars, images, train=False))
-    t_tol = jax.lax.stop_gradient(tolerant.apply(tolerant_vars, images, train=False))
+    t_tough = _frozen_forward(tough, tough_vars, images)
+    t_tol = _frozen_forward(tolerant, tolerant_vars, images)
 
     def loss_fn(params):
         pred, new_bs = _forward(model, params["student"], state.batch_stats["student"], images, rng)
@@ -262,15 +270,17 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_source: Source,
     model = build_model(config, num_landmarks)
     init = functools.partial(init_variables, config, model)
     name = label(config)
+    dtype = config.train.get("compute_dtype", "float32")
     if r == "student":
         tough, tough_vars = load_teacher(config, "teacher_tough", num_landmarks, sharding)
         tolerant, tol_vars = load_teacher(config, "teacher_tolerant", num_landmarks, sharding)
         loss_cfg = kd_loss.KDLossConfig.from_mapping(config.kd.loss.to_dict())
         step = functools.partial(student_step, model=model, tough=tough, tolerant=tolerant,
-                                 tx=tx, loss_config=loss_cfg)
+                                 tx=tx, loss_config=loss_cfg, compute_dtype=dtype)
         return Task("regression", model, name, tx, schedule, init, step, (tough_vars, tol_vars))
     shape_model = None
     if r == "teacher_tolerant":
         shape_model = fit_or_load_asm(config, workdir, train_source, num_landmarks)
-    step = functools.partial(teacher_step, model=model, tx=tx, shape_model=shape_model)
+    step = functools.partial(teacher_step, model=model, tx=tx, shape_model=shape_model,
+                             compute_dtype=dtype)
     return Task("regression", model, name, tx, schedule, init, step)
