@@ -40,6 +40,9 @@ class Config:
     accel_infer_batches: tuple[int, ...] = (1, 256)
     accel_steps_per_repeat: int = 5  # accelerator steps are ms: more per repeat beats timer/dispatch noise
     accel_iters_per_repeat: int = 20
+    accel_distill_batch: int = 32
+    accel_layer_batch: int = 8
+    accel_forms_batch: int = 8
     force_accelerator: bool = False  # run the accelerator section even on CPU
     pipeline_workers: tuple[int, ...] = (0, 1, 2)  # 0: grain's map in this process
     pipeline_examples: int = 64  # distinct synthetic faces in the in-memory source
@@ -61,7 +64,8 @@ class Config:
             repeats=2, warmup=1, train_batch=2, image_size=64, train_steps_per_repeat=1,
             infer_iters_per_repeat=2, fs_batch=2, fs_size=16, fs_direct_repeats=2,
             torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1, 2),
-            accel_steps_per_repeat=1, accel_iters_per_repeat=2, pipeline_workers=(0, 1), pipeline_examples=4,
+            accel_steps_per_repeat=1, accel_iters_per_repeat=2, accel_distill_batch=2,
+            accel_layer_batch=1, accel_forms_batch=2, pipeline_workers=(0, 1), pipeline_examples=4,
             pipeline_face_size=160, pipeline_batch=2, pipeline_batches=2, pipeline_repeats=1,
             distill_teacher="resnet18_fan", distill_repeats=1, distill_direct_repeats=1,
             export_formats=("tflite", "onnx"), export_iters_per_repeat=2, quick=True,

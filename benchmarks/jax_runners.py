@@ -66,13 +66,27 @@ def fill_variables(shapes: Any, seed: int = 0, device: Any = None) -> Json:
     return jax.device_put(jax.tree_util.tree_map_with_path(fill, shapes), device)
 
 
+def traced_with(impl: str | None, fn: Callable) -> Callable:
+    """`fn` traced under `layers.use_conv_impl(impl)` (None: the backend's default form)."""
+    if impl is None:
+        return fn
+    from fan_jax.models import layers
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with layers.use_conv_impl(impl):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 @functools.lru_cache(maxsize=None)
-def jitted_train_step(num_landmarks: int, lr: float = 1e-3) -> tuple[Callable, Any]:
+def jitted_train_step(num_landmarks: int, lr: float = 1e-3, compute_dtype: str = "float32",
+                      impl: str | None = None) -> tuple[Callable, Any]:
     """(step, optimizer): the project's own `fan_jax.steps.train_step` for MobileFAN, jitted
     with the state donated, as `fan_jax.train` runs it (compiling takes minutes, so shared).
 
     step(state, batch, rng) -> (state, metrics): Gaussian targets rendered from the
-    landmarks on device, heatmap MSE, Adam.
+    landmarks on device, heatmap MSE, Adam. `impl`: the layers' conv form (None: default).
     """
     import jax
     import optax
@@ -81,20 +95,85 @@ def jitted_train_step(num_landmarks: int, lr: float = 1e-3) -> tuple[Callable, A
 
     tx = optax.adam(lr)
     step = functools.partial(steps.train_step, model=build_student(num_landmarks), tx=tx,
-                             sigma=1.0)
-    return jax.jit(step, donate_argnums=(0,)), tx
+                             sigma=1.0, compute_dtype=compute_dtype)
+    return jax.jit(traced_with(impl, step), donate_argnums=(0,)), tx
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_predict(num_landmarks: int) -> Callable:
-    """predict(variables, images) -> heatmaps, eval mode, jitted."""
+def jitted_predict(num_landmarks: int, compute_dtype: str = "float32",
+                   impl: str | None = None) -> Callable:
+    """predict(variables, images) -> heatmaps, eval mode, jitted (bf16: a bf16 copy of both)."""
     import jax
 
+    from fan_jax import steps
+
     model = build_student(num_landmarks)
-    return jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    dtype = steps.compute_dtype(compute_dtype)
+
+    def predict(v, x):
+        v = dict(v, params=steps.cast_floating(v["params"], dtype))
+        return model.apply(v, x.astype(dtype), train=False)[0]
+    return jax.jit(traced_with(impl, predict))
 
 
 _COMPILED: dict[tuple, Any] = {}
+
+
+def flops_of(compiled: Any) -> float | None:
+    """XLA's FLOP count of one call of a compiled executable (None when it gives none)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def matmul_peak(device: Any = None, dtype: str = "float32", n: int = 2048, repeats: int = 5) -> Json:
+    """This device's matmul rate: a jitted [n, n] @ [n, n] (2 n^3 FLOPs), median of `repeats`."""
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
+    b = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
+    f = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"n": n, "dtype": dtype, "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+
+
+def numpy_matmul_peak(n: int = 2048, repeats: int = 5) -> Json:
+    """numpy's BLAS float32 matmul rate, the same way."""
+    import statistics
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"n": n, "dtype": "float32", "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+
+
+def fraction_of_peak(flops: float | None, seconds: float, peak_flops_per_s: float | None) -> float | None:
+    """Achieved FLOP rate over the matmul peak (1.0: at the bound)."""
+    if not flops or not peak_flops_per_s or seconds <= 0:
+        return None
+    return flops / seconds / peak_flops_per_s
 
 
 def compile_once(key: tuple, jitted: Callable, *args: Any) -> tuple[Any, float]:
@@ -118,12 +197,12 @@ class JaxStudentTrainer:
     """
 
     def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, lr: float = 1e-3,
-                 device: Any = None):
+                 device: Any = None, compute_dtype: str = "float32", impl: str | None = None):
         import jax
 
         from fan_jax import steps
 
-        step, tx = jitted_train_step(num_landmarks, lr)
+        step, tx = jitted_train_step(num_landmarks, lr, compute_dtype, impl)
         images, landmarks = random_batch(batch, image_size, num_landmarks, seed)
         self.batch = {"image": jax.device_put(images, device),
                       "landmarks": jax.device_put(landmarks, device)}
@@ -131,8 +210,9 @@ class JaxStudentTrainer:
         variables = init_variables(num_landmarks, image_size, seed, device)
         self.state = jax.jit(functools.partial(steps.create_train_state, tx=tx))(
             {"student": variables["params"]}, {"student": variables["batch_stats"]})
-        key = ("train", num_landmarks, batch, image_size, lr, str(device))
+        key = ("train", num_landmarks, batch, image_size, lr, str(device), compute_dtype, impl)
         self._step, self.compile_s = compile_once(key, step, self.state, self.batch, self.rng)
+        self.flops = flops_of(self._step)
         self.loss = None
 
     def run(self, steps: int) -> None:
@@ -145,15 +225,17 @@ class JaxStudentTrainer:
 class JaxStudentPredictor:
     """Runs ``jitted_predict`` on a fixed random batch."""
 
-    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, device: Any = None):
+    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, device: Any = None,
+                 compute_dtype: str = "float32", impl: str | None = None):
         import jax
 
         images, _ = random_batch(batch, image_size, num_landmarks, seed)
         self.images = jax.device_put(images, device)
         self.variables = init_variables(num_landmarks, image_size, seed, device)
-        key = ("predict", num_landmarks, batch, image_size, str(device))
-        self._predict, self.compile_s = compile_once(key, jitted_predict(num_landmarks), self.variables,
-                                                     self.images)
+        key = ("predict", num_landmarks, batch, image_size, str(device), compute_dtype, impl)
+        self._predict, self.compile_s = compile_once(
+            key, jitted_predict(num_landmarks, compute_dtype, impl), self.variables, self.images)
+        self.flops = flops_of(self._predict)
 
     def run(self, iters: int) -> None:
         for _ in range(iters):

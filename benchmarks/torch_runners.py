@@ -3,7 +3,6 @@ probes that pick PyTorch's best setting."""
 
 from __future__ import annotations
 
-import functools
 import statistics
 from typing import Any, Callable
 
@@ -18,22 +17,6 @@ def torch_thread_candidates(cfg: Config) -> tuple[int, ...]:
     if cfg.torch_threads is not None:
         return (cfg.torch_threads,)
     return tuple(dict.fromkeys((core_count(), 1)))
-
-
-@functools.lru_cache(maxsize=None)
-def pick_torch_threads(candidates: tuple[int, ...], num_landmarks: int, image_size: int) -> tuple[int, Json]:
-    """(threads, median forward seconds per candidate): a cheap batch-1 forward probe, once per run.
-
-    Thread scaling is a property of the machine's current load more than of the workload, and
-    a slow candidate costs seconds per train step, so the sections share this probe.
-    """
-    torch = harness.load_torch()
-    if len(candidates) == 1 or torch is None:
-        return candidates[0], {}
-    runners = {str(t): TorchStudentPredictor(torch, num_landmarks, 1, image_size, "contiguous", t) for t in candidates}
-    times = time_interleaved({k: (lambda r=r: r.run(1)) for k, r in runners.items()}, repeats=3, warmup=1)
-    probe = {k: statistics.median(v) for k, v in times.items()}
-    return int(min(probe, key=probe.get)), probe
 
 
 class TorchStudentTrainer:
@@ -92,24 +75,33 @@ def _torch_memory_format(torch: Any, name: str) -> Any:
     return formats[name]
 
 
-def pick_torch_runner(cfg: Config, make: Callable[[str, int], Any], units: int) -> tuple[Any, Json]:
-    """The fastest PyTorch runner: thread count from ``pick_torch_threads``, then the faster
-    memory format when cfg.torch_format is 'auto'.
+def torch_runners(cfg: Config, make: Callable[[str, int], Any], units: int) -> tuple[dict[int, Any], Json]:
+    """PyTorch runners, one per thread setting (``torch_thread_candidates``), all in one memory
+    format: the faster one when cfg.torch_format is 'auto' (median of 3 interleaved calls at
+    the first setting).
 
-    Returns (runner, info) with the chosen 'torch_memory_format', 'torch_threads' and the
-    probes' median times ('torch_threads_probe_s', 'torch_format_probe_s').
+    There is no separate thread probe: the caller times every runner in its own interleaved
+    loop, as many repeats as fan_jax, and compares against the faster (``best_torch``), so the
+    setting reported is the one timed. A single-call probe picked 1 thread in one run and 2 in
+    the next on the same machine.
     """
-    threads, thread_probe = pick_torch_threads(torch_thread_candidates(cfg), cfg.num_landmarks, cfg.image_size)
+    candidates = torch_thread_candidates(cfg)
     formats = ("contiguous", "channels_last") if cfg.torch_format == "auto" else (cfg.torch_format,)
-    runners = {fmt: make(fmt, threads) for fmt in formats}
-    info: Json = {"torch_threads": threads, "torch_version": version("torch")}
-    if thread_probe:
-        info["torch_threads_probe_s"] = thread_probe
-    if len(runners) > 1:
-        times = time_interleaved({k: (lambda r=r: r.run(units)) for k, r in runners.items()}, repeats=1, warmup=1)
+    info: Json = {"torch_version": version("torch"), "torch_thread_candidates": list(candidates)}
+    best = formats[0]
+    if len(formats) > 1:
+        probe = {fmt: make(fmt, candidates[0]) for fmt in formats}
+        times = time_interleaved({k: (lambda r=r: r.run(units)) for k, r in probe.items()}, repeats=3, warmup=1)
         info["torch_format_probe_s"] = {k: statistics.median(t) for k, t in times.items()}
         best = min(info["torch_format_probe_s"], key=info["torch_format_probe_s"].get)
-    else:
-        best = formats[0]
     info["torch_memory_format"] = best
-    return runners[best], info
+    return {t: make(best, t) for t in candidates}, info
+
+
+def torch_key(threads: int) -> str:
+    return f"torch_{threads}_threads"
+
+
+def best_torch(summaries: dict[int, Json], faster: Callable[[Json], float]) -> int:
+    """The thread setting whose timed summary is best by ``faster`` (larger is better)."""
+    return max(summaries, key=lambda t: faster(summaries[t]))

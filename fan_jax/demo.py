@@ -35,9 +35,9 @@ def demo_configs(config: ml_collections.ConfigDict, workdir: str
                  ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
     """{label: (run dir, config)} for the demo's teacher, MobileFAN and MobileFAN + KD.
 
-    The learning rate is constant: with schedule boundaries baked into the compiled step,
-    per-stage schedules would make the teacher's and MobileFAN's steps different programs,
-    and the second could not come from the compilation cache.
+    Each stage decays its learning rate x`train.lr_decay_factor` for its last
+    `demo.lr_decay_fraction` of steps. The two students share step counts, so their schedules
+    are equal.
     """
     d = config.demo
 
@@ -46,7 +46,9 @@ def demo_configs(config: ml_collections.ConfigDict, workdir: str
         c.mode = "train"
         c.model.name = model
         c.train.num_train_steps = steps_
-        c.train.lr_decay_epochs = ()
+        frac = d.get("lr_decay_fraction", 0.0)
+        epoch = max(1, d.num_train // c.train.batch_size)
+        c.train.lr_decay_epochs = ((1 - frac) * steps_ / epoch,) if frac > 0 else ()
         c.distill.enabled = distill
         c.distill.teacher_workdir = os.path.join(workdir, "teacher")
         c.distill.teacher_config = "configs/demo.py (its teacher stage)"

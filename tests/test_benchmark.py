@@ -135,9 +135,7 @@ def test_quick_train_with_torch_and_accelerator_section(tmp_path):
     train = report["sections"]["train"]
     assert np.isfinite(train["fan_jax"]["final_loss"]) and np.isfinite(train["torch"]["final_loss"])
     assert train["torch_memory_format"] in ("contiguous", "channels_last")
-    accel = report["sections"]["accelerator"]
-    assert set(accel["train"]) == {"2"} and set(accel["inference"]) == {"1", "2"}
-    assert all(s["per_s"] > 0 for s in [*accel["train"].values(), *accel["inference"].values()])
+    assert report["sections"]["accelerator"]["train"]["float32"]["2"]["per_s"] > 0
 
 
 def test_init_variables_are_finite_and_bn_is_identity():
@@ -194,14 +192,62 @@ def test_torch_twin_shapes():
     assert [tuple(t.shape) for t in taps] == [(1, 128, 4, 4), (1, 128, 8, 8), (1, 128, 16, 16)]
 
 
-def test_pick_torch_threads_probes_each_candidate():
+def test_torch_runners_cover_every_thread_setting_in_one_format():
+    made = []
+
+    class Fake:
+        def __init__(self, fmt, t):
+            made.append((fmt, t))
+
+        def run(self, units):
+            pass
+
+    cfg = harness.Config(torch_threads=None, torch_format="auto")
+    runners, info = torch_runners.torch_runners(cfg, Fake, 1)
+    cands = torch_runners.torch_thread_candidates(cfg)
+    assert set(runners) == set(cands) and 1 in cands
+    assert info["torch_memory_format"] in ("contiguous", "channels_last")
+    assert set(info["torch_format_probe_s"]) == {"contiguous", "channels_last"}
+    assert all(f == info["torch_memory_format"] for f, _ in made[-len(cands):])
+    assert torch_runners.torch_thread_candidates(harness.Config(torch_threads=4)) == (4,)
+    assert torch_runners.best_torch({1: {"per_s": 5.0}, 2: {"per_s": 7.0}}, lambda s: s["per_s"]) == 2
+
+
+def test_quick_inference_reports_torch_at_both_thread_settings():
     pytest.importorskip("torch")
-    threads, probe = torch_runners.pick_torch_threads((2, 1), 5, 64)
-    assert threads in (1, 2)
-    assert set(probe) == {"1", "2"} and all(t > 0 for t in probe.values())
-    assert torch_runners.pick_torch_threads((3,), 5, 64) == (3, {})
-    cfg = harness.Config(torch_threads=4)
-    assert torch_runners.torch_thread_candidates(cfg) == (4,)
+    cfg = harness.Config.quick_config(torch_threads=None)
+    report, rows = bench.run_sections(cfg, ["machine", "inference"], log=lambda s: None)
+    sec = report["sections"]["inference"]
+    by = sec["torch_by_threads"]
+    assert set(by) == {str(t) for t in torch_runners.torch_thread_candidates(cfg)}
+    # The setting reported is one that was timed, and the faster of them.
+    assert sec["torch"] == by[str(sec["torch_threads"])]
+    assert sec["torch"]["latency_ms"] == min(s["latency_ms"] for s in by.values())
+    assert all(s["repeats"] == cfg.repeats for s in by.values())
+    # Fractions of the matmul peak measured by the machine section.
+    assert report["machine"]["matmul_peak_xla"]["flops_per_s"] > 0
+    assert 0 < sec["fan_jax"]["fraction_of_matmul_peak"] < 1.5
+    assert 0 < report["inference_fraction_of_matmul_peak"]
+
+
+def test_quick_accelerator_section_on_cpu(tmp_path):
+    """The accelerator section, named, runs on the CPU in --quick mode (as CI runs it)."""
+    report = bench.main(["--quick", "--sections", "accelerator", "--json", str(tmp_path / "a.json")])
+    accel = report["sections"]["accelerator"]
+    assert set(accel["train"]) == {"float32", "bfloat16"}
+    for d in ("float32", "bfloat16"):
+        assert set(accel["train"][d]) == {"2"} and set(accel["inference"][d]) == {"1", "2"}
+        assert all(s["per_s"] > 0 and np.isfinite(s.get("final_loss", 0.0))
+                   for s in [*accel["train"][d].values(), *accel["inference"][d].values()])
+        assert accel["distill"][d]["per_s"] > 0 and np.isfinite(accel["distill"][d]["final_loss"])
+        assert accel["matmul_peak"][d]["flops_per_s"] > 0
+    # bf16 and float32 train the same first steps to nearby losses.
+    np.testing.assert_allclose(accel["train"]["bfloat16"]["2"]["final_loss"],
+                               accel["train"]["float32"]["2"]["final_loss"], rtol=0.1)
+    assert set(accel["layer_forms"]) and all(r["faster"] in ("matmul", "lax")
+                                             for r in accel["layer_forms"].values())
+    assert accel["train_step_forms"]["faster"] in ("matmul", "lax")
+    assert report["accelerator_faster_conv_form"] == accel["train_step_forms"]["faster"]
 
 
 def test_torch_targets_match_fan_jax_targets():
@@ -251,6 +297,7 @@ def test_quick_distill_section():
     assert section["loss_rel_diff_gram_vs_direct"] < 1e-4
     assert report["distill_images_per_s"] > 0 and report["distill_gram_speedup_vs_direct"] > 0
     assert harness.CONSUMERS["distill"]["images_per_s"] == report["distill_images_per_s"]
+    rows = [r for r in rows if "matmul GFLOP/s" not in r[0]]  # the machine section's row
     assert len(rows) == 3 and all(len(r) == 5 for r in rows)
     json.dumps(report)
 
@@ -264,6 +311,7 @@ def test_quick_export_section():
     for name in ("tflite", "onnx"):
         assert section[name]["latency_ms"] > 0 and section[name]["size_mib"] > 0
         assert section[name]["speedup_vs_jax"] > 0
+    rows = [r for r in rows if "matmul GFLOP/s" not in r[0]]  # the machine section's row
     assert len(rows) == 2 and rows[0][0].startswith("export tflite")
     json.dumps(report)
 

@@ -182,3 +182,40 @@ def test_batch_norm_matches_flax(activation):
     fast, slow = run(params, x)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lax_form_equals_the_matmul_form(monkeypatch):
+    """conv_impl 'lax' (XLA's native convolutions) and 'matmul' give the same layers."""
+    from fan_jax.models import layers
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = PointwiseConv(24)(x)
+            x = DepthwiseConv(3, strides=2)(x)
+            x = DepthwiseConv(3, strides=1)(x)
+            x = ConvTranspose(16, 4, strides=2, torch_padding=1)(x)
+            return ConvTranspose(8, 2, strides=2)(x)
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 8)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+
+    def loss(p, impl):
+        with layers.use_conv_impl(impl):
+            y = model.apply(p, x)
+        return jnp.sum(y ** 2), y
+
+    (l_m, y_m), g_m = jax.value_and_grad(loss, has_aux=True)(params, "matmul")
+    (l_l, y_l), g_l = jax.value_and_grad(loss, has_aux=True)(params, "lax")
+    np.testing.assert_allclose(y_l, y_m, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_l), jax.tree.leaves(g_m)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    # They are different programs: only the lax one has convolutions.
+    for impl, has_conv in (("lax", True), ("matmul", False)):
+        with layers.use_conv_impl(impl):
+            text = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
+        assert ("conv_general_dilated" in text) == has_conv, impl
+    monkeypatch.setenv("FAN_JAX_CONV_IMPL", "cudnn")
+    with pytest.raises(ValueError, match="FAN_JAX_CONV_IMPL"):
+        layers.conv_impl()

@@ -93,7 +93,8 @@ assert jax.device_count() == 8
 summary = {{"batch": student.train.batch_size, "distill": student.distill.enabled,
             "model": student.model.name, "dataset": student.dataset.name,
             "teacher_model": teacher.model.name, "teacher_workdir": student.distill.teacher_workdir,
-            "data_dir": student.dataset.data_dir}}
+            "data_dir": student.dataset.data_dir,
+            "compute_dtype": [teacher.train.compute_dtype, student.train.compute_dtype]}}
 # CPU-sized: small crops, one step, no periodic evaluation, a tiny teacher architecture
 # (the teacher loader takes the architecture from the teacher run's config).
 _train_helpers.register_tiny_models()
@@ -119,8 +120,8 @@ def test_tpu_notebook_configuration_runs_one_step_on_fake_devices(tmp_path):
     src = python_source(cells[0].source)
     # Only the definitions: the notebook's own call needs its Drive folders.
     tree = ast.parse(src)
-    tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom,
-                                                         ast.FunctionDef))]
+    tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+                 or (isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant))]
     script = _TPU_CONFIG_RUN.format(repo=REPO_ROOT, cell=ast.unparse(tree),
                                     data=str(tmp_path / "tfds"), root=str(tmp_path / "wd"))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -136,4 +137,5 @@ def test_tpu_notebook_configuration_runs_one_step_on_fake_devices(tmp_path):
     assert s["teacher_workdir"] == str(tmp_path / "wd" / "wflw_teacher")
     assert s["data_dir"] == str(tmp_path / "tfds")
     assert s["params"] == ["adapters", "student"]
+    assert s["compute_dtype"] == ["bfloat16", "bfloat16"]  # the TPU notebook's default
     assert (tmp_path / "wd" / "wflw_distill" / "checkpoints" / "1").is_dir()

@@ -1,41 +1,196 @@
-"""The accelerator section: train and inference throughput on a GPU or TPU."""
+"""The accelerator section: what a GPU or TPU does with the student, in float32 and bfloat16.
+
+    python benchmarks/run.py --sections accelerator            # on the GPU/TPU JAX sees
+    python benchmarks/run.py --sections accelerator --quick    # tiny shapes, any backend (CI)
+
+Reports, on `jax.devices()[0]`: the device's matmul rate (float32 and bf16: the bound every
+figure is also given as a fraction of, from XLA's FLOP count of the program); the student's
+train images/s at batches 1, 8 and 256 and inference images/s at 1 and 256, each in float32
+and bf16 (`train.compute_dtype`); the distilled step (FA1-3 + FS1-3 against the ResNet-50
+teacher); and the two forms of `fan_jax/models/layers.py` ('matmul', 'lax'), per layer and for
+the whole train step, so `layers.CONV_IMPL_DEFAULTS` can say which form this backend should use.
+"""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+import numpy as np
 
 from benchmarks import harness
-from benchmarks.harness import Config, Json, fmt, section, spread, summarize, time_interleaved
-from benchmarks.jax_runners import JaxStudentPredictor, JaxStudentTrainer
+from benchmarks.harness import Config, Json, fmt, ratio, section, spread, summarize, time_interleaved
+from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, StepRunner, fill_variables,
+                                    flops_of, fraction_of_peak, matmul_peak, model_variables, traced_with)
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _peaks(cfg: Config, device: Any) -> Json:
+    n = 256 if cfg.quick else 4096
+    return {d: matmul_peak(device, d, n=n, repeats=cfg.repeats) for d in DTYPES}
+
+
+def _with_peak(s: Json, flops: float | None, units_per_repeat: int, peak: Json) -> Json:
+    """Adds flops per call and the fraction of the dtype's matmul peak to a timing summary."""
+    s["flops_per_call"] = flops
+    s["fraction_of_matmul_peak"] = fraction_of_peak(
+        None if flops is None else flops * units_per_repeat, s["median_s"], peak["flops_per_s"])
+    return s
+
+
+def _distill_runners(cfg: Config, device: Any) -> dict[str, StepRunner]:
+    import jax
+    import optax
+
+    from fan_jax import steps
+    from fan_jax.models import fan
+
+    b, size, L = cfg.accel_distill_batch, cfg.image_size, cfg.num_landmarks
+    student, teacher = fan.build_model(cfg.distill_student, L), fan.build_model(cfg.distill_teacher, L)
+    adapters = fan.Adapters(features=fan.teacher_channels(teacher))
+    sv, tv = model_variables(student, size, 0, device), model_variables(teacher, size, 1, device)
+    taps = jax.eval_shape(lambda v, x: student.apply(v, x)[1], sv,
+                          jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+    av = fill_variables(jax.eval_shape(lambda t: adapters.init(jax.random.PRNGKey(0), t), taps), 2, device)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+                            "landmarks": rng.uniform(0, size - 1, (b, L, 2)).astype(np.float32)}, device)
+    tx = optax.adam(1e-3)
+    runners = {}
+    for dtype in DTYPES:
+        params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device),
+                                        {"student": sv["params"], "adapters": av["params"]})
+        bs = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device),
+                                    {"student": sv["batch_stats"]})
+        state = steps.TrainState(step=jax.device_put(np.int32(0), device), params=params, batch_stats=bs,
+                                 opt_state=jax.jit(tx.init)(params))
+        step = functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher,
+                                 tx=tx, compute_dtype=dtype)
+        runners[dtype] = StepRunner(step, state, (tv,), batch).compile()
+    return runners
+
+
+def _layer_cases(cfg: Config) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """{name: (flax layer, input shape)}: the student's (and teacher's) layer kinds at the
+    shapes a 256 px crop gives them (scaled down with the image size in --quick mode)."""
+    from fan_jax.models.layers import ConvTranspose, DepthwiseConv, PointwiseConv
+
+    b, r = cfg.accel_layer_batch, cfg.image_size // 256 or 1
+    q = max(1, cfg.image_size // 4)  # the 64x64 stage of a 256 px crop
+    return {
+        "pointwise 24->144 @64x64": (PointwiseConv(144), (b, q, q, 24)),
+        "depthwise 3x3 s1 144ch @64x64": (DepthwiseConv(3, strides=1), (b, q, q, 144)),
+        "depthwise 3x3 s2 144ch @64x64": (DepthwiseConv(3, strides=2), (b, q, q, 144)),
+        "deconv k2 s2 320->128 @8x8": (ConvTranspose(128, 2, strides=2), (b, 8 * r, 8 * r, 320)),
+        "deconv k4 s2 p1 2048->256 @8x8": (ConvTranspose(256, 4, strides=2, torch_padding=1),
+                                           (b, 8 * r, 8 * r, 2048)),
+    }
+
+
+def _layer_forms(cfg: Config, device: Any) -> Json:
+    """Forward + backward ms of each layer in each form, interleaved."""
+    import jax
+    import jax.numpy as jnp
+
+    out: Json = {}
+    for name, (layer, shape) in _layer_cases(cfg).items():
+        x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32), device)
+        params = jax.device_put(layer.init(jax.random.PRNGKey(0), x), device)
+        fns, flops = {}, {}
+        for impl in ("matmul", "lax"):
+            loss = traced_with(impl, lambda p, x: jnp.sum(jnp.square(layer.apply(p, x))))
+            exe = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+            flops[impl] = flops_of(exe)
+            fns[impl] = (lambda e=exe: jax.block_until_ready(e(params, x)))
+        iters = cfg.accel_iters_per_repeat
+        times = time_interleaved({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()},
+                                 cfg.repeats, cfg.warmup)
+        row = {impl: {"ms": 1e3 * summarize(times[impl])["median_s"] / iters,
+                      "spread": summarize(times[impl])["spread"], "flops": flops[impl]} for impl in fns}
+        row["faster"] = min(("matmul", "lax"), key=lambda k: row[k]["ms"])
+        row["shape"] = list(shape)
+        out[name] = row
+    return out
 
 
 @section("accelerator")
 def accelerator_section(cfg: Config) -> Json:
-    """Train and inference images/s on the default GPU/TPU (skipped on CPU unless asked by name)."""
+    """Train / inference images/s in float32 and bf16, the distilled step, and matmul vs lax conv forms on the GPU/TPU (skipped on CPU unless asked by name)."""
     import jax
 
     backend = jax.default_backend()
     if backend == "cpu" and not cfg.force_accelerator:
         return {"skipped": "no accelerator (jax.default_backend() == 'cpu')"}
+    from fan_jax.models import layers
+
     device = jax.devices()[0]
     size, L = cfg.image_size, cfg.num_landmarks
-    out: Json = {"backend": backend, "device": str(device), "image_size": size, "train": {}, "inference": {}}
-    rows = []
+    peaks = _peaks(cfg, device)
+    out: Json = {"backend": backend, "device": str(device), "image_size": size, "matmul_peak": peaks,
+                 "conv_impl_default": layers.CONV_IMPL_DEFAULTS.get(backend),
+                 "train": {d: {} for d in DTYPES}, "inference": {d: {} for d in DTYPES}}
+    rows = [(f"{backend} matmul TFLOP/s ({d}, n={peaks[d]['n']})", fmt(peaks[d]["flops_per_s"] / 1e12), "", "", "")
+            for d in DTYPES]
+    steps_ = cfg.accel_steps_per_repeat
     for b in cfg.accel_train_batches:
-        trainer = JaxStudentTrainer(L, b, size, device=device)
-        steps = cfg.accel_steps_per_repeat
-        s = summarize(time_interleaved({"t": lambda: trainer.run(steps)}, cfg.repeats, cfg.warmup)["t"], b * steps)
-        s["compile_s"] = trainer.compile_s
-        out["train"][str(b)] = s
-        harness.CONSUMERS["accelerator"] = {"images_per_s": s["per_s"], "batch": b, "image_size": size,
-                                    "step": f"{backend} student train step (accelerator section, largest batch)"}
-        rows.append((f"{backend} train images/s (batch {b})", fmt(s["per_s"]), "", "", spread(s)))
+        trainers = {d: JaxStudentTrainer(L, b, size, device=device, compute_dtype=d) for d in DTYPES}
+        times = time_interleaved({d: (lambda t=t: t.run(steps_)) for d, t in trainers.items()},
+                                 cfg.repeats, cfg.warmup)
+        for d, t in trainers.items():
+            s = _with_peak(summarize(times[d], b * steps_), t.flops, steps_, peaks[d])
+            s.update(compile_s=t.compile_s, final_loss=float(t.loss))
+            out["train"][d][str(b)] = s
+        f32, bf16 = out["train"]["float32"][str(b)], out["train"]["bfloat16"][str(b)]
+        rows.append((f"{backend} train images/s (batch {b}), bf16 vs float32", fmt(bf16["per_s"]),
+                     fmt(f32["per_s"]), fmt(ratio(bf16["per_s"], f32["per_s"]), "x"), spread(bf16, f32)))
+    biggest = str(max(cfg.accel_train_batches))
+    harness.CONSUMERS["accelerator"] = {
+        "images_per_s": out["train"]["bfloat16"][biggest]["per_s"], "batch": int(biggest), "image_size": size,
+        "step": f"{backend} student bf16 train step (accelerator section, largest batch)"}
+    iters = cfg.accel_iters_per_repeat
     for b in cfg.accel_infer_batches:
-        predictor = JaxStudentPredictor(L, b, size, device=device)
-        iters = cfg.accel_iters_per_repeat
-        s = summarize(time_interleaved({"p": lambda: predictor.run(iters)}, cfg.repeats, cfg.warmup)["p"], b * iters)
-        s["latency_ms"] = 1e3 * s["median_s"] / iters
-        s["compile_s"] = predictor.compile_s
-        out["inference"][str(b)] = s
-        rows.append((f"{backend} inference images/s (batch {b})", fmt(s["per_s"]), "", "", spread(s)))
+        preds = {d: JaxStudentPredictor(L, b, size, device=device, compute_dtype=d) for d in DTYPES}
+        times = time_interleaved({d: (lambda p=p: p.run(iters)) for d, p in preds.items()},
+                                 cfg.repeats, cfg.warmup)
+        for d, p in preds.items():
+            s = _with_peak(summarize(times[d], b * iters), p.flops, iters, peaks[d])
+            s.update(latency_ms=1e3 * s["median_s"] / iters, compile_s=p.compile_s)
+            out["inference"][d][str(b)] = s
+        f32, bf16 = out["inference"]["float32"][str(b)], out["inference"]["bfloat16"][str(b)]
+        rows.append((f"{backend} inference images/s (batch {b}), bf16 vs float32", fmt(bf16["per_s"]),
+                     fmt(f32["per_s"]), fmt(ratio(bf16["per_s"], f32["per_s"]), "x"), spread(bf16, f32)))
+
+    runners = _distill_runners(cfg, device)
+    times = time_interleaved({d: (lambda r=r: r.run(1)) for d, r in runners.items()}, cfg.repeats, cfg.warmup)
+    b = cfg.accel_distill_batch
+    out["distill"] = {"batch": b, "student": cfg.distill_student, "teacher": cfg.distill_teacher}
+    for d, r in runners.items():
+        s = _with_peak(summarize(times[d], b), flops_of(r.compiled), 1, peaks[d])
+        s.update(compile_s=r.compile_s, final_loss=float(r.metrics["loss"]))
+        out["distill"][d] = s
+    rows.append((f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher), bf16 vs float32",
+                 fmt(out["distill"]["bfloat16"]["per_s"]), fmt(out["distill"]["float32"]["per_s"]),
+                 fmt(ratio(out["distill"]["bfloat16"]["per_s"], out["distill"]["float32"]["per_s"]), "x"),
+                 spread(out["distill"]["bfloat16"], out["distill"]["float32"])))
+
+    out["layer_forms"] = _layer_forms(cfg, device)
+    for name, row in out["layer_forms"].items():
+        rows.append((f"{backend} {name} fwd+bwd ms, matmul vs lax form", fmt(row["matmul"]["ms"]),
+                     fmt(row["lax"]["ms"]), fmt(ratio(row["lax"]["ms"], row["matmul"]["ms"]), "x"), ""))
+    b = cfg.accel_forms_batch
+    # The default form's step is the one already compiled above (impl None).
+    forms = {impl: JaxStudentTrainer(L, b, size, device=device,
+                                     impl=None if impl == layers.conv_impl() else impl)
+             for impl in ("matmul", "lax")}
+    times = time_interleaved({k: (lambda t=t: t.run(steps_)) for k, t in forms.items()}, cfg.repeats, cfg.warmup)
+    out["train_step_forms"] = {k: _with_peak(summarize(times[k], b * steps_), t.flops, steps_, peaks["float32"])
+                               for k, t in forms.items()}
+    m, x = out["train_step_forms"]["matmul"], out["train_step_forms"]["lax"]
+    out["train_step_forms"]["faster"] = "matmul" if m["per_s"] >= x["per_s"] else "lax"
+    rows.append((f"{backend} float32 train images/s (batch {b}), matmul vs lax form", fmt(m["per_s"]),
+                 fmt(x["per_s"]), fmt(ratio(m["per_s"], x["per_s"]), "x"), spread(m, x)))
+    out["summary"] = {"accelerator_train_images_per_s_bf16": out["train"]["bfloat16"][biggest]["per_s"],
+                      "accelerator_faster_conv_form": out["train_step_forms"]["faster"]}
     out["rows"] = rows
     return out

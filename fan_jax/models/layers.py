@@ -6,6 +6,10 @@ slower than the same matmul's). Each layer here keeps the parameter names and sh
 of the flax layer it replaces, so checkpoints and weight converters see `nn.Conv` /
 `nn.ConvTranspose` layouts, and is tested against the plain `lax` convolution. Matmuls
 and slices are also the natural formulation on GPU/TPU, so nothing here is CPU-only.
+
+Each layer also has its native `lax` form (`conv_impl`): 'matmul' (the forms here) or 'lax'
+(`lax.conv_general_dilated` / `lax.conv_transpose`), chosen per backend at trace time.
+`benchmarks/run.py --sections accelerator` times both on the device it runs on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,45 @@ Initializer = Callable[..., Array]
 Padding = str | Sequence[tuple[int, int]]
 
 default_kernel_init = nn.initializers.lecun_normal()
+
+# The form each backend lowers these layers to. CPU: 'matmul', measured (benchmarks/run.py:
+# the train step is several times faster than with lax's 1x1, grouped and transposed convs).
+# GPU and TPU: 'matmul' too, for now: the same tested code everywhere; not yet measured on
+# either, so the accelerator section reports both forms for a device run to settle it.
+CONV_IMPL_DEFAULTS = {"cpu": "matmul", "gpu": "matmul", "tpu": "matmul"}
+CONV_IMPLS = ("matmul", "lax")
+_override: list[str] = []
+
+
+def conv_impl() -> str:
+    """The form layers trace to now: a `use_conv_impl` override, $FAN_JAX_CONV_IMPL, or the
+    backend's default (`CONV_IMPL_DEFAULTS`)."""
+    import os
+
+    name = (_override[-1] if _override else os.environ.get("FAN_JAX_CONV_IMPL")
+            or CONV_IMPL_DEFAULTS.get(jax.default_backend(), "matmul"))
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS} (FAN_JAX_CONV_IMPL), got {name!r}")
+    return name
+
+
+class use_conv_impl:
+    """`with use_conv_impl('lax'): ...`: functions traced inside use that form."""
+
+    def __init__(self, name: str):
+        if name not in CONV_IMPLS:
+            raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        _override.append(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        _override.pop()
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -58,9 +101,13 @@ class PointwiseConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         cin = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (1, 1, cin, self.features), jnp.float32)
-        y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features),
-                    precision=self.precision)
-        y = y.reshape(*x.shape[:-1], self.features)
+        if conv_impl() == "lax":
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC,
+                                             precision=self.precision)
+        else:
+            y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features),
+                        precision=self.precision)
+            y = y.reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return y
@@ -232,7 +279,12 @@ class DepthwiseConv(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init,
                             (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
-        y = depthwise_conv(x, kernel, self.strides, self.padding)
+        if conv_impl() == "lax":
+            pads = _resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
+            y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pads,
+                                             dimension_numbers=_NHWC, feature_group_count=c)
+        else:
+            y = depthwise_conv(x, kernel, self.strides, self.padding)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (c,), jnp.float32)
         return y
@@ -312,8 +364,9 @@ class ConvTranspose(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                             jnp.float32)
-        y = conv_transpose_torch(x, kernel, self.strides, self.torch_padding,
-                                 self.output_padding, self.precision)
+        form = (conv_transpose_torch_reference if conv_impl() == "lax"
+                else conv_transpose_torch)
+        y = form(x, kernel, self.strides, self.torch_padding, self.output_padding, self.precision)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return y
