@@ -63,7 +63,7 @@ class Config:
         base = dict(
             repeats=2, warmup=1, train_batch=2, image_size=64, train_steps_per_repeat=1,
             infer_iters_per_repeat=2, fs_batch=2, fs_size=16, fs_direct_repeats=2,
-            torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1, 2),
+            torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1,),
             accel_steps_per_repeat=1, accel_iters_per_repeat=2, accel_distill_batch=2,
             accel_layer_batch=1, accel_forms_batch=2, pipeline_workers=(0, 1), pipeline_examples=4,
             pipeline_face_size=160, pipeline_batch=2, pipeline_batches=2, pipeline_repeats=1,

@@ -127,15 +127,13 @@ def test_quick_inference_with_and_without_torch(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow  # compiling the MobileFAN train step takes minutes on a small shared CPU
-def test_quick_train_with_torch_and_accelerator_section(tmp_path):
+def test_quick_train_with_torch(tmp_path):
     pytest.importorskip("torch")
-    # Naming 'accelerator' runs it on CPU too; it reuses the cached train step.
-    report = bench.main(["--quick", "--sections", "train,accelerator", "--json", str(tmp_path / "b.json")])
+    report = bench.main(["--quick", "--sections", "train", "--json", str(tmp_path / "b.json")])
     assert report["train_speedup_vs_torch"] > 0
     train = report["sections"]["train"]
     assert np.isfinite(train["fan_jax"]["final_loss"]) and np.isfinite(train["torch"]["final_loss"])
     assert train["torch_memory_format"] in ("contiguous", "channels_last")
-    assert report["sections"]["accelerator"]["train"]["float32"]["2"]["per_s"] > 0
 
 
 def test_init_variables_are_finite_and_bn_is_identity():
@@ -236,7 +234,7 @@ def test_quick_accelerator_section_on_cpu(tmp_path):
     accel = report["sections"]["accelerator"]
     assert set(accel["train"]) == {"float32", "bfloat16"}
     for d in ("float32", "bfloat16"):
-        assert set(accel["train"][d]) == {"2"} and set(accel["inference"][d]) == {"1", "2"}
+        assert set(accel["train"][d]) == {"2"} and set(accel["inference"][d]) == {"1"}
         assert all(s["per_s"] > 0 and np.isfinite(s.get("final_loss", 0.0))
                    for s in [*accel["train"][d].values(), *accel["inference"][d].values()])
         assert accel["distill"][d]["per_s"] > 0 and np.isfinite(accel["distill"][d]["final_loss"])
