@@ -52,12 +52,12 @@ def _photos() -> dict[str, np.ndarray]:
     return {"astronaut": data.astronaut(), "grace_hopper": cv2.cvtColor(grace, cv2.COLOR_BGR2RGB)}
 
 
-def _rotate(image: np.ndarray, box, deg: float) -> tuple[np.ndarray, tuple]:
-    """Image rotated about the face centre; the box keeps its size around the same centre."""
+def _rotate(image: np.ndarray, box, deg: float) -> tuple[np.ndarray, list[tuple]]:
+    """Image rotated about the face centre, and its face box: the same size around the same centre."""
     cx, cy = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
     m = cv2.getRotationMatrix2D((cx, cy), deg, 1.0)
     out = cv2.warpAffine(image, m, image.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
-    return out, box
+    return out, [tuple(box)]
 
 
 def _mosaic(tiles: list[np.ndarray], tile: int, cell: int, deg: float = 0.0
@@ -83,14 +83,14 @@ def _mosaic(tiles: list[np.ndarray], tile: int, cell: int, deg: float = 0.0
     return canvas, boxes
 
 
-def _shrink(image: np.ndarray, box, factor: float) -> tuple[np.ndarray, tuple]:
+def _shrink(image: np.ndarray, box, factor: float) -> tuple[np.ndarray, list[tuple]]:
     """The photo scaled by `factor` and centred on a grey canvas of the original size."""
     h, w = image.shape[:2]
     small = cv2.resize(image, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
     canvas = np.full_like(image, 128)
     y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
     canvas[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
-    return canvas, tuple(v * factor + o for v, o in zip(box, (x0, y0, x0, y0)))
+    return canvas, [tuple(v * factor + o for v, o in zip(box, (x0, y0, x0, y0)))]
 
 
 def photo_sets() -> dict[str, list[tuple[str, np.ndarray, list[tuple]]]]:
@@ -107,9 +107,9 @@ def photo_sets() -> dict[str, list[tuple[str, np.ndarray, list[tuple]]]]:
     for name, img in photos.items():
         sets["frontal"].append((name, img, [boxes[name]]))
         for deg in (30, -30):
-            sets["rotated +-30"].append((f"{name} {deg:+d}", *_rot1(img, boxes[name], deg)))
+            sets["rotated +-30"].append((f"{name} {deg:+d}", *_rotate(img, boxes[name], deg)))
         factor = 36.0 / (boxes[name][2] - boxes[name][0])
-        sets["small (30-40 px)"].append((f"{name} x{factor:.2f}", *_shrink1(img, boxes[name], factor)))
+        sets["small (30-40 px)"].append((f"{name} x{factor:.2f}", *_shrink(img, boxes[name], factor)))
     for k in range(0, 100, 20):
         sets["frontal"].append((f"lfw {k}-{k + 19}", *_mosaic(faces[k:k + 20], TILE, CELL)))
         for deg in (30, -30):
@@ -126,16 +126,6 @@ def photo_sets() -> dict[str, list[tuple[str, np.ndarray, list[tuple]]]]:
         sets["no face"].append((name, np.ascontiguousarray(img), []))
     sets["no face"].append(("lfw non-faces", _mosaic(non_faces[:50], TILE, CELL)[0], []))
     return sets
-
-
-def _rot1(img, box, deg):
-    out, b = _rotate(img, box, deg)
-    return out, [b]
-
-
-def _shrink1(img, box, factor):
-    out, b = _shrink(img, box, factor)
-    return out, [b]
 
 
 # --------------------------------------------------------------------------- candidates

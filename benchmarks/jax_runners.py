@@ -3,13 +3,15 @@ jitted train step, inference, and a generic step runner."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import statistics
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.harness import Json, bytes_field
+from benchmarks.harness import Json, bytes_field, time_interleaved
 
 
 def build_student(num_landmarks: int):
@@ -108,11 +110,10 @@ def jitted_predict(num_landmarks: int, compute_dtype: str = "float32",
     from fan_jax import steps
 
     model = build_student(num_landmarks)
-    dtype = steps.compute_dtype(compute_dtype)
+    dtype = steps.dtype_of(compute_dtype)
 
     def predict(v, x):
-        v = dict(v, params=steps.cast_floating(v["params"], dtype))
-        return model.apply(v, x.astype(dtype), train=False)[0]
+        return model.apply(steps.params_in(v, dtype), x.astype(dtype), train=False)[0]
     return jax.jit(traced_with(impl, predict))
 
 
@@ -131,10 +132,13 @@ def flops_of(compiled: Any) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _matmul_rate(matmul: Callable[[], Any], n: int, dtype: str, repeats: int) -> Json:
+    t = statistics.median(time_interleaved({"mm": matmul}, repeats, warmup=1)["mm"])
+    return {"n": n, "dtype": dtype, "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+
+
 def matmul_peak(device: Any = None, dtype: str = "float32", n: int = 2048, repeats: int = 5) -> Json:
     """This device's matmul rate: a jitted [n, n] @ [n, n] (2 n^3 FLOPs), median of `repeats`."""
-    import statistics
-
     import jax
     import jax.numpy as jnp
 
@@ -142,38 +146,73 @@ def matmul_peak(device: Any = None, dtype: str = "float32", n: int = 2048, repea
     a = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
     b = jax.device_put(jnp.asarray(rng.standard_normal((n, n)), dtype), device)
     f = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {"n": n, "dtype": dtype, "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+    return _matmul_rate(lambda: f(a, b).block_until_ready(), n, dtype, repeats)
 
 
 def numpy_matmul_peak(n: int = 2048, repeats: int = 5) -> Json:
     """numpy's BLAS float32 matmul rate, the same way."""
-    import statistics
-
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {"n": n, "dtype": "float32", "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+    return _matmul_rate(lambda: a @ b, n, "float32", repeats)
 
 
-def fraction_of_peak(flops: float | None, seconds: float, peak_flops_per_s: float | None) -> float | None:
-    """Achieved FLOP rate over the matmul peak (1.0: at the bound)."""
-    if not flops or not peak_flops_per_s or seconds <= 0:
-        return None
-    return flops / seconds / peak_flops_per_s
+def with_peak(s: Json, flops: float | None, calls: int, peak_flops_per_s: float | None) -> Json:
+    """A timing summary `s` (`calls` calls per repeat) with XLA's FLOPs per call and the
+    fraction of the matmul peak achieved (1.0: at the bound; None when either is unknown)."""
+    s["flops_per_call"] = flops
+    s["fraction_of_matmul_peak"] = None
+    if flops and peak_flops_per_s and s["median_s"] > 0:
+        s["fraction_of_matmul_peak"] = flops * calls / s["median_s"] / peak_flops_per_s
+    return s
+
+
+@dataclasses.dataclass
+class DistillParts:
+    """What a distilled step is built from: the networks, host-filled variables, a uint8 batch."""
+
+    student: Any
+    teacher: Any
+    adapters: Any
+    student_vars: Json
+    teacher_vars: Json
+    adapter_vars: Json
+    batch: Json
+    device: Any
+
+    def state(self, tx: Any, with_adapters: bool = True) -> Any:
+        """A fresh TrainState (each runner donates, i.e. consumes, its own)."""
+        import jax
+
+        from fan_jax import steps
+
+        put = lambda t: jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), self.device), t)  # noqa: E731
+        params = put({"student": self.student_vars["params"],
+                      **({"adapters": self.adapter_vars["params"]} if with_adapters else {})})
+        return steps.TrainState(step=jax.device_put(np.int32(0), self.device), params=params,
+                                batch_stats=put({"student": self.student_vars["batch_stats"]}),
+                                opt_state=jax.jit(tx.init)(params))
+
+
+def distill_parts(student: str, teacher: str, num_landmarks: int, batch: int, image_size: int,
+                  device: Any = None) -> DistillParts:
+    """Student, teacher and the paper's 1x1-conv adapters, with variables filled on the host
+    (``init_variables``) and uint8 crops, as the input pipeline delivers them."""
+    import jax
+
+    from fan_jax.models import fan
+
+    s, t = fan.build_model(student, num_landmarks), fan.build_model(teacher, num_landmarks)
+    adapters = fan.Adapters(features=fan.teacher_channels(t))
+    sv, tv = model_variables(s, image_size, 0, device), model_variables(t, image_size, 1, device)
+    taps = jax.eval_shape(lambda v, x: s.apply(v, x)[1], sv,
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32))
+    av = fill_variables(jax.eval_shape(lambda x: adapters.init(jax.random.PRNGKey(0), x), taps), 2, device)
+    rng = np.random.default_rng(0)
+    data = jax.device_put({"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+                           "landmarks": rng.uniform(0, image_size - 1, (batch, num_landmarks, 2)).astype(np.float32)},
+                          device)
+    return DistillParts(s, t, adapters, sv, tv, av, data, device)
 
 
 def compile_once(key: tuple, jitted: Callable, *args: Any) -> tuple[Any, float]:

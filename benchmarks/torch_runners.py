@@ -7,7 +7,6 @@ import statistics
 from typing import Any, Callable
 
 
-from benchmarks import harness
 from benchmarks.harness import Config, Json, core_count, time_interleaved, version
 from benchmarks.jax_runners import random_batch
 

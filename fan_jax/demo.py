@@ -21,7 +21,7 @@ import numpy as np
 
 from fan_jax import evaluate, synthetic, synthetic_300w, tasks
 from fan_jax.tasks import kdloss
-from fan_jax.train import train_and_evaluate
+from fan_jax.train import steps_per_epoch, train_and_evaluate
 
 Source = Sequence[Mapping]
 
@@ -47,7 +47,7 @@ def demo_configs(config: ml_collections.ConfigDict, workdir: str
         c.model.name = model
         c.train.num_train_steps = steps_
         frac = d.get("lr_decay_fraction", 0.0)
-        epoch = max(1, d.num_train // c.train.batch_size)
+        epoch = steps_per_epoch(c, d.num_train)
         c.train.lr_decay_epochs = ((1 - frac) * steps_ / epoch,) if frac > 0 else ()
         c.distill.enabled = distill
         c.distill.teacher_workdir = os.path.join(workdir, "teacher")

@@ -164,15 +164,6 @@ class DlibDetector:
 DETECTORS: dict[str, Callable[..., Detector]] = {"dlib": DlibDetector, "lbp": LBPDetector}
 
 
-def available(name: str) -> bool:
-    """Whether detector `name` can be constructed here (its package is installed)."""
-    try:
-        DETECTORS[name]()
-    except RuntimeError:
-        return False
-    return True
-
-
 def make_detector(name: str = "auto", **kwargs) -> Detector:
     """A detector by name ('auto': dlib when installed, else the LBP cascade)."""
     if name == "auto":

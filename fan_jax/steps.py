@@ -54,7 +54,7 @@ class TrainState:
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def compute_dtype(name: str) -> Any:
+def dtype_of(name: str) -> Any:
     """The jnp dtype of a `train.compute_dtype` name ('float32' or 'bfloat16')."""
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
@@ -67,6 +67,11 @@ def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
         return tree
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def params_in(variables: PyTree, dtype: Any) -> PyTree:
+    """Flax variables with their 'params' cast to `dtype` (the BN statistics stay float32)."""
+    return dict(variables, params=cast_floating(variables["params"], dtype))
 
 
 def create_train_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
@@ -103,7 +108,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                model: nn.Module, tx: optax.GradientTransformation, sigma: float = 1.0,
                compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the heatmap MSE; returns the new state and {'loss', 'heatmap'}."""
-    images = prepare_images(batch["image"]).astype(COMPUTE_DTYPES[compute_dtype])
+    images = prepare_images(batch["image"]).astype(dtype_of(compute_dtype))
     landmarks = batch["landmarks"]
     # Unused by today's models (no dropout); folded per step so adding a stochastic layer
     # keeps runs reproducible and resumable.
@@ -133,13 +138,11 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
     `adapters` is None when no FA term is enabled (then params has no 'adapters').
     Returns the new state and {'loss', 'heatmap', 'fa1'.., 'fs1'..} (enabled terms only).
     """
-    dtype = COMPUTE_DTYPES[compute_dtype]
+    dtype = dtype_of(compute_dtype)
     images = prepare_images(batch["image"]).astype(dtype)
     landmarks = batch["landmarks"]
     rng = jax.random.fold_in(rng, state.step)
-    teacher_variables = dict(teacher_variables)
-    teacher_variables["params"] = cast_floating(teacher_variables["params"], dtype)
-    _, teacher_taps = teacher.apply(teacher_variables, images, train=False)
+    _, teacher_taps = teacher.apply(params_in(teacher_variables, dtype), images, train=False)
     teacher_taps = jax.lax.stop_gradient(tuple(teacher_taps))
 
     def loss_fn(params):

@@ -115,9 +115,9 @@ def test_calibration_maps_boxes():
 def test_dlib_finds_rotated_faces_the_cascade_misses(bench):
     from skimage import data
 
-    img, box = bench._rotate(data.astronaut(), bench.ASTRONAUT, 30)
-    assert len(bench.match(detect.make_detector("dlib")(img), [box])[2]) == 1
-    assert len(bench.match(detect.make_detector("lbp")(img), [box])[2]) == 0
+    img, truth = bench._rotate(data.astronaut(), bench.ASTRONAUT, 30)
+    assert len(bench.match(detect.make_detector("dlib")(img), truth)[2]) == 1
+    assert len(bench.match(detect.make_detector("lbp")(img), truth)[2]) == 0
 
 
 def test_auto_is_dlib_when_installed_and_unknown_names_are_errors():

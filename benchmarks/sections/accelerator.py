@@ -20,8 +20,8 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Config, Json, fmt, ratio, section, spread, summarize, time_interleaved
-from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, StepRunner, fill_variables,
-                                    flops_of, fraction_of_peak, matmul_peak, model_variables, traced_with)
+from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, StepRunner, distill_parts, flops_of,
+                                    matmul_peak, traced_with, with_peak)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -31,44 +31,18 @@ def _peaks(cfg: Config, device: Any) -> Json:
     return {d: matmul_peak(device, d, n=n, repeats=cfg.repeats) for d in DTYPES}
 
 
-def _with_peak(s: Json, flops: float | None, units_per_repeat: int, peak: Json) -> Json:
-    """Adds flops per call and the fraction of the dtype's matmul peak to a timing summary."""
-    s["flops_per_call"] = flops
-    s["fraction_of_matmul_peak"] = fraction_of_peak(
-        None if flops is None else flops * units_per_repeat, s["median_s"], peak["flops_per_s"])
-    return s
-
-
 def _distill_runners(cfg: Config, device: Any) -> dict[str, StepRunner]:
-    import jax
     import optax
 
     from fan_jax import steps
-    from fan_jax.models import fan
 
-    b, size, L = cfg.accel_distill_batch, cfg.image_size, cfg.num_landmarks
-    student, teacher = fan.build_model(cfg.distill_student, L), fan.build_model(cfg.distill_teacher, L)
-    adapters = fan.Adapters(features=fan.teacher_channels(teacher))
-    sv, tv = model_variables(student, size, 0, device), model_variables(teacher, size, 1, device)
-    taps = jax.eval_shape(lambda v, x: student.apply(v, x)[1], sv,
-                          jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
-    av = fill_variables(jax.eval_shape(lambda t: adapters.init(jax.random.PRNGKey(0), t), taps), 2, device)
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
-                            "landmarks": rng.uniform(0, size - 1, (b, L, 2)).astype(np.float32)}, device)
+    p = distill_parts(cfg.distill_student, cfg.distill_teacher, cfg.num_landmarks, cfg.accel_distill_batch,
+                      cfg.image_size, device)
     tx = optax.adam(1e-3)
-    runners = {}
-    for dtype in DTYPES:
-        params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device),
-                                        {"student": sv["params"], "adapters": av["params"]})
-        bs = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device),
-                                    {"student": sv["batch_stats"]})
-        state = steps.TrainState(step=jax.device_put(np.int32(0), device), params=params, batch_stats=bs,
-                                 opt_state=jax.jit(tx.init)(params))
-        step = functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher,
-                                 tx=tx, compute_dtype=dtype)
-        runners[dtype] = StepRunner(step, state, (tv,), batch).compile()
-    return runners
+    return {d: StepRunner(functools.partial(steps.distill_step, model=p.student, adapters=p.adapters,
+                                            teacher=p.teacher, tx=tx, compute_dtype=d),
+                          p.state(tx), (p.teacher_vars,), p.batch).compile()
+            for d in DTYPES}
 
 
 def _layer_cases(cfg: Config) -> dict[str, tuple[Any, tuple[int, ...]]]:
@@ -109,8 +83,10 @@ def _layer_forms(cfg: Config, device: Any) -> Json:
         iters = cfg.accel_iters_per_repeat
         times = time_interleaved({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()},
                                  cfg.repeats, cfg.warmup)
-        row = {impl: {"ms": 1e3 * summarize(times[impl])["median_s"] / iters,
-                      "spread": summarize(times[impl])["spread"], "flops": flops[impl]} for impl in fns}
+        row = {}
+        for impl in fns:
+            t = summarize(times[impl])
+            row[impl] = {"ms": 1e3 * t["median_s"] / iters, "spread": t["spread"], "flops": flops[impl]}
         row["faster"] = min(("matmul", "lax"), key=lambda k: row[k]["ms"])
         row["shape"] = list(shape)
         out[name] = row
@@ -141,7 +117,7 @@ def accelerator_section(cfg: Config) -> Json:
         times = time_interleaved({d: (lambda t=t: t.run(steps_)) for d, t in trainers.items()},
                                  cfg.repeats, cfg.warmup)
         for d, t in trainers.items():
-            s = _with_peak(summarize(times[d], b * steps_), t.flops, steps_, peaks[d])
+            s = with_peak(summarize(times[d], b * steps_), t.flops, steps_, peaks[d]["flops_per_s"])
             s.update(compile_s=t.compile_s, final_loss=float(t.loss))
             out["train"][d][str(b)] = s
         f32, bf16 = out["train"]["float32"][str(b)], out["train"]["bfloat16"][str(b)]
@@ -157,7 +133,7 @@ def accelerator_section(cfg: Config) -> Json:
         times = time_interleaved({d: (lambda p=p: p.run(iters)) for d, p in preds.items()},
                                  cfg.repeats, cfg.warmup)
         for d, p in preds.items():
-            s = _with_peak(summarize(times[d], b * iters), p.flops, iters, peaks[d])
+            s = with_peak(summarize(times[d], b * iters), p.flops, iters, peaks[d]["flops_per_s"])
             s.update(latency_ms=1e3 * s["median_s"] / iters, compile_s=p.compile_s)
             out["inference"][d][str(b)] = s
         f32, bf16 = out["inference"]["float32"][str(b)], out["inference"]["bfloat16"][str(b)]
@@ -169,7 +145,7 @@ def accelerator_section(cfg: Config) -> Json:
     b = cfg.accel_distill_batch
     out["distill"] = {"batch": b, "student": cfg.distill_student, "teacher": cfg.distill_teacher}
     for d, r in runners.items():
-        s = _with_peak(summarize(times[d], b), flops_of(r.compiled), 1, peaks[d])
+        s = with_peak(summarize(times[d], b), flops_of(r.compiled), 1, peaks[d]["flops_per_s"])
         s.update(compile_s=r.compile_s, final_loss=float(r.metrics["loss"]))
         out["distill"][d] = s
     rows.append((f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher), bf16 vs float32",
@@ -187,7 +163,8 @@ def accelerator_section(cfg: Config) -> Json:
                                      impl=None if impl == layers.conv_impl() else impl)
              for impl in ("matmul", "lax")}
     times = time_interleaved({k: (lambda t=t: t.run(steps_)) for k, t in forms.items()}, cfg.repeats, cfg.warmup)
-    out["train_step_forms"] = {k: _with_peak(summarize(times[k], b * steps_), t.flops, steps_, peaks["float32"])
+    out["train_step_forms"] = {k: with_peak(summarize(times[k], b * steps_), t.flops, steps_,
+                                         peaks["float32"]["flops_per_s"])
                                for k, t in forms.items()}
     m, x = out["train_step_forms"]["matmul"], out["train_step_forms"]["lax"]
     out["train_step_forms"]["faster"] = "matmul" if m["per_s"] >= x["per_s"] else "lax"

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable
-
-import numpy as np
+from typing import Callable
 
 from benchmarks import harness
 from benchmarks.harness import (Config, Json, core_count, cpu_device, fmt, mib, ratio, section,
                                 spread, summarize, time_interleaved)
-from benchmarks.jax_runners import StepRunner, fill_variables, model_variables
+from benchmarks.jax_runners import StepRunner, distill_parts
 
 
 @section("distill")
@@ -19,43 +17,24 @@ def distill_section(cfg: Config) -> Json:
     """Distilled train step (student + frozen teacher, FA1-3 + FS1-3) images/s vs the plain student step."""
     import concurrent.futures
 
-    import jax
     import optax
 
     from fan_jax import steps
-    from fan_jax.models import fan
 
     b, size, L = cfg.train_batch, cfg.image_size, cfg.num_landmarks
-    device = cpu_device()  # on the CPU, beside the train section's numbers
-    student, teacher = fan.build_model(cfg.distill_student, L), fan.build_model(cfg.distill_teacher, L)
-    adapters = fan.Adapters(features=fan.teacher_channels(teacher))  # the paper's 1x1 convs
-    sv = model_variables(student, size, 0, device)
-    tv = model_variables(teacher, size, 1, device)
-    taps = jax.eval_shape(lambda v, x: student.apply(v, x)[1], sv,
-                          jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
-    av = fill_variables(jax.eval_shape(lambda t: adapters.init(jax.random.PRNGKey(0), t), taps), 2, device)
-    rng = np.random.default_rng(0)
-    # uint8 crops, as the input pipeline delivers them: normalisation is part of the step.
-    batch = jax.device_put({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
-                            "landmarks": rng.uniform(0, size - 1, (b, L, 2)).astype(np.float32)}, device)
+    # On the CPU, beside the train section's numbers.
+    p = distill_parts(cfg.distill_student, cfg.distill_teacher, L, b, size, cpu_device())
     tx = optax.adam(1e-3)
 
-    def state(with_adapters: bool) -> Any:
-        params = {"student": sv["params"], **({"adapters": av["params"]} if with_adapters else {})}
-        # Fresh copies: each runner donates (consumes) its own state.
-        params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), params)
-        bs = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), device), {"student": sv["batch_stats"]})
-        return steps.TrainState(step=jax.device_put(np.int32(0), device), params=params, batch_stats=bs,
-                                opt_state=jax.jit(tx.init)(params))
-
     def distill(form: str) -> Callable:
-        return functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher, tx=tx,
-                                 fs_form=form)
+        return functools.partial(steps.distill_step, model=p.student, adapters=p.adapters, teacher=p.teacher,
+                                 tx=tx, fs_form=form)
 
     runners = {
-        "plain": StepRunner(functools.partial(steps.train_step, model=student, tx=tx), state(False), (), batch),
-        "distill_gram": StepRunner(distill("gram"), state(True), (tv,), batch),
-        "distill_direct": StepRunner(distill("direct"), state(True), (tv,), batch),
+        "plain": StepRunner(functools.partial(steps.train_step, model=p.student, tx=tx), p.state(tx, False), (),
+                            p.batch),
+        "distill_gram": StepRunner(distill("gram"), p.state(tx), (p.teacher_vars,), p.batch),
+        "distill_direct": StepRunner(distill("direct"), p.state(tx), (p.teacher_vars,), p.batch),
     }
     # XLA's compile releases the GIL: two at a time overlap on two cores (~1 min each here).
     t0 = time.perf_counter()
@@ -68,7 +47,7 @@ def distill_section(cfg: Config) -> Json:
                                              "distill_direct": min(repeats, cfg.distill_direct_repeats)})
     out: Json = {"batch": b, "image_size": size, "num_landmarks": L, "student": cfg.distill_student,
                  "teacher": cfg.distill_teacher, "adapters": "conv", "terms": "FA1-3 + FS1-3", "lam": 1e-4,
-                 "device": str(device), "compile_wall_s": compile_wall_s,
+                 "device": str(p.device), "compile_wall_s": compile_wall_s,
                  "repeats_note": f"distill steps: {repeats} repeats (direct form: "
                                  f"{min(repeats, cfg.distill_direct_repeats)}), plain step: {cfg.repeats}, "
                                  "to keep the section to minutes on a small CPU"}

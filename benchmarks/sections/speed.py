@@ -8,8 +8,8 @@ import platform
 from benchmarks import harness
 from benchmarks.harness import (Config, Json, TORCH_MISSING, core_count, cpu_device, fmt, ratio,
                                 section, spread, summarize, time_interleaved, version)
-from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, fraction_of_peak, matmul_peak,
-                                    numpy_matmul_peak)
+from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, matmul_peak, numpy_matmul_peak,
+                                    with_peak)
 from benchmarks.torch_runners import (TorchStudentPredictor, TorchStudentTrainer, best_torch, torch_key,
                                       torch_runners)
 
@@ -46,12 +46,9 @@ def machine_section(cfg: Config) -> Json:
     return info
 
 
-def _add_peak(s: Json, flops: float | None, calls: int) -> None:
-    """FLOPs per call (XLA's count) and the fraction of this CPU's matmul peak achieved."""
-    peak = harness.CONSUMERS.get("matmul_peak", {}).get("flops_per_s")
-    s["flops_per_call"] = flops
-    s["fraction_of_matmul_peak"] = fraction_of_peak(None if flops is None else flops * calls,
-                                                    s["median_s"], peak)
+def _cpu_peak() -> float | None:
+    """This CPU's matmul rate, measured by the machine section (None when it did not run)."""
+    return harness.CONSUMERS.get("matmul_peak", {}).get("flops_per_s")
 
 
 def _torch_thread_rows(out: Json, field: str, what: str) -> list:
@@ -76,7 +73,7 @@ def train_section(cfg: Config) -> Json:
     out["fan_jax"] = summarize(times["fan_jax"], work=b * steps)
     out["fan_jax"]["final_loss"] = float(ours.loss)
     out["fan_jax"]["compile_s"] = ours.compile_s
-    _add_peak(out["fan_jax"], ours.flops, steps)
+    with_peak(out["fan_jax"], ours.flops, steps, _cpu_peak())
     speedup = None
     if torch is not None:
         by_threads = {t: summarize(times[torch_key(t)], work=b * steps) for t in theirs}
@@ -121,7 +118,7 @@ def inference_section(cfg: Config) -> Json:
         summaries[name] = s
     out["fan_jax"] = summaries["fan_jax"]
     out["fan_jax"]["compile_s"] = ours.compile_s
-    _add_peak(out["fan_jax"], ours.flops, iters)
+    with_peak(out["fan_jax"], ours.flops, iters, _cpu_peak())
     speedup = None
     if torch is not None:
         by_threads = {t: summaries[torch_key(t)] for t in theirs}

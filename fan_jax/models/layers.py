@@ -14,8 +14,10 @@ Each layer also has its native `lax` form (`conv_impl`): 'matmul' (the forms her
 
 from __future__ import annotations
 
+import contextlib
+import os
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +41,6 @@ _override: list[str] = []
 def conv_impl() -> str:
     """The form layers trace to now: a `use_conv_impl` override, $FAN_JAX_CONV_IMPL, or the
     backend's default (`CONV_IMPL_DEFAULTS`)."""
-    import os
-
     name = (_override[-1] if _override else os.environ.get("FAN_JAX_CONV_IMPL")
             or CONV_IMPL_DEFAULTS.get(jax.default_backend(), "matmul"))
     if name not in CONV_IMPLS:
@@ -48,19 +48,15 @@ def conv_impl() -> str:
     return name
 
 
-class use_conv_impl:
+@contextlib.contextmanager
+def use_conv_impl(name: str) -> Iterator[None]:
     """`with use_conv_impl('lax'): ...`: functions traced inside use that form."""
-
-    def __init__(self, name: str):
-        if name not in CONV_IMPLS:
-            raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
-        self.name = name
-
-    def __enter__(self):
-        _override.append(self.name)
-        return self
-
-    def __exit__(self, *exc):
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
+    _override.append(name)
+    try:
+        yield
+    finally:
         _override.pop()
 
 

@@ -112,7 +112,6 @@ def build(config: ml_collections.ConfigDict, num_landmarks: int, steps_per_epoch
     model = fan.build_model(config.model.name, num_landmarks)
     d = config.distill
     dtype = config.train.get("compute_dtype", "float32")
-    steps.compute_dtype(dtype)  # a clear error for an unknown name, before any compile
     if not d.enabled:
         step = functools.partial(_no_teacher, model=model, tx=tx, sigma=config.sigma,
                                  compute_dtype=dtype)

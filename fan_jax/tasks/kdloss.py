@@ -143,9 +143,8 @@ def _forward(model: regression.LandmarkRegressor, params: PyTree, batch_stats: P
 
 def _frozen_forward(model: regression.LandmarkRegressor, variables: PyTree,
                     images: jax.Array) -> jax.Array:
-    variables = dict(variables)
-    variables["params"] = steps.cast_floating(variables["params"], images.dtype)
-    return jax.lax.stop_gradient(model.apply(variables, images, train=False).astype(jnp.float32))
+    pred = model.apply(steps.params_in(variables, images.dtype), images, train=False)
+    return jax.lax.stop_gradient(pred.astype(jnp.float32))
 
 
 def teacher_step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Array],
@@ -154,7 +153,7 @@ def teacher_step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Arra
                  compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the MSE to the landmarks (to their ASM projection with `shape_model`).
     `frozen` is unused (a teacher has no teacher)."""
-    images = prepare_images(batch["image"]).astype(steps.compute_dtype(compute_dtype))
+    images = prepare_images(batch["image"]).astype(steps.dtype_of(compute_dtype))
     target = to_normalized(batch["landmarks"], images.shape[1])
     if shape_model is not None:
         target = shape_model.project_jnp(target)
@@ -176,7 +175,7 @@ def student_step(state: TrainState, frozen: tuple[PyTree, PyTree],
                  loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig(),
                  compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
     """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables."""
-    images = prepare_images(batch["image"]).astype(steps.compute_dtype(compute_dtype))
+    images = prepare_images(batch["image"]).astype(steps.dtype_of(compute_dtype))
     gt = to_normalized(batch["landmarks"], images.shape[1])
     rng = jax.random.fold_in(rng, state.step)
     tough_vars, tolerant_vars = frozen
