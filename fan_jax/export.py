@@ -95,23 +95,26 @@ def decode_landmarks(hm: jax.Array, stride: float = 4.0) -> jax.Array:
 
 
 def _native_convs(next_fun, args, kwargs, context):
-    """Runs `layers.DepthwiseConv` and `layers.PointwiseConv` as `lax` convolutions with
-    their own parameters.
+    """Runs `layers.DepthwiseConv`, `layers.PointwiseConv` and `layers.PatchConv` as `lax`
+    convolutions with their own parameters.
 
-    The training layers write depthwise convs as k*k shifted slices and 1x1 convs as
-    reshaped matmuls (fast for XLA:CPU's backward pass); exported as such, TFLite and
+    The training layers write depthwise convs as k*k shifted slices, 1x1 convs as reshaped
+    matmuls and the stem as a space-to-depth patch matmul (fast for XLA:CPU's backward pass); exported as such, TFLite and
     onnxruntime run many small ops per layer instead of their native (grouped) CONV kernels.
     """
     from fan_jax.models import layers
 
     module = context.module
     if context.method_name != "__call__" or not isinstance(
-            module, (layers.DepthwiseConv, layers.PointwiseConv)):
+            module, (layers.DepthwiseConv, layers.PointwiseConv, layers.PatchConv)):
         return next_fun(*args, **kwargs)
     (x,) = args
     kernel = module.get_variable("params", "kernel")
     if isinstance(module, layers.DepthwiseConv):
         strides, groups = module.strides, x.shape[-1]
+        pads = layers._resolve_padding(module.padding, x.shape[1:3], module.kernel_size, strides)
+    elif isinstance(module, layers.PatchConv):
+        strides, groups = module.strides, 1
         pads = layers._resolve_padding(module.padding, x.shape[1:3], module.kernel_size, strides)
     else:
         strides, groups, pads = 1, 1, [(0, 0), (0, 0)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fan_jax.models.layers import (BatchNorm, ConvTranspose, DepthwiseConv, PointwiseConv,
+from fan_jax.models.layers import (BatchNorm, ConvTranspose, DepthwiseConv, PatchConv, PointwiseConv,
                                    conv_transpose_torch, conv_transpose_torch_reference,
                                    depthwise_conv, same_padding)
 
@@ -94,6 +94,32 @@ def test_depthwise_module_params_match_nn_conv():
     ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", feature_group_count=6, use_bias=False,
                   precision=HI)
     np.testing.assert_allclose(DepthwiseConv(3, strides=2).apply(v, x), ref.apply(v, x), **TOL)
+
+
+@pytest.mark.parametrize("k,strides,size,padding", [
+    (3, 2, (8, 8), "SAME"), (3, 2, (7, 9), "SAME"), (3, 1, (6, 5), "SAME"), (5, 2, (9, 8), "VALID"),
+    (1, 1, (4, 4), "SAME"),
+])
+def test_patch_conv_matches_lax_conv(k, strides, size, padding):
+    cin, cout = 3, 4
+    x, kernel = _rand(0, (2, *size, cin)), _rand(1, (k, k, cin, cout))
+
+    def fast(x, kernel):
+        return PatchConv(cout, k, strides=strides, padding=padding, precision=HI).apply(
+            {"params": {"kernel": kernel}}, x)
+
+    _check_value_and_grads(fast, lambda x, kern: _lax_conv(x, kern, strides, padding), x, kernel)
+
+
+def test_patch_conv_params_match_nn_conv():
+    x = _rand(0, (1, 8, 8, 3))
+    v = PatchConv(6, 3, strides=2, use_bias=True).init(jax.random.key(0), x)
+    v_ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", precision=HI).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
+    v = {"params": {**v["params"], "bias": _rand(3, (6,))}}
+    ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", precision=HI)
+    np.testing.assert_allclose(PatchConv(6, 3, strides=2, use_bias=True, precision=HI).apply(v, x),
+                               ref.apply(v, x), **TOL)
 
 
 def _torch_conv_transpose_loop(x, kernel, s, p, op=0):
@@ -191,6 +217,7 @@ def test_lax_form_equals_the_matmul_form(monkeypatch):
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
+            x = PatchConv(12, 3, strides=2)(x)
             x = PointwiseConv(24)(x)
             x = DepthwiseConv(3, strides=2)(x)
             x = DepthwiseConv(3, strides=1)(x)
@@ -198,7 +225,7 @@ def test_lax_form_equals_the_matmul_form(monkeypatch):
             return ConvTranspose(8, 2, strides=2)(x)
 
     model = Net()
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 8)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     params = model.init(jax.random.key(0), x)
 
     def loss(p, impl):

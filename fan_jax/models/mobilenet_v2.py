@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fan_jax.models.layers import BatchNorm, DepthwiseConv, PointwiseConv
+from fan_jax.models.layers import BatchNorm, DepthwiseConv, PatchConv, PointwiseConv
 
 Array = jax.Array
 
@@ -75,8 +75,7 @@ class MobileNetV2Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         first = make_divisible(32 * self.width, 8)
-        x = nn.Conv(first, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
-                    name="Conv1")(x)
+        x = PatchConv(first, 3, strides=2, padding="SAME", name="Conv1")(x)
         x = self._bn("bn_Conv1", train)(x)
         for block_id, cfg in enumerate(block_configs(self.width)):
             x = self._inverted_residual(x, block_id, train, **cfg)
