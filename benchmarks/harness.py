@@ -43,6 +43,8 @@ class Config:
     accel_distill_batch: int = 32
     accel_layer_batch: int = 8
     accel_forms_batch: int = 8
+    layers_infer_batch: int = 1
+    layers_train_batch: int = 8
     force_accelerator: bool = False  # run the accelerator section even on CPU
     pipeline_workers: tuple[int, ...] = (0, 1, 2)  # 0: grain's map in this process
     pipeline_examples: int = 64  # distinct synthetic faces in the in-memory source
@@ -65,7 +67,7 @@ class Config:
             infer_iters_per_repeat=2, fs_batch=2, fs_size=16, fs_direct_repeats=2,
             torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1,),
             accel_steps_per_repeat=1, accel_iters_per_repeat=2, accel_distill_batch=2,
-            accel_layer_batch=1, accel_forms_batch=2, pipeline_workers=(0, 1), pipeline_examples=4,
+            accel_layer_batch=1, accel_forms_batch=2, layers_train_batch=2, pipeline_workers=(0, 1), pipeline_examples=4,
             pipeline_face_size=160, pipeline_batch=2, pipeline_batches=2, pipeline_repeats=1,
             distill_teacher="resnet18_fan", distill_repeats=1, distill_direct_repeats=1,
             export_formats=("tflite", "onnx"), export_iters_per_repeat=2, quick=True,

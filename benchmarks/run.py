@@ -1,6 +1,6 @@
 """fan_jax benchmark report: ``python benchmarks/run.py [--json PATH] [--repeats N] [--quick] [--sections a,b]``.
 
-Each section is a function in its own module of ``benchmarks/sections/`` (speed, fs_loss,
+Each section is a function in its own module of ``benchmarks/sections/`` (speed, layers, fs_loss,
 accelerator, distill, pipeline, export), registered with ``harness.section(name)``; it takes
 the run's ``Config`` and returns a JSON-able dict. The train step timed is the project's own
 ``fan_jax.steps.train_step`` (``jax_runners``). A section may add:
@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Config, Json  # noqa: E402
 # Importing the section modules registers their sections; their order is the report's.
-from benchmarks.sections import speed, fs_loss, accelerator, distill, pipeline, export  # noqa: E402,F401,I001
+from benchmarks.sections import speed, layers, fs_loss, accelerator, distill, pipeline, export  # noqa: E402,F401,I001
 
 # --------------------------------------------------------------------------------------------
 # Report

@@ -318,3 +318,49 @@ def test_export_section_notes_missing_dependencies(monkeypatch):
     monkeypatch.setattr(export, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats})
     out = export.export_section(harness.Config.quick_config())
     assert "skipped" in out and "onnxruntime" in out["formats"]["onnx"]
+
+
+def test_layer_units_follow_the_student_and_count_its_flops():
+    """The layers section's units are the student's own convolutions (each with its BN), and
+    their shape-counted FLOPs agree with XLA's count of the same unit as a plain lax conv (which
+    skips the taps that fall on padding: a few % at 64 px)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.sections import layers as layer_section
+    from fan_jax.models import layers
+
+    units = layer_section.student_units(jax_runners.build_student(5), jax_runners.init_variables(5, 64),
+                                        (1, 64, 64, 3))
+    kinds = [u.kind for u in units]
+    # MobileNetV2 to block_16: stem, 16 expand + 17 depthwise + 17 project; 3 deconvs; the head.
+    assert len(units) == 1 + 16 + 17 + 17 + 3 + 1
+    assert kinds.count("DepthwiseConv") == 17 and kinds.count("ConvTranspose") == 3
+    assert units[0].name == "Conv1" and units[0].kind == "PatchConv" and units[0].in_shape == (64, 64, 3)
+    assert units[-1].kind == "PointwiseConv" and units[-1].out_shape[-1] == 5 and len(units[-1].modules) == 1
+    assert all(len(u.modules) == 2 for u in units[:-1])  # conv + BatchNorm everywhere but the head
+    for u in (units[0], units[1], units[2], units[5]):  # stem, depthwise s1, project, depthwise s2
+        conv = u.modules[0]
+        x = jnp.zeros((1, *u.in_shape), jnp.float32)
+        with layers.use_conv_impl("lax"):
+            exe = jax.jit(lambda v, x, conv=conv: conv.apply(v, x)).lower(u.variables[0], x).compile()
+        assert jax_runners.flops_of(exe) == pytest.approx(u.conv_flops_per_image, rel=0.05), u.name
+
+
+def test_quick_layers_section(tmp_path):
+    report = bench.main(["--quick", "--sections", "layers", "--json", str(tmp_path / "l.json")])
+    sec = report["sections"]["layers"]
+    assert sec["call_overhead_ms"] > 0 and all(r["bytes_per_s"] > 0 for r in sec["streaming_rates"])
+    for mode in ("inference", "train"):
+        m = sec[mode]
+        assert {r["kind"] for r in m["layers"]} == {"PatchConv", "PointwiseConv", "DepthwiseConv", "ConvTranspose"}
+        for r in m["layers"]:
+            assert r["net_ms"] > 0 and r["compute_bound_ms"] > 0 and r["memory_bound_ms"] > 0
+            assert r["fraction_of_bound"] == pytest.approx(
+                max(r["compute_bound_ms"], r["memory_bound_ms"]) / r["net_ms"])
+        assert m["total"]["net_ms"] == pytest.approx(sum(r["net_ms"] for r in m["layers"]))
+        assert m["num_layers"] == len(m["layers"])
+    # Training moves more bytes and does 2-3x the FLOPs of inference, per image.
+    inf, tr = sec["inference"]["layers"][1], sec["train"]["layers"][1]
+    assert tr["flops"] / tr["in_shape"][0] == pytest.approx(3 * inf["flops"] / inf["in_shape"][0], rel=0.05)
+    assert report["layers_inference_fraction_of_bound"] > 0
