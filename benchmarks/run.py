@@ -33,6 +33,13 @@ if __package__ in (None, ""):
     # Run as a script: make `benchmarks` importable from a checkout.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":
+    # As `python -m fan_jax.main` does: glibc malloc settings that let XLA:CPU (and PyTorch)
+    # reuse freed blocks; both frameworks run under them (FAN_JAX_MALLOC=default: glibc's own).
+    from fan_jax import allocator
+
+    allocator.reexec_tuned()
+
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Config, Json  # noqa: E402
 # Importing the section modules registers their sections; their order is the report's.

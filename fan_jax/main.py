@@ -10,12 +10,21 @@ On several hosts (a TPU pod slice), run the same command on every host with
 Exit status (fan_jax.errors): 0 done; 1 an `ERROR:` line (bad config, weight file, data
 file, checkpoint or record, I/O error, NaN loss); 2 the dataset is not built and its
 downloads are missing; 75 preempted by SIGTERM after saving (requeue the same command).
+
+On Linux the command re-executes itself once with glibc malloc settings that let XLA:CPU
+reuse its per-step temporaries (`fan_jax.allocator`; `FAN_JAX_MALLOC=default` opts out).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+if __name__ == "__main__":
+    # Before anything else is imported: glibc reads its malloc settings only at start-up.
+    from fan_jax import allocator
+
+    allocator.reexec_tuned()
 
 # Experiment configs do `from configs import default`; configs/ sits beside the package
 # in a checkout, so make that importable from any working directory.

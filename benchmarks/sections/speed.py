@@ -6,6 +6,7 @@ import os
 import platform
 
 from benchmarks import harness
+from fan_jax import allocator
 from benchmarks.harness import (Config, Json, TORCH_MISSING, core_count, cpu_device, fmt, ratio,
                                 section, spread, summarize, time_interleaved, version)
 from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, matmul_peak, numpy_matmul_peak,
@@ -34,6 +35,9 @@ def machine_section(cfg: Config) -> Json:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        # fan_jax.allocator: both frameworks run in this process, under the same malloc.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "malloc_tuned": allocator.is_tuned(),
     }
     # The bound the speed figures are given against: float32 matmul, XLA's and numpy's BLAS.
     n = 512 if cfg.quick else 2048
