@@ -290,16 +290,17 @@ def _depthwise_conv_bwd(strides, padding, res, g):
     gp = jax.lax.optimization_barrier(gp)
     dx = _depthwise_input_grad(gp, kernel, strides, padding, x_shape)
     g = gp[:, q:q + ho, q:q + wo]
-    # d/dkernel[i, j, c] = sum over n, y, x of tap_ij * g: the k*k products summed over the
-    # batch (unrolled, elementwise) in one fusion laid out [.., k*k, C], so each position's
-    # g is read once for all taps; then a ones-vector matmul over positions (a reduction
-    # over a non-minor axis of a fused product is slow on XLA:CPU; a GEMV is not).
-    prods = jnp.stack([_batch_sum(tap * g) for _, tap in _depthwise_taps(xp, k, strides, out_hw)],
-                      axis=-2).reshape(-1, k * k * c)
-    ones = jnp.ones((prods.shape[0],), prods.dtype)
-    dk = jnp.dot(ones, prods, precision=jax.lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
-    return dx, dk.reshape(k, k, 1, c).astype(kernel.dtype)
+    # d/dkernel[i, j, c] = sum over n, y, x of tap_ij * g: first an unrolled sum over the
+    # batch (elementwise), then a ones-vector matmul over positions (a reduction over a
+    # non-minor axis of a fused product is slow on XLA:CPU; a GEMV is not). One GEMV per
+    # tap: stacking the k*k products first costs XLA:CPU an extra concatenate (~25% slower).
+    dk = []
+    for _, tap in _depthwise_taps(xp, k, strides, out_hw):
+        partial_sum = _batch_sum(tap * g).reshape(-1, c)
+        ones = jnp.ones((partial_sum.shape[0],), partial_sum.dtype)
+        dk.append(jnp.dot(ones, partial_sum, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32))
+    return dx, jnp.stack(dk).reshape(k, k, 1, c).astype(kernel.dtype)
 
 
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
