@@ -99,8 +99,9 @@ def _native_convs(next_fun, args, kwargs, context):
     convolutions with their own parameters.
 
     The training layers write depthwise convs as k*k shifted slices, 1x1 convs as reshaped
-    matmuls and the stem as a space-to-depth patch matmul (fast for XLA:CPU's backward pass); exported as such, TFLite and
-    onnxruntime run many small ops per layer instead of their native (grouped) CONV kernels.
+    matmuls and the stem as a space-to-depth patch matmul (fast for XLA:CPU); exported as
+    such, TFLite and onnxruntime run many small ops per layer instead of their native
+    (grouped) CONV kernels.
     """
     from fan_jax.models import layers
 
@@ -110,11 +111,9 @@ def _native_convs(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     (x,) = args
     kernel = module.get_variable("params", "kernel")
-    if isinstance(module, layers.DepthwiseConv):
-        strides, groups = module.strides, x.shape[-1]
-        pads = layers._resolve_padding(module.padding, x.shape[1:3], module.kernel_size, strides)
-    elif isinstance(module, layers.PatchConv):
-        strides, groups = module.strides, 1
+    if isinstance(module, (layers.DepthwiseConv, layers.PatchConv)):
+        strides = module.strides
+        groups = x.shape[-1] if isinstance(module, layers.DepthwiseConv) else 1
         pads = layers._resolve_padding(module.padding, x.shape[1:3], module.kernel_size, strides)
     else:
         strides, groups, pads = 1, 1, [(0, 0), (0, 0)]
