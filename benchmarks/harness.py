@@ -36,6 +36,7 @@ class Config:
     # a shared machine deschedules one of torch's threads (10x slower at load > cores), while
     # one thread does not; probing keeps the baseline fair to torch under either condition.
     torch_threads: int | None = None
+    accel_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # train.compute_dtype values to time
     accel_train_batches: tuple[int, ...] = (1, 8, 256)
     accel_infer_batches: tuple[int, ...] = (1, 256)
     accel_steps_per_repeat: int = 5  # accelerator steps are ms: more per repeat beats timer/dispatch noise

@@ -23,12 +23,19 @@ from benchmarks.harness import Config, Json, fmt, ratio, section, spread, summar
 from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, StepRunner, distill_parts, flops_of,
                                     matmul_peak, traced_with, with_peak)
 
-DTYPES = ("float32", "bfloat16")
-
-
 def _peaks(cfg: Config, device: Any) -> Json:
     n = 256 if cfg.quick else 4096
-    return {d: matmul_peak(device, d, n=n, repeats=cfg.repeats) for d in DTYPES}
+    return {d: matmul_peak(device, d, n=n, repeats=cfg.repeats) for d in cfg.accel_dtypes}
+
+
+def _dtype_row(label: str, by_dtype: Json, key: str) -> tuple:
+    """bf16 vs float32 where both ran; otherwise the one dtype's figure."""
+    if set(by_dtype) >= {"float32", "bfloat16"}:
+        bf16, f32 = by_dtype["bfloat16"], by_dtype["float32"]
+        return (f"{label}, bf16 vs float32", fmt(bf16[key]), fmt(f32[key]),
+                fmt(ratio(bf16[key], f32[key]), "x"), spread(bf16, f32))
+    (d, s), = by_dtype.items()
+    return (f"{label}, {d}", fmt(s[key]), "", "", "")
 
 
 def _distill_runners(cfg: Config, device: Any) -> dict[str, StepRunner]:
@@ -42,7 +49,7 @@ def _distill_runners(cfg: Config, device: Any) -> dict[str, StepRunner]:
     return {d: StepRunner(functools.partial(steps.distill_step, model=p.student, adapters=p.adapters,
                                             teacher=p.teacher, tx=tx, compute_dtype=d),
                           p.state(tx), (p.teacher_vars,), p.batch).compile()
-            for d in DTYPES}
+            for d in cfg.accel_dtypes}
 
 
 def _layer_cases(cfg: Config) -> dict[str, tuple[Any, tuple[int, ...]]]:
@@ -108,37 +115,37 @@ def accelerator_section(cfg: Config) -> Json:
     peaks = _peaks(cfg, device)
     out: Json = {"backend": backend, "device": str(device), "image_size": size, "matmul_peak": peaks,
                  "conv_impl_default": layers.CONV_IMPL_DEFAULTS.get(backend),
-                 "train": {d: {} for d in DTYPES}, "inference": {d: {} for d in DTYPES}}
+                 "train": {d: {} for d in cfg.accel_dtypes}, "inference": {d: {} for d in cfg.accel_dtypes}}
     rows = [(f"{backend} matmul TFLOP/s ({d}, n={peaks[d]['n']})", fmt(peaks[d]["flops_per_s"] / 1e12), "", "", "")
-            for d in DTYPES]
+            for d in cfg.accel_dtypes]
     steps_ = cfg.accel_steps_per_repeat
     for b in cfg.accel_train_batches:
-        trainers = {d: JaxStudentTrainer(L, b, size, device=device, compute_dtype=d) for d in DTYPES}
+        trainers = {d: JaxStudentTrainer(L, b, size, device=device, compute_dtype=d) for d in cfg.accel_dtypes}
         times = time_interleaved({d: (lambda t=t: t.run(steps_)) for d, t in trainers.items()},
                                  cfg.repeats, cfg.warmup)
         for d, t in trainers.items():
             s = with_peak(summarize(times[d], b * steps_), t.flops, steps_, peaks[d]["flops_per_s"])
             s.update(compile_s=t.compile_s, final_loss=float(t.loss))
             out["train"][d][str(b)] = s
-        f32, bf16 = out["train"]["float32"][str(b)], out["train"]["bfloat16"][str(b)]
-        rows.append((f"{backend} train images/s (batch {b}), bf16 vs float32", fmt(bf16["per_s"]),
-                     fmt(f32["per_s"]), fmt(ratio(bf16["per_s"], f32["per_s"]), "x"), spread(bf16, f32)))
+        rows.append(_dtype_row(f"{backend} train images/s (batch {b})",
+                               {d: out["train"][d][str(b)] for d in cfg.accel_dtypes}, "per_s"))
     biggest = str(max(cfg.accel_train_batches))
+    # The dtype the pipeline section compares its throughput with: bf16 where measured.
+    feed = "bfloat16" if "bfloat16" in cfg.accel_dtypes else cfg.accel_dtypes[0]
     harness.CONSUMERS["accelerator"] = {
-        "images_per_s": out["train"]["bfloat16"][biggest]["per_s"], "batch": int(biggest), "image_size": size,
-        "step": f"{backend} student bf16 train step (accelerator section, largest batch)"}
+        "images_per_s": out["train"][feed][biggest]["per_s"], "batch": int(biggest), "image_size": size,
+        "step": f"{backend} student {feed} train step (accelerator section, largest batch)"}
     iters = cfg.accel_iters_per_repeat
     for b in cfg.accel_infer_batches:
-        preds = {d: JaxStudentPredictor(L, b, size, device=device, compute_dtype=d) for d in DTYPES}
+        preds = {d: JaxStudentPredictor(L, b, size, device=device, compute_dtype=d) for d in cfg.accel_dtypes}
         times = time_interleaved({d: (lambda p=p: p.run(iters)) for d, p in preds.items()},
                                  cfg.repeats, cfg.warmup)
         for d, p in preds.items():
             s = with_peak(summarize(times[d], b * iters), p.flops, iters, peaks[d]["flops_per_s"])
             s.update(latency_ms=1e3 * s["median_s"] / iters, compile_s=p.compile_s)
             out["inference"][d][str(b)] = s
-        f32, bf16 = out["inference"]["float32"][str(b)], out["inference"]["bfloat16"][str(b)]
-        rows.append((f"{backend} inference images/s (batch {b}), bf16 vs float32", fmt(bf16["per_s"]),
-                     fmt(f32["per_s"]), fmt(ratio(bf16["per_s"], f32["per_s"]), "x"), spread(bf16, f32)))
+        rows.append(_dtype_row(f"{backend} inference images/s (batch {b})",
+                               {d: out["inference"][d][str(b)] for d in cfg.accel_dtypes}, "per_s"))
 
     runners = _distill_runners(cfg, device)
     times = time_interleaved({d: (lambda r=r: r.run(1)) for d, r in runners.items()}, cfg.repeats, cfg.warmup)
@@ -148,10 +155,8 @@ def accelerator_section(cfg: Config) -> Json:
         s = with_peak(summarize(times[d], b), flops_of(r.compiled), 1, peaks[d]["flops_per_s"])
         s.update(compile_s=r.compile_s, final_loss=float(r.metrics["loss"]))
         out["distill"][d] = s
-    rows.append((f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher), bf16 vs float32",
-                 fmt(out["distill"]["bfloat16"]["per_s"]), fmt(out["distill"]["float32"]["per_s"]),
-                 fmt(ratio(out["distill"]["bfloat16"]["per_s"], out["distill"]["float32"]["per_s"]), "x"),
-                 spread(out["distill"]["bfloat16"], out["distill"]["float32"])))
+    rows.append(_dtype_row(f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher)",
+                           {d: out["distill"][d] for d in cfg.accel_dtypes}, "per_s"))
 
     out["layer_forms"] = _layer_forms(cfg, device)
     for name, row in out["layer_forms"].items():
@@ -164,13 +169,14 @@ def accelerator_section(cfg: Config) -> Json:
              for impl in ("matmul", "lax")}
     times = time_interleaved({k: (lambda t=t: t.run(steps_)) for k, t in forms.items()}, cfg.repeats, cfg.warmup)
     out["train_step_forms"] = {k: with_peak(summarize(times[k], b * steps_), t.flops, steps_,
-                                         peaks["float32"]["flops_per_s"])
+                                         peaks.get("float32", {}).get("flops_per_s"))
                                for k, t in forms.items()}
     m, x = out["train_step_forms"]["matmul"], out["train_step_forms"]["lax"]
     out["train_step_forms"]["faster"] = "matmul" if m["per_s"] >= x["per_s"] else "lax"
     rows.append((f"{backend} float32 train images/s (batch {b}), matmul vs lax form", fmt(m["per_s"]),
                  fmt(x["per_s"]), fmt(ratio(m["per_s"], x["per_s"]), "x"), spread(m, x)))
-    out["summary"] = {"accelerator_train_images_per_s_bf16": out["train"]["bfloat16"][biggest]["per_s"],
+    out["summary"] = {f"accelerator_train_images_per_s_{'bf16' if feed == 'bfloat16' else feed}":
+                      out["train"][feed][biggest]["per_s"],
                       "accelerator_faster_conv_form": out["train_step_forms"]["faster"]}
     out["rows"] = rows
     return out
