@@ -18,6 +18,7 @@ from benchmarks.sections import export  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks import jax_runners  # noqa: E402
 from benchmarks import torch_runners  # noqa: E402
+from benchmarks import xla_flags  # noqa: E402
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -381,3 +382,19 @@ def test_quick_layers_section(tmp_path):
     inf, tr = sec["inference"]["layers"][1], sec["train"]["layers"][1]
     assert tr["flops"] / tr["in_shape"][0] == pytest.approx(3 * inf["flops"] / inf["in_shape"][0], rel=0.05)
     assert report["layers_inference_fraction_of_bound"] > 0
+
+
+def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):
+    out = xla_flags.main(["--quick", "--rounds", "1", "--repeats", "2", "--candidates",
+                          "default,no_xnnpack", "--json", str(tmp_path / "f.json")])
+    assert set(out) == {"default", "no_xnnpack"}
+    for s in out.values():
+        assert s["train_ms"] > 0 and s["infer_ms"] > 0 and np.isfinite(s["rounds"][0]["final_loss"])
+    assert out["default"]["train_ratio_vs_default"] == 1.0
+    assert json.load(open(tmp_path / "f.json"))["candidates"]["no_xnnpack"]["flags"] == "--xla_cpu_use_xnnpack=false"
+    with pytest.raises(ValueError, match="--candidates: unknown"):
+        xla_flags.main(["--candidates", "default,nonsense"])
+    # The flags reach the worker's XLA: one it does not know fails that candidate, by name.
+    monkeypatch.setitem(xla_flags.CANDIDATES, "bogus", "--xla_cpu_no_such_flag=true")
+    with pytest.raises(RuntimeError, match="candidate 'bogus'"):
+        xla_flags.measure(["bogus"], 1, 2, 64, 5, 1)
