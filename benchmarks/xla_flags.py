@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,30 +35,17 @@ CANDIDATES: dict[str, str] = {
 
 
 def _worker(batch: int, size: int, num_landmarks: int, repeats: int) -> dict:
+    from benchmarks.harness import time_interleaved
     from benchmarks.jax_runners import JaxStudentPredictor, JaxStudentTrainer
 
-    out = {}
-    t0 = time.perf_counter()
     trainer = JaxStudentTrainer(num_landmarks, batch, size)
-    trainer.run(1)
-    trainer.loss.block_until_ready()
-    out["train_compile_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        trainer.run(2)
-        trainer.loss.block_until_ready()
-        times.append((time.perf_counter() - t) / 2)
-    out["train_ms"], out["final_loss"] = 1e3 * statistics.median(times), float(trainer.loss)
     predictor = JaxStudentPredictor(num_landmarks, 1, size)
-    predictor.run(2)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        predictor.run(10)
-        times.append((time.perf_counter() - t) / 10)
-    out["infer_ms"] = 1e3 * statistics.median(times)
-    return out
+    steps, iters = 2, 10
+    times = time_interleaved({"train": lambda: trainer.run(steps), "infer": lambda: predictor.run(iters)},
+                             repeats, warmup=1)
+    return {"train_ms": 1e3 * statistics.median(times["train"]) / steps,
+            "infer_ms": 1e3 * statistics.median(times["infer"]) / iters,
+            "train_compile_s": trainer.compile_s, "final_loss": float(trainer.loss)}
 
 
 def measure(names: list[str], rounds: int, batch: int, size: int, num_landmarks: int,
