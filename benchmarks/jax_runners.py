@@ -103,18 +103,22 @@ def jitted_train_step(num_landmarks: int, lr: float = 1e-3, compute_dtype: str =
 
 @functools.lru_cache(maxsize=None)
 def jitted_predict(num_landmarks: int, compute_dtype: str = "float32",
-                   impl: str | None = None) -> Callable:
-    """predict(variables, images) -> heatmaps, eval mode, jitted (bf16: a bf16 copy of both)."""
+                   impl: str | None = None, options: tuple | None = None) -> Callable:
+    """predict(variables, images) -> heatmaps, eval mode, jitted (bf16: a bf16 copy of both).
+
+    `options`: XLA compiler options as (name, value) pairs; None: fan_jax's own
+    (`fan_jax.compiler`), () : XLA's defaults."""
     import jax
 
-    from fan_jax import steps
+    from fan_jax import compiler, steps
 
     model = build_student(num_landmarks)
     dtype = steps.dtype_of(compute_dtype)
 
     def predict(v, x):
         return model.apply(steps.params_in(v, dtype), x.astype(dtype), train=False)[0]
-    return jax.jit(traced_with(impl, predict))
+    opts = compiler.compiler_options("predict") if options is None else dict(options) or None
+    return jax.jit(traced_with(impl, predict), compiler_options=opts)
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -265,15 +269,15 @@ class JaxStudentPredictor:
     """Runs ``jitted_predict`` on a fixed random batch."""
 
     def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, device: Any = None,
-                 compute_dtype: str = "float32", impl: str | None = None):
+                 compute_dtype: str = "float32", impl: str | None = None, options: tuple | None = None):
         import jax
 
         images, _ = random_batch(batch, image_size, num_landmarks, seed)
         self.images = jax.device_put(images, device)
         self.variables = init_variables(num_landmarks, image_size, seed, device)
-        key = ("predict", num_landmarks, batch, image_size, str(device), compute_dtype, impl)
+        key = ("predict", num_landmarks, batch, image_size, str(device), compute_dtype, impl, options)
         self._predict, self.compile_s = compile_once(
-            key, jitted_predict(num_landmarks, compute_dtype, impl), self.variables, self.images)
+            key, jitted_predict(num_landmarks, compute_dtype, impl, options), self.variables, self.images)
         self.flops = flops_of(self._predict)
 
     def run(self, iters: int) -> None:

@@ -1,11 +1,17 @@
 """XLA:CPU flags against the default: the student's train step and batch-1 inference.
 
     python benchmarks/xla_flags.py [--rounds 2] [--quick] [--candidates default,onednn] [--json PATH]
+    python benchmarks/xla_flags.py --per-jit [--candidates default,no_ynn]
 
 XLA reads `XLA_FLAGS` once, when the backend starts, so each candidate runs in its own
 process (under the same glibc malloc settings as `benchmarks/run.py`); rounds alternate the
 candidates (A B C ... A B C) so a shared machine's load hits them alike, and each figure is
 the median over rounds of per-process medians. `ratio_vs_default` > 1: the flag is faster.
+
+`--per-jit` times inference only, in one process: each candidate's flags become that
+function's `jax.jit(compiler_options=...)` (how `fan_jax.compiler` applies its choice),
+all interleaved, at batch 1 and at the training batch. "default" there is XLA's own
+default, not fan_jax's.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ CANDIDATES: dict[str, str] = {
     "xnn_dot_eltwise": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
     "vector_width_512": "--xla_cpu_prefer_vector_width=512",
     "no_concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 }
@@ -46,6 +53,40 @@ def _worker(batch: int, size: int, num_landmarks: int, repeats: int) -> dict:
     return {"train_ms": 1e3 * statistics.median(times["train"]) / steps,
             "infer_ms": 1e3 * statistics.median(times["infer"]) / iters,
             "train_compile_s": trainer.compile_s, "final_loss": float(trainer.loss)}
+
+
+def flag_options(flags: str) -> tuple:
+    """'--a=b --c=true' -> (('a', 'b'), ('c', True)): XLA flags as jit compiler options."""
+    out = []
+    for flag in flags.split():
+        name, _, value = flag.removeprefix("--").partition("=")
+        out.append((name, {"true": True, "false": False}.get(value, value)))
+    return tuple(out)
+
+
+def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_landmarks: int,
+                    repeats: int) -> dict:
+    """{name: {flags, infer_ms_b<B>..., ratio_vs_default_b<B>...}}, all in this process."""
+    from benchmarks.harness import time_interleaved
+    from benchmarks.jax_runners import JaxStudentPredictor
+
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"--candidates: unknown {unknown}; known: {sorted(CANDIDATES)}")
+    out: dict = {n: {"flags": CANDIDATES[n]} for n in names}
+    for b in batches:
+        iters = max(1, 10 // b)
+        runners = {n: JaxStudentPredictor(num_landmarks, b, size, options=flag_options(CANDIDATES[n]))
+                   for n in names}
+        times = time_interleaved({n: (lambda r=r: r.run(iters)) for n, r in runners.items()},
+                                 repeats, warmup=1)
+        for n in names:
+            out[n][f"infer_ms_b{b}"] = 1e3 * statistics.median(times[n]) / iters
+    if "default" in out:
+        for s in out.values():
+            for b in batches:
+                s[f"ratio_vs_default_b{b}"] = out["default"][f"infer_ms_b{b}"] / s[f"infer_ms_b{b}"]
+    return out
 
 
 def measure(names: list[str], rounds: int, batch: int, size: int, num_landmarks: int,
@@ -82,12 +123,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="batch 2 at 64 px (smoke test)")
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--json")
+    p.add_argument("--per-jit", action="store_true",
+                   help="inference only, one process, flags as per-function compiler options")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(*json.loads(args.worker))))
         return {}
     batch, size = (2, 64) if args.quick else (8, 256)
+    if args.per_jit:
+        names = [c for c in args.candidates.split(",") if c]
+        out = measure_per_jit(names, (1, batch), size, 98, max(args.repeats, 7))
+        print(f"{'candidate':28s} " + " ".join(f"{'b%d ms' % b:>8s} {'x default':>9s}" for b in (1, batch)))
+        for name, s in out.items():
+            print(f"{name:28s} " + " ".join(f"{s['infer_ms_b%d' % b]:8.2f} {s.get('ratio_vs_default_b%d' % b, float('nan')):9.3f}"
+                                            for b in (1, batch)) + f"  {s['flags']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"per_jit": True, "image_size": size, "candidates": out}, f, indent=1)
+        return out
     out = measure([c for c in args.candidates.split(",") if c], args.rounds, batch, size, 98, args.repeats)
     print(f"{'candidate':28s} {'train ms':>9s} {'x default':>9s} {'infer ms':>9s} {'x default':>9s}  flags")
     for name, s in out.items():

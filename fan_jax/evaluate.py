@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import geometry, landmarks, metrics
+from fan_jax import compiler, geometry, landmarks, metrics
 
 PyTree = Any
 Source = Sequence[Mapping[str, Any]]
@@ -45,7 +45,8 @@ class Evaluator:
         self._n_dev = len(local)
         fn = functools.partial(landmarks.landmarks_with_flip, kind, model,
                                flip_perm=None if flip_perm is None else np.asarray(flip_perm))
-        self._fn = jax.jit(fn, in_shardings=(self._repl, data), out_shardings=data)
+        self._fn = jax.jit(fn, in_shardings=(self._repl, data), out_shardings=data,
+                           compiler_options=compiler.compiler_options("predict"))
 
     def __call__(self, variables: PyTree) -> PredictFn:
         # A replicated global array is not addressable as a whole on a pod: take this

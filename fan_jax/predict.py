@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fan_jax import checkpoints, detect, geometry, landmarks
+from fan_jax import checkpoints, compiler, detect, geometry, landmarks
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
@@ -167,7 +167,7 @@ class Predictor:
             self.traced_batch_sizes.append(int(crops.shape[0]))
             return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
-        self._run = jax.jit(run)
+        self._run = jax.jit(run, compiler_options=compiler.compiler_options("predict"))
 
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "best", **kwargs: Any) -> "Predictor":

@@ -398,3 +398,17 @@ def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):
     monkeypatch.setitem(xla_flags.CANDIDATES, "bogus", "--xla_cpu_no_such_flag=true")
     with pytest.raises(RuntimeError, match="candidate 'bogus'"):
         xla_flags.measure(["bogus"], 1, 2, 64, 5, 1)
+
+
+def test_xla_flags_per_jit_applies_each_candidate_to_its_own_function(monkeypatch, tmp_path):
+    assert xla_flags.flag_options("--a=b --c=true --d=false --e=") == (
+        ("a", "b"), ("c", True), ("d", False), ("e", ""))
+    out = xla_flags.main(["--per-jit", "--quick", "--repeats", "2", "--candidates", "default,no_ynn",
+                          "--json", str(tmp_path / "p.json")])
+    assert set(out) == {"default", "no_ynn"}
+    assert out["no_ynn"]["infer_ms_b1"] > 0 and out["default"]["ratio_vs_default_b2"] == 1.0
+    assert json.load(open(tmp_path / "p.json"))["per_jit"] is True
+    # The options reach XLA: one it does not know fails at compile time.
+    monkeypatch.setitem(xla_flags.CANDIDATES, "bogus", "--xla_cpu_no_such_flag=true")
+    with pytest.raises(Exception, match="xla_cpu_no_such_flag"):
+        xla_flags.measure_per_jit(["bogus"], (1,), 64, 5, 1)
