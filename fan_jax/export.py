@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fan_jax import geometry, landmarks, predict
+from fan_jax import compiler, geometry, landmarks, predict
 from fan_jax.checkpoints import student_variables
 from fan_jax.errors import FanJaxError
 
@@ -541,7 +541,8 @@ def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: i
                            "iters_per_repeat": iters}
     # JAX runs the training layers (shifted-slice depthwise, matmul 1x1): the fast CPU form.
     # The native-conv graph that export traces is several times slower under XLA:CPU.
-    jitted = jax.jit(inference_fn(model, variables, native_convs=False))
+    jitted = jax.jit(inference_fn(model, variables, native_convs=False),
+                     compiler_options=compiler.compiler_options("predict"))
     fns: dict[str, Callable[[], Any]] = {
         "jax": lambda: [jax.block_until_ready(jitted(x)) for _ in range(iters)]}
     with tempfile.TemporaryDirectory() as tmp:

@@ -211,7 +211,9 @@ def _time_unit(unit: Unit, batch: int, train: bool, first: bool, cfg: Config, de
         exe = jax.jit(step).lower(vs, x, g).compile()
         call = lambda: jax.block_until_ready(exe(vs, x, g))  # noqa: E731
     else:
-        exe = jax.jit(apply).lower(vs, x).compile()
+        from fan_jax import compiler  # the inference role's options, as Predictor compiles with
+
+        exe = jax.jit(apply, compiler_options=compiler.compiler_options("predict")).lower(vs, x).compile()
         call = lambda: jax.block_until_ready(exe(vs, x))  # noqa: E731
     call()
     # Enough calls per repeat for ~20 ms, so timer resolution and jitter stay small.
