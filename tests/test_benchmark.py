@@ -89,6 +89,18 @@ def test_registry_hoists_summary_and_drops_rows(monkeypatch):
         bench.run_sections(harness.Config(), ["nope"], log=lambda s: None)
 
 
+def test_latency_sections_run_before_the_training_ones(monkeypatch):
+    monkeypatch.setattr(harness, "SECTIONS", {})
+    ran = []
+    for name in ("machine", "train", "inference", "distill", "export"):
+        harness.section(name)(lambda cfg, name=name: ran.append(name) or {})
+    bench.run_sections(harness.Config(), log=lambda s: None)
+    assert ran == ["machine", "inference", "export", "train", "distill"]
+    ran.clear()
+    bench.run_sections(harness.Config(), ["distill", "train"], log=lambda s: None)
+    assert ran == ["distill", "train"]  # the rest keep the order asked for
+
+
 def test_parse_args_defaults():
     args = bench.parse_args(["--quick", "--repeats", "3", "--sections", "train,fs_loss"])
     assert args.quick and args.repeats == 3 and args.sections == "train,fs_loss"
