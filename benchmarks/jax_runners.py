@@ -93,12 +93,13 @@ def jitted_train_step(num_landmarks: int, lr: float = 1e-3, compute_dtype: str =
     import jax
     import optax
 
-    from fan_jax import steps
+    from fan_jax import compiler, steps
 
     tx = optax.adam(lr)
     step = functools.partial(steps.train_step, model=build_student(num_landmarks), tx=tx,
                              sigma=1.0, compute_dtype=compute_dtype)
-    return jax.jit(traced_with(impl, step), donate_argnums=(0,)), tx
+    return jax.jit(traced_with(impl, step), donate_argnums=(0,),
+                   compiler_options=compiler.compiler_options("train")), tx
 
 
 @functools.lru_cache(maxsize=None)

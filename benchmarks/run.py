@@ -60,8 +60,7 @@ def run_sections(cfg: Config, names: list[str] | None = None,
     # Batch-1 latency first: under the tuned malloc (one arena, `fan_jax.allocator`), inference
     # after the train and distill steps' GB-sized blocks runs 1.5-3x slower (9 ms -> 14-43 ms
     # here), which is not how `fan_jax.predict` or an exported model is run. Stable otherwise.
-    names = sorted(names, key=lambda n: (n not in LATENCY_FIRST, LATENCY_FIRST.index(n)
-                                         if n in LATENCY_FIRST else 0))
+    names = [n for n in LATENCY_FIRST if n in names] + [n for n in names if n not in LATENCY_FIRST]
     unknown = [n for n in names if n not in harness.SECTIONS]
     if unknown:
         raise ValueError(f"unknown sections {unknown}; available: {list(harness.SECTIONS)}")

@@ -55,6 +55,12 @@ def _worker(batch: int, size: int, num_landmarks: int, repeats: int) -> dict:
             "train_compile_s": trainer.compile_s, "final_loss": float(trainer.loss)}
 
 
+def _check_candidates(names: list[str]) -> None:
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"--candidates: unknown {unknown}; known: {sorted(CANDIDATES)}")
+
+
 def flag_options(flags: str) -> tuple:
     """'--a=b --c=true' -> (('a', 'b'), ('c', True)): XLA flags as jit compiler options."""
     out = []
@@ -70,9 +76,7 @@ def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_l
     from benchmarks.harness import time_interleaved
     from benchmarks.jax_runners import JaxStudentPredictor
 
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"--candidates: unknown {unknown}; known: {sorted(CANDIDATES)}")
+    _check_candidates(names)
     out: dict = {n: {"flags": CANDIDATES[n]} for n in names}
     for b in batches:
         iters = max(1, 10 // b)
@@ -92,9 +96,7 @@ def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_l
 def measure(names: list[str], rounds: int, batch: int, size: int, num_landmarks: int,
             repeats: int) -> dict:
     """{name: {flags, train_ms, infer_ms, ratio_vs_default...}} from `rounds` alternations."""
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"--candidates: unknown {unknown}; known: {sorted(CANDIDATES)}")
+    _check_candidates(names)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for _ in range(rounds):
         for name in names:

@@ -10,12 +10,14 @@ trim threshold, the block is reused from the second step on (no faults, ~1.4x fa
 
 glibc reads these settings only at process start, so the command-line entry points
 (`python -m fan_jax.main`, `benchmarks/run.py`) re-execute themselves once with them set.
-`FAN_JAX_MALLOC=default` opts out. The single arena has a cost: once a process has
-held those GB-sized blocks, batch-1 inference in it runs 1.5x slower (9 -> 14 ms after a
-train step, 2-core AMD EPYC, 3 processes each way, 2026-12-03), so the inference entry
-points (`fan_jax.predict`, `fan_jax.video`) leave malloc alone, and `benchmarks/run.py` times
-batch-1 latency before the training sections. In a notebook, start Jupyter with `GLIBC_TUNABLES` set to
-`TUNABLES` to get the same.
+`FAN_JAX_MALLOC=default` opts out. In a notebook, start Jupyter with `GLIBC_TUNABLES` set
+to `TUNABLES` to get the same.
+
+The single arena has a cost: once a process has held those GB-sized blocks, batch-1
+inference in it runs about 1.5x slower (9 -> 14 ms after a train step; 2-core AMD EPYC,
+3 processes each way, 2026-12-03). The inference entry points (`fan_jax.predict`,
+`fan_jax.video`) do not tune malloc, and `benchmarks/run.py` times batch-1 latency before
+its training sections.
 """
 
 from __future__ import annotations

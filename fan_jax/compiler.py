@@ -5,10 +5,11 @@ function: unlike `XLA_FLAGS`, which a process reads once, the training step and 
 inference function can each get what is faster for it.
 
 CPU, inference: XLA:CPU's default sends every dot to YNNPACK. For MobileFAN's eval forward
-(many small 1x1-conv matmuls) its own dot emitter is faster: batch 1 at 256 px took
-9.3 ms against 11.1 ms with the default, interleaved in one process (2-core AMD EPYC,
-2026-12-03, `python benchmarks/xla_flags.py --per-jit`). The training step is the other way
-round (0.66x without YNNPACK), so it keeps the default.
+(many small 1x1-conv matmuls) its own dot emitter is faster: 1.08-1.29x at batch 1 and
+1.12x at batch 8, interleaved in one process (2-core AMD EPYC, 2026-12-03;
+`python benchmarks/xla_flags.py --per-jit --candidates default,no_ynn`). The training step
+is the other way round (0.66x without YNNPACK, `--rounds 3 --candidates default,no_ynn`),
+so 'train' keeps XLA's default.
 """
 
 from __future__ import annotations

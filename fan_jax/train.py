@@ -41,7 +41,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import checkpoints, data, evaluate, input_pipeline, steps, tasks, validate
+from fan_jax import checkpoints, compiler, data, evaluate, input_pipeline, steps, tasks, validate
 from fan_jax.errors import CheckpointMismatchError, NonFiniteLossError
 
 PyTree = Any
@@ -243,7 +243,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.commit_record(config, workdir, changes)  # the model is built and fits
 
     jitted = jax.jit(task.step, in_shardings=(repl, repl, data_sharding, repl),
-                     out_shardings=(repl, repl), donate_argnums=(0,))
+                     out_shardings=(repl, repl), donate_argnums=(0,),
+                     compiler_options=compiler.compiler_options("train"))
     frozen = task.frozen
 
     val_source = sources.get(config.dataset.val_split)
