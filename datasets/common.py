@@ -105,7 +105,13 @@ def crop_with_margin(
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decodes image bytes to RGB uint8 [H, W, 3] (greyscale and RGBA -> RGB)."""
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_FLAGS)
+    if not data:
+        raise DatasetFormatError(f"{name}: the image file is empty (0 bytes); the download or "
+                                 "copy may be incomplete.")
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_FLAGS)
+    except cv2.error as e:  # OpenCV raises for some malformed buffers instead of returning None
+        raise DatasetFormatError(f"{name}: cannot decode the image ({e.msg.strip()}).") from None
     if array is None or array.size == 0:
         raise DatasetFormatError(f"{name}: cannot decode the image (corrupt or not an image file).")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
@@ -238,8 +244,14 @@ class DirSource(FileSource):
         return os.path.join(self.root, name)
 
 
-def _normalise_member(name: str, strip_prefix: str) -> str:
+def _normalise_member(name: str, strip_prefix: str, archive: str = "") -> str:
     name = name.replace("\\", "/")
+    # Refused as tarfile's 'data' filter refuses them: nothing is extracted, but such a name
+    # must not become a member of a split either.
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
+        raise DatasetFormatError(
+            f"{archive}: member {name!r} has an absolute or '..' path; refusing the archive "
+            "(it was not written by the dataset's authors).")
     while name.startswith("./"):
         name = name[2:]
     if strip_prefix and name.startswith(strip_prefix + "/"):
@@ -260,7 +272,7 @@ class TarSource(FileSource):
             self._tar = tarfile.open(self.path, "r:*")
             self._members = {}
             for m in self._tar.getmembers():
-                name = _normalise_member(m.name, strip_prefix)
+                name = _normalise_member(m.name, strip_prefix, self.path)
                 if m.isfile() and not _skip_member(name):
                     self._members[name] = m
         except (tarfile.TarError, EOFError, OSError) as e:
@@ -300,7 +312,7 @@ class ZipSource(FileSource):
             ) from e
         self._members = {}
         for info in self._zip.infolist():
-            name = _normalise_member(info.filename, strip_prefix)
+            name = _normalise_member(info.filename, strip_prefix, self.path)
             if not info.is_dir() and not _skip_member(name):
                 self._members[name] = info
 

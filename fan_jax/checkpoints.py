@@ -45,6 +45,9 @@ FREE_FIELDS = (
     "train.nan_at_step", "eval", "demo", "kd.tough_workdir", "kd.tolerant_workdir",
 )
 
+# Free fields a reader takes from the record unless told otherwise: where the run's data is.
+DATA_LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
+
 # Fields added after runs were recorded, with the value an older record implies: a rerun
 # of such a run with the default compares equal instead of needing allow_changes.
 ADDED_FIELDS = {"train.compute_dtype": "float32"}
@@ -233,9 +236,10 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
 
 def config_from_record(config: ml_collections.ConfigDict, workdir: str,
                        overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """The config a reader should use: the record's model and data fields, `config`'s free
-    fields (paths, eval settings). An override (`overrides`, the command line's) of a defining
-    field that differs from the record is an error."""
+    """The config a reader should use: the record's model and data fields and its data
+    location (`DATA_LOCATION_FIELDS`, unless overridden), `config`'s other free fields (eval
+    settings). An override (`overrides`, the command line's) of a defining field that differs
+    from the record is an error."""
     record = read_record(workdir)
     if record is None:
         return config
@@ -254,7 +258,11 @@ def config_from_record(config: ml_collections.ConfigDict, workdir: str,
     out = ml_collections.ConfigDict(config.to_dict())
     merged = flatten(out)
     for k, v in rec.items():
-        if k in merged and not _is_free(k):
+        # Where the run's data is comes from the record too, unless the command line (or,
+        # without `overrides`, the caller's config) says otherwise.
+        located = k in DATA_LOCATION_FIELDS and (
+            k not in overrides if overrides is not None else not merged.get(k))
+        if k in merged and (located or not _is_free(k)):
             node = out
             *parts, last = k.split(".")
             for p in parts:

@@ -15,10 +15,13 @@ registers the TFDS names 'wflw', 'the300w' and 'cofw'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import os
+import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -31,6 +34,10 @@ from fan_jax_datasets.wflw import wflw_dataset_builder as _wflw
 
 DatasetFilesMissing = common.DatasetFilesMissing
 DatasetFormatError = common.DatasetFormatError
+
+
+class DatasetNotBuiltError(FanJaxError, FileNotFoundError):
+    """A reader (eval mode) needs a dataset that is not built where the config says."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +96,51 @@ def prepare(
     if b.is_prepared():
         print(f"{b.name}: using the prepared dataset in {b.data_dir}", flush=True)
         return b
-    print(f"{b.name}: building into {b.data_dir} from {manual_dir or 'the default manual_dir'}",
-          flush=True)
-    config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
-    # TFDS shows per-split progress bars (unless tfds.disable_progress_bar() was called).
-    b.download_and_prepare(download_config=config)
+    with _build_lock(os.path.dirname(os.fspath(b.data_dir))):
+        b = builder(name, data_dir, **builder_kwargs)
+        if b.is_prepared():  # another process built it while this one waited
+            return b
+        _remove_stale_builds(os.fspath(b.data_dir))
+        print(f"{b.name}: building into {b.data_dir} from "
+              f"{manual_dir or 'the default manual_dir'}", flush=True)
+        config = tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir) if manual_dir else None)
+        # TFDS shows per-split progress bars (unless tfds.disable_progress_bar() was called).
+        b.download_and_prepare(download_config=config)
     return b
+
+
+@contextlib.contextmanager
+def _build_lock(directory: str) -> Iterator[None]:
+    """One build of a dataset version at a time (blocking): a second process waits, then finds
+    it built. Object stores (gs://) have no locks and are built unguarded."""
+    if "://" in directory:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is building into {directory}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_builds(version_dir: str) -> None:
+    """Removes what a killed build left (TFDS's `incomplete.XXXXXX_<version>` folders); safe
+    under `_build_lock`, where no other build of this dataset is running."""
+    if "://" in version_dir:
+        return
+    parent, version = os.path.split(version_dir.rstrip("/"))
+    for stale in glob.glob(os.path.join(parent, f"incomplete.*_{version}")):
+        print(f"removing {stale}, left by an interrupted build", flush=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
@@ -137,6 +183,18 @@ def ensure_built(config: Any) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("fan_jax dataset prepared")
+
+
+def require_built(config: Any) -> None:
+    """Raises DatasetNotBuiltError unless the config's dataset is built in its data_dir; builds
+    nothing and creates no folder."""
+    b = builder(config.dataset.name, config.dataset.data_dir or None)
+    if not b.is_prepared():
+        name = get(config.dataset.name).name
+        raise DatasetNotBuiltError(
+            f"dataset.data_dir: {name} is not built in {b.data_dir}. Point "
+            f"--config.dataset.data_dir at where the run's data is, or build it with: python -m "
+            f"fan_jax.data {name} --data_dir <data_dir> --manual_dir <downloads>")
 
 
 def sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:

@@ -42,3 +42,7 @@ class TeacherError(FanJaxError, RuntimeError):
 
 class NonFiniteLossError(FanJaxError, FloatingPointError):
     """A NaN or Inf loss: training stopped before saving anything past the last good step."""
+
+
+class CheckpointSaveError(FanJaxError, OSError):
+    """Writing a checkpoint failed (a full disk, a lost mount); the last good one is intact."""

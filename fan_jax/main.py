@@ -83,6 +83,33 @@ def main(argv: list[str]) -> None:
         sys.exit(errors.EXIT_PREEMPTED)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a misspelt `--config.` field or an unreadable config file as
+    one `ERROR:` line (ml_collections raises them as tracebacks from inside the parser)."""
+    try:
+        args = FLAGS(argv)
+        getattr(FLAGS.config, "mode", None)  # a config file that failed to load raises here
+        return args
+    except flags.Error as e:  # absl's own: a bad value or an unknown flag
+        print(f"ERROR: {e}\nPass --helpshort to see the flags.", file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:
+        # ml_collections: "'name'\nDid you mean "x" instead of "name"?" for a locked config.
+        text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").strip("'")
+        name, _, hint = text.partition("\n")
+        name = name.strip("'\"")
+        flag = next((a.split("=", 1)[0] for a in argv[1:]
+                     if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")),
+                    f"--config.<...>.{name}")
+        print(f"ERROR: {flag}: the config has no field {name!r}. {hint}".rstrip(),
+              file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # the --config file itself
+        print(f"ERROR: --config: {' '.join(ln.strip() for ln in str(e).splitlines())}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def _fail(error: object) -> None:
     from fan_jax import errors
 
@@ -91,4 +118,4 @@ def _fail(error: object) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fan_jax import checkpoints, compiler, detect, geometry, landmarks
+from fan_jax import checkpoints, compiler, detect, geometry, landmarks, outputs
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
@@ -437,13 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.draw:
             os.makedirs(args.draw, exist_ok=True)
             out_path = _draw_path(args.draw, rec["path"], used)
-            cv2.imwrite(out_path, cv2.cvtColor(draw_faces(img, faces), cv2.COLOR_RGB2BGR))
+            outputs.write_image(out_path, draw_faces(img, faces))
             rec["drawn"] = out_path
     report = {"model": getattr(predictor, "info", {}), "images": records}
     text = json.dumps(report, indent=1)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        outputs.write_text(args.output, text + "\n")
     else:
         print(text)
     n_faces = sum(len(r.get("faces", [])) for r in records)
@@ -459,16 +458,12 @@ def _run_video(args: argparse.Namespace, predictor: Predictor) -> int:
     tracker = video.FaceTracker(predictor, detect_every=args.detect_every,
                                 min_score=args.min_score, smoothing=not args.no_smooth,
                                 min_cutoff=args.min_cutoff, beta=args.beta)
-    out = open(args.output, "w") if args.output else sys.stdout
     try:
-        summary = video.run(tracker, source, draw=args.draw, jsonl=out,
+        summary = video.run(tracker, source, draw=args.draw, jsonl=args.output or sys.stdout,
                             max_frames=args.max_frames)
     except (FanJaxError, OSError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
     if "warning" in summary:
         print(f"WARNING: {summary['warning']}", file=sys.stderr)
     print(f"{summary['frames']} frame(s), {summary['faces']} face(s) in "

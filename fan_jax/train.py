@@ -23,13 +23,14 @@ landmark kind; this module gives the rest:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -41,8 +42,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import checkpoints, compiler, data, evaluate, input_pipeline, steps, tasks, validate
-from fan_jax.errors import CheckpointMismatchError, NonFiniteLossError
+from fan_jax import (checkpoints, compiler, data, evaluate, input_pipeline, steps, tasks, validate,
+                     workdir_lock)
+from fan_jax.errors import CheckpointMismatchError, CheckpointSaveError, NonFiniteLossError
 
 PyTree = Any
 Source = Sequence[Mapping[str, Any]]
@@ -113,6 +115,11 @@ def quiet_library_logs() -> None:
     def keep(record: py_logging.LogRecord) -> bool:
         if "/orbax/" not in record.pathname:
             return True
+        if record.levelno >= py_logging.ERROR:
+            # A failed save reaches the user as one CheckpointSaveError; orbax's threads each
+            # log it with a traceback first. Keep their one-line messages only.
+            record.exc_info = record.exc_text = None
+            return True
         if record.levelno < py_logging.WARNING:
             return False
         msg = str(record.msg)
@@ -169,6 +176,39 @@ class _Writer:
 # --------------------------------------------------------------------------- loop
 
 
+@contextlib.contextmanager
+def _save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """An orbax save that fails (in this call, or in the background save it waits for) as one
+    CheckpointSaveError naming the directory, the cause and the last good checkpoint."""
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
+    except Exception as e:  # orbax wraps OSErrors of its writer threads in ValueError/RuntimeError
+        good = [s for s in mngr.all_steps() if s != step]
+        cause = _os_error_text(e)
+        raise CheckpointSaveError(
+            f"could not write a checkpoint to {mngr.directory}: {cause}. The last good "
+            f"checkpoint ({'step ' + str(max(good)) if good else 'none'}) is intact; free space "
+            f"or fix the directory, then run the same command again to resume.") from None
+
+
+def _os_error_text(error: BaseException) -> str:
+    """The OS's words for a failed write ('No space left on device'), else the first line."""
+    import errno as errno_mod
+
+    text = str(error)
+    for code in (errno_mod.ENOSPC, errno_mod.EDQUOT, errno_mod.EFBIG, errno_mod.EROFS,
+                 errno_mod.EACCES, errno_mod.EIO):
+        words = os.strerror(code)
+        if words in text:
+            return words
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:300]
+
+
 def augment_settings(config: ml_collections.ConfigDict) -> dict:
     """The input pipeline's AugmentConfig fields for this run."""
     return dict(config.augment.to_dict(), output_size=config.input_size)
@@ -203,19 +243,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     SIGTERM from here on saves a checkpoint at the next step boundary and returns.
     """
     quiet_library_logs()
-    with _Preemption() as preemption:
-        return _train_and_evaluate(config, workdir, sources, evaluate_at_end, preemption)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        sources: Mapping[str, Source] | None, evaluate_at_end: bool,
-                        preemption: _Preemption) -> TrainResult:
-    t = config.train
     mesh = make_mesh()
+    # Before anything is read or written: bad values fail here with the workdir untouched;
+    # then the lock (one run per workdir), a rerun that disagrees with the workdir's record,
+    # and missing teachers.
+    validate.check(config, num_devices=mesh.devices.size)
+    with workdir_lock.hold(workdir, "training"), _Preemption() as preemption:
+        return _train_locked(config, workdir, sources, evaluate_at_end, preemption, mesh)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str,
+                  sources: Mapping[str, Source] | None, evaluate_at_end: bool,
+                  preemption: _Preemption, mesh: Mesh) -> TrainResult:
+    t = config.train
     n_dev = mesh.devices.size
-    # Before anything is read or written: bad values, a rerun that disagrees with the
-    # workdir's record, and missing teachers fail here with the workdir untouched.
-    validate.check(config, num_devices=n_dev)
     changes = checkpoints.check_rerun(config, workdir)
     tasks.preflight(config)
     if sources is None:
@@ -301,10 +342,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def save(metrics: dict | None) -> None:
         if step in mngr.all_steps():
             return
-        mngr.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_model_item(state)),
-            opt=ocp.args.StandardSave(_opt_item(state)),
-            data=grain.checkpoint.CheckpointSave(train_iter)), metrics=metrics, force=True)
+        with _save_errors(mngr, step):
+            mngr.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(_model_item(state)),
+                opt=ocp.args.StandardSave(_opt_item(state)),
+                data=grain.checkpoint.CheckpointSave(train_iter)), metrics=metrics, force=True)
 
     try:
         while step < num_steps:
@@ -353,13 +395,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             flush()
             save(None)
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.flush()
-        writer.close()
-        close = getattr(train_iter, "close", None)
-        if close is not None:
-            close()
+        try:
+            with _save_errors(mngr, step):
+                mngr.wait_until_finished()
+        finally:
+            with contextlib.suppress(Exception):  # the save error above is the one to report
+                mngr.close()
+            writer.flush()
+            writer.close()
+            close = getattr(train_iter, "close", None)
+            if close is not None:
+                close()
 
     elapsed = time.perf_counter() - t_start
     if jax.process_index() == 0:
@@ -396,15 +442,17 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
     quiet_library_logs()
     config = checkpoints.config_from_record(config, workdir, overrides)
     validate.check(config)
-    if sources is None and config.dataset.prepare:
-        data.ensure_built(config)
-    loaded = checkpoints.load_model(workdir, config.eval.checkpoint,
-                                    default_record=config.to_dict())
-    want = data.num_landmarks(config, sources)
-    if loaded.num_landmarks != want:
-        raise CheckpointMismatchError(
-            f"{workdir}: the checkpoint predicts {loaded.num_landmarks} landmarks, "
-            f"{config.dataset.name} has {want}")
-    logging.info("Evaluating %s, step %d", workdir, loaded.step)
-    return _evaluate(config, workdir, loaded.kind, loaded.model, loaded.variables,
-                     tasks.label(config), sources)
+    if sources is None:
+        # Eval reads the data the run trained on; building it would write outside the workdir.
+        data.require_built(config)
+    with workdir_lock.hold(workdir, "evaluation", create=False):
+        loaded = checkpoints.load_model(workdir, config.eval.checkpoint,
+                                        default_record=config.to_dict())
+        want = data.num_landmarks(config, sources)
+        if loaded.num_landmarks != want:
+            raise CheckpointMismatchError(
+                f"{workdir}: the checkpoint predicts {loaded.num_landmarks} landmarks, "
+                f"{config.dataset.name} has {want}")
+        logging.info("Evaluating %s, step %d", workdir, loaded.step)
+        return _evaluate(config, workdir, loaded.kind, loaded.model, loaded.variables,
+                         tasks.label(config), sources)

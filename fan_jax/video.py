@@ -32,7 +32,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from fan_jax import geometry
+from fan_jax import geometry, outputs
 from fan_jax.errors import FanJaxError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -251,16 +251,22 @@ def _progress(i: int, total: int, t0: float, stream: TextIO) -> None:
 
 
 def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
-        jsonl: TextIO | None = None, max_frames: int | None = None,
+        jsonl: TextIO | str | None = None, max_frames: int | None = None,
         progress: TextIO | None = sys.stderr) -> dict:
     """Tracks faces through a video file or camera; writes the annotated video (`draw`) and
-    one JSON line per frame (`jsonl`). Returns a summary. Output written so far is kept and
-    flushed when the stream ends early or an error stops it."""
+    one JSON line per frame (`jsonl`: a stream, or a path). Returns a summary.
+
+    Output files are opened only once the first frame is read, under temporary names
+    (`fan_jax.outputs`) that replace `draw` and `jsonl` at the end: an input that cannot be
+    read leaves existing files as they were. When the stream ends early or an error stops it,
+    the frames written so far are kept (flushed per frame) and still replace the old files."""
     from fan_jax import predict
 
     cap, fps, total = open_capture(source)
     what = f"camera {source}" if isinstance(source, int) else str(source)
     writer = None
+    jsonl_path = jsonl if isinstance(jsonl, str) else None
+    stream = None if isinstance(jsonl, str) else jsonl
     n = faces_seen = 0
     ids: set[int] = set()
     t0 = time.perf_counter()
@@ -268,16 +274,20 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
         for frame in frames(cap):
             if max_frames is not None and n >= max_frames:
                 break
-            if writer is None and draw:
-                writer = open_writer(draw, fps, frame.shape[1], frame.shape[0])
+            if n == 0:
+                if draw:
+                    writer = open_writer(outputs.prepare(draw), fps, frame.shape[1],
+                                         frame.shape[0])
+                if jsonl_path is not None:
+                    stream = open(outputs.prepare(jsonl_path), "w")  # noqa: SIM115 (closed below)
             t = n / fps
             faces = tracker.update(frame, t)
             faces_seen += len(faces)
             ids.update(f.id for f in faces)
-            if jsonl is not None:
-                jsonl.write(json.dumps({"frame": n, "time_s": round(t, 4),
-                                        "faces": [f.to_json() for f in faces]}) + "\n")
-                jsonl.flush()
+            if stream is not None:
+                stream.write(json.dumps({"frame": n, "time_s": round(t, 4),
+                                         "faces": [f.to_json() for f in faces]}) + "\n")
+                stream.flush()
             if writer is not None:
                 shown = [predict.Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
                          for f in faces]
@@ -289,8 +299,16 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
         cap.release()
         if writer is not None:
             writer.release()
-        if jsonl is not None:
-            jsonl.flush()
+        if stream is not None:
+            stream.flush()
+            if jsonl_path is not None:
+                stream.close()
+        # Whatever frames were read replace the old files; none leaves them untouched.
+        for path in (draw, jsonl_path):
+            if path and n > 0 and os.path.exists(outputs.partial_name(path)):
+                outputs.commit(path)
+            elif path:
+                outputs.discard(path)
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.write("\n")
