@@ -252,7 +252,7 @@ def _progress(i: int, total: int, t0: float, stream: TextIO) -> None:
 
 def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
         jsonl: TextIO | str | None = None, max_frames: int | None = None,
-        progress: TextIO | None = sys.stderr) -> dict:
+        progress: TextIO | None | str = "stderr") -> dict:
     """Tracks faces through a video file or camera; writes the annotated video (`draw`) and
     one JSON line per frame (`jsonl`: a stream, or a path). Returns a summary.
 
@@ -262,6 +262,8 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
     the frames written so far are kept (flushed per frame) and still replace the old files."""
     from fan_jax import predict
 
+    if progress == "stderr":  # the stream of the moment (tests and notebooks swap it)
+        progress = sys.stderr
     cap, fps, total = open_capture(source)
     what = f"camera {source}" if isinstance(source, int) else str(source)
     writer = None
