@@ -34,6 +34,7 @@ import numpy as np
 
 from fan_jax import geometry
 from fan_jax.errors import FanJaxError
+from fan_jax.faces import Face, draw_faces
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -256,8 +257,6 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
     """Tracks faces through a video file or camera; writes the annotated video (`draw`) and
     one JSON line per frame (`jsonl`). Returns a summary. Output written so far is kept and
     flushed when the stream ends early or an error stops it."""
-    from fan_jax import predict
-
     cap, fps, total = open_capture(source)
     what = f"camera {source}" if isinstance(source, int) else str(source)
     writer = None
@@ -279,9 +278,9 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
                                         "faces": [f.to_json() for f in faces]}) + "\n")
                 jsonl.flush()
             if writer is not None:
-                shown = [predict.Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
+                shown = [Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
                          for f in faces]
-                writer.write(cv2.cvtColor(predict.draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
+                writer.write(cv2.cvtColor(draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
             n += 1
             if progress is not None and (n % 10 == 0 or n == total):
                 _progress(n, total, t0, progress)
