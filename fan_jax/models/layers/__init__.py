@@ -4,11 +4,12 @@ XLA:CPU lowers 1x1 convolutions, grouped (depthwise) convolutions and transposed
 convolutions poorly, especially their gradients (a 1x1 conv's backward pass is ~20x
 slower than the same matmul's). Each layer here keeps the parameter names and shapes
 of the flax layer it replaces, so checkpoints and weight converters see `nn.Conv` /
-`nn.ConvTranspose` layouts, and is tested against the plain `lax` convolution. Matmuls
-and slices are also the natural formulation on GPU/TPU, so nothing here is CPU-only.
+`nn.ConvTranspose` layouts, and is tested against the plain `lax` convolution.
 
 Each layer also has its native `lax` form (`conv_impl`): 'matmul' (the forms here) or 'lax'
-(`lax.conv_general_dilated` / `lax.conv_transpose`), chosen per backend at trace time.
+(`lax.conv_general_dilated` / `lax.conv_transpose`), chosen per backend at trace time
+(`CONV_IMPL_DEFAULTS`: 'matmul' on the CPU, 'lax' on GPU and TPU, where XLA's native
+convolutions map to cuDNN and the MXU; $FAN_JAX_CONV_IMPL overrides it).
 `benchmarks/run.py --sections accelerator` times both on the device it runs on.
 
   forms       `conv_impl`, `use_conv_impl`, `CONV_IMPL_DEFAULTS`; types; 'SAME' padding

@@ -18,9 +18,11 @@ default_kernel_init = nn.initializers.lecun_normal()
 
 # The form each backend lowers these layers to. CPU: 'matmul', measured (benchmarks/run.py:
 # the train step is several times faster than with lax's 1x1, grouped and transposed convs).
-# GPU and TPU: 'matmul' too, for now: the same tested code everywhere; not yet measured on
-# either, so the accelerator section reports both forms for a device run to settle it.
-CONV_IMPL_DEFAULTS = {"cpu": "matmul", "gpu": "matmul", "tpu": "matmul"}
+# GPU and TPU: 'lax', XLA's native convolutions, which map to cuDNN and the MXU (the matmul
+# and shifted-slice forms exist to work around XLA:CPU). Not yet measured against 'matmul'
+# on either: the accelerator section times both forms on the device it runs on.
+# Another backend gets 'matmul' (conv_impl's fallback).
+CONV_IMPL_DEFAULTS = {"cpu": "matmul", "gpu": "lax", "tpu": "lax"}
 CONV_IMPLS = ("matmul", "lax")
 _override: list[str] = []
 
