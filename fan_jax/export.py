@@ -31,14 +31,13 @@ run with `onnxruntime`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging as _pylogging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -46,12 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fan_jax import compiler, geometry, landmarks, predict
+from fan_jax import geometry, landmarks, predict
 from fan_jax.checkpoints import student_variables
 from fan_jax.errors import FanJaxError
+from fan_jax.exported import INPUT_NAME, OUTPUT_NAMES, load_exported
+# The runtimes live in fan_jax.exported; these names are kept for existing callers.
+from fan_jax.exported import ExportedModel, detect_format  # noqa: F401
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("heatmaps", "landmarks")
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "float16", "int8")
 SIDE_CAR_SUFFIX = ".json"
@@ -297,93 +297,6 @@ def export_onnx(model: Any, variables: Mapping[str, Any], input_size: int, path:
     return path
 
 
-# --------------------------------------------------------------------------- runtimes
-
-
-class ExportedModel:
-    """An exported model in its own runtime: `model(images) -> {'heatmaps', 'landmarks'}`.
-
-    images: float32 (or uint8) [B, S, S, 3] RGB 0..255 crops. TFLite models with a fixed
-    batch run larger batches in chunks.
-    """
-
-    def __init__(self, path: str, num_threads: int | None = None):
-        self.path = path
-        self.format = detect_format(path)
-        if self.format == "tflite":
-            from ai_edge_litert.interpreter import Interpreter
-
-            self._interp = Interpreter(model_path=path, num_threads=num_threads)
-            self._runner = self._interp.get_signature_runner("serving_default")
-            spec = self._runner.get_input_details()[INPUT_NAME]
-            self.batch_size = int(spec["shape"][0])
-            self.input_size = int(spec["shape"][1])
-        elif self.format == "onnx":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            if num_threads:
-                opts.intra_op_num_threads = num_threads
-            self._sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-            shape = self._sess.get_inputs()[0].shape
-            self.batch_size = None
-            self.input_size = int(shape[1])
-        else:
-            import tensorflow as tf
-
-            self._tf = tf
-            self._loaded = tf.saved_model.load(path)
-            self._fn = self._loaded.signatures["serving_default"]
-            shape = self._fn.structured_input_signature[1][INPUT_NAME].shape
-            self.batch_size = None
-            self.input_size = int(shape[1])
-
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self.format == "tflite":
-            out = self._runner(**{INPUT_NAME: x})
-        elif self.format == "onnx":
-            names = [o.name for o in self._sess.get_outputs()]
-            out = dict(zip(names, self._sess.run(names, {INPUT_NAME: x})))
-        else:
-            out = self._fn(**{INPUT_NAME: self._tf.constant(x)})
-        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES if k in out}
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.asarray(images, np.float32)
-        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(f"expected images [B, {self.input_size}, {self.input_size}, 3], "
-                             f"got {x.shape}")
-        b = self.batch_size
-        if b is None or len(x) == b:
-            return self._run(x)
-        parts = []
-        for i in range(0, len(x), b):
-            chunk = x[i:i + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            parts.append({k: v[:n] for k, v in self._run(chunk).items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def detect_format(path: str) -> str:
-    """'tflite', 'onnx' or 'savedmodel' from a path."""
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "saved_model.pb")):
-            return "savedmodel"
-        raise ValueError(f"{path} is a directory without saved_model.pb")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".tflite", ".onnx"):
-        return ext[1:]
-    raise ValueError(f"cannot tell the format of {path}: expected .tflite, .onnx or a "
-                     "SavedModel directory")
-
-
-def load_exported(path: str, num_threads: int | None = None) -> ExportedModel:
-    """Opens an exported model in its runtime (ai_edge_litert, onnxruntime or TensorFlow)."""
-    return ExportedModel(path, num_threads=num_threads)
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -506,92 +419,6 @@ def main(argv: list[str] | None = None) -> int:
               json.dumps(_verify(loaded.model, loaded.variables, loaded.input_size, args.out,
                                  loaded.kind)))
     return 0
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: int = 5,
-                      warmup: int = 1, iters: int = 10, workdir: str | None = None,
-                      formats: Iterable[str] = ("tflite", "tflite_float16", "tflite_int8", "onnx",
-                                                "savedmodel"),
-                      num_threads: int | None = None, quick: bool = False) -> dict:
-    """Batch-1 latency of each exported student in its runtime next to jitted JAX, and sizes.
-
-    A benchmarks/run.py section: returns {'jax': stats, '<format>': {stats, 'size_mib'},
-    'summary': {...}, 'rows': [(metric, ours, baseline, ratio, spread)]} where 'ours' is the
-    exported model and 'baseline' JAX. Without `workdir` a randomly initialised MobileFAN is
-    used (latency does not depend on the weights; int8 calibration uses synthetic faces).
-    Timings are medians over `repeats` of `iters` calls, interleaved across runtimes.
-    """
-    from fan_jax.models import fan
-
-    if quick:
-        image_size, repeats, iters = min(image_size, 64), min(repeats, 2), min(iters, 2)
-    if workdir:
-        loaded = predict.load_student(workdir=workdir)
-        model, variables, image_size = loaded.model, loaded.variables, loaded.input_size
-        num_landmarks = loaded.num_landmarks
-    else:
-        model = fan.mobilefan(num_landmarks)
-        variables = jax.jit(functools.partial(model.init, train=False))(
-            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    x = synthetic_crops(1, image_size, seed=3).astype(np.float32)
-    out: dict[str, Any] = {"batch": 1, "image_size": image_size, "num_landmarks": num_landmarks,
-                           "iters_per_repeat": iters}
-    # JAX runs the training layers (shifted-slice depthwise, matmul 1x1): the fast CPU form.
-    # The native-conv graph that export traces is several times slower under XLA:CPU.
-    jitted = jax.jit(inference_fn(model, variables, native_convs=False),
-                     compiler_options=compiler.compiler_options("predict"))
-    fns: dict[str, Callable[[], Any]] = {
-        "jax": lambda: [jax.block_until_ready(jitted(x)) for _ in range(iters)]}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in formats:
-            fmt, _, quant = name.partition("_")
-            path = os.path.join(tmp, {"tflite": f"{name}.tflite", "onnx": "model.onnx",
-                                      "savedmodel": "savedmodel"}[fmt])
-            t0 = time.perf_counter()
-            export(model, variables, image_size, fmt, path, quantize=quant or "none",
-                   num_representative=8 if quick else 64)
-            rt = load_exported(path, num_threads=num_threads)
-            out[name] = {"size_mib": file_size(path) / 2**20,
-                         "export_s": time.perf_counter() - t0}
-            fns[name] = functools.partial(lambda r: [r(x) for _ in range(iters)], rt)
-        times = _time_interleaved(fns, repeats, warmup)
-    rows = []
-    jax_ms = 1e3 * float(np.median(times["jax"])) / iters
-    out["jax"] = _stats(times["jax"], iters)
-    for name in formats:
-        out[name].update(_stats(times[name], iters))
-        ms = out[name]["latency_ms"]
-        rows.append((f"export {name}: batch-1 latency ms vs JAX ({out[name]['size_mib']:.2f} MiB)",
-                     f"{ms:.3f}", f"{jax_ms:.3f}", f"{jax_ms / ms:.2f}x",
-                     f"{100 * out[name]['spread']:.0f}% / {100 * out['jax']['spread']:.0f}%"))
-    out["summary"] = {f"export_{n}_latency_ms": out[n]["latency_ms"] for n in formats}
-    out["summary"].update({f"export_{n}_size_mib": out[n]["size_mib"] for n in formats})
-    out["summary"]["export_jax_latency_ms"] = jax_ms
-    out["rows"] = rows
-    return out
-
-
-def _time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int
-                      ) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def _stats(times: list[float], iters: int) -> dict:
-    med = float(np.median(times))
-    return {"latency_ms": 1e3 * med / iters, "spread": (max(times) - min(times)) / med,
-            "repeats": len(times)}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ exactly the next batch. With orbax, save it as an item handled by
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -336,31 +335,3 @@ def num_eval_batches(num_examples: int, batch_size: int, shard_count: int = 1) -
     """Batches per host that :func:`eval_batches` yields."""
     per_host = -(-num_examples // shard_count)
     return -(-per_host // batch_size)
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmark hook
-
-
-def measure_throughput(source: Sequence[Mapping[str, Any]], num_workers: int = 0, *,
-                       num_landmarks: int | None = None, batch_size: int = 32,
-                       num_batches: int = 20, warmup_batches: int = 2, seed: int = 0,
-                       num_threads: int = 2, augment: AugmentConfig | None = None) -> float:
-    """Train-pipeline images/s on this host (after warm-up, which absorbs worker start-up)."""
-    if num_landmarks is None:
-        num_landmarks = int(np.asarray(source[0]["landmarks"]).shape[0])
-    it = train_iterator(source, num_landmarks, seed=seed, global_batch_size=batch_size,
-                        augment=augment, num_workers=num_workers, shard_index=0, shard_count=1,
-                        num_threads=num_threads)
-    try:
-        for _ in range(warmup_batches):
-            next(it)
-        t0 = time.perf_counter()
-        for _ in range(num_batches):
-            next(it)
-        dt = time.perf_counter() - t0
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-    return num_batches * batch_size / dt

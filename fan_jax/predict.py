@@ -25,7 +25,6 @@ incompatible checkpoint or bad arguments.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -40,6 +39,9 @@ import numpy as np
 from fan_jax import checkpoints, compiler, detect, geometry, landmarks, outputs
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
+# Face and draw_faces live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
+from fan_jax.faces import Face, draw_faces
+from fan_jax.faces import as_rgb as _as_rgb
 
 PyTree = Any
 
@@ -111,21 +113,6 @@ suppress_overlaps = detect.suppress_overlaps
 
 
 # --------------------------------------------------------------------------- predictor
-
-
-@dataclasses.dataclass
-class Face:
-    """One face: its box (x0, y0, x1, y1), landmarks [L, 2] (x, y) in image pixels and
-    per-landmark scores (the heatmap peak, about 1 for a confident point)."""
-
-    box: np.ndarray
-    landmarks: np.ndarray
-    scores: np.ndarray
-
-    def to_json(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box],
-                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
-                "scores": [round(float(s), 4) for s in self.scores]}
 
 
 def bucket_size(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
@@ -267,23 +254,6 @@ class Predictor:
         return self.predict(image, boxes)
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0:
-            img = img * 255.0  # skimage-style float images in [0, 1]
-        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image [H, W, 3], got shape {img.shape}")
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    elif img.shape[-1] == 4:
-        img = img[..., :3]
-    return img
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -301,23 +271,6 @@ def read_image(path: str) -> np.ndarray:
     if bgr is None:
         raise ImageReadError(f"{path}: not an image OpenCV can decode")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
-    """A copy of the RGB image with each face's box and landmarks drawn."""
-    out = _as_rgb(image).copy()
-    side = max(out.shape[:2])
-    for face in faces:
-        box_side = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
-        r = max(1, int(round(box_side / 120)))
-        t = max(1, side // 400)
-        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 200, 0), t, cv2.LINE_AA)
-        for x, y in face.landmarks:
-            # Fixed-point coordinates keep sub-pixel positions on small images.
-            cv2.circle(out, (int(round(x * 16)), int(round(y * 16))), r * 16, (0, 255, 0), -1,
-                       cv2.LINE_AA, shift=4)
-    return out
 
 
 def parse_box(text: str) -> np.ndarray:

@@ -34,6 +34,7 @@ import numpy as np
 
 from fan_jax import geometry, outputs
 from fan_jax.errors import FanJaxError
+from fan_jax.faces import Face, draw_faces
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -260,8 +261,6 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
     (`fan_jax.outputs`) that replace `draw` and `jsonl` at the end: an input that cannot be
     read leaves existing files as they were. When the stream ends early or an error stops it,
     the frames written so far are kept (flushed per frame) and still replace the old files."""
-    from fan_jax import predict
-
     if progress == "stderr":  # the stream of the moment (tests and notebooks swap it)
         progress = sys.stderr
     cap, fps, total = open_capture(source)
@@ -291,9 +290,9 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
                                          "faces": [f.to_json() for f in faces]}) + "\n")
                 stream.flush()
             if writer is not None:
-                shown = [predict.Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
+                shown = [Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
                          for f in faces]
-                writer.write(cv2.cvtColor(predict.draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
+                writer.write(cv2.cvtColor(draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
             n += 1
             if progress is not None and (n % 10 == 0 or n == total):
                 _progress(n, total, t0, progress)

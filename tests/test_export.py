@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,9 @@ import pytest
 
 from fan_jax import checkpoints, export, heatmaps, landmarks, predict
 from test_predict import trained_student_workdir
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.sections import export as export_bench  # noqa: E402
 
 HM_STRIDE = 4
 
@@ -238,7 +242,7 @@ def test_detect_format(tmp_path):
 
 
 def test_benchmark_exports_reports_latency_and_size(workdir):
-    res = export.benchmark_exports(workdir=workdir, formats=("tflite",), repeats=2, iters=2)
+    res = export_bench.benchmark_exports(workdir=workdir, formats=("tflite",), repeats=2, iters=2)
     assert res["image_size"] == 64 and res["num_landmarks"] == 68
     assert res["tflite"]["latency_ms"] > 0 and res["jax"]["latency_ms"] > 0
     assert res["tflite"]["size_mib"] > 1

@@ -1,6 +1,8 @@
 """Tests for fan_jax.input_pipeline (small in-memory sources; one multiprocess test)."""
 
 import json
+import os
+import sys
 
 import cv2
 import numpy as np
@@ -8,6 +10,9 @@ import pytest
 
 from fan_jax import geometry, landmarks
 from fan_jax import input_pipeline as ip
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.sections.pipeline import measure_throughput  # noqa: E402
 
 S = 256
 
@@ -305,8 +310,8 @@ def test_eval_shards_have_equal_length_and_partition():
 
 
 def test_measure_throughput_runs():
-    ips = ip.measure_throughput(_random_source(4), 0, batch_size=2, num_batches=2,
-                                warmup_batches=1)
+    ips = measure_throughput(_random_source(4), 0, batch_size=2, num_batches=2,
+                             warmup_batches=1)
     assert np.isfinite(ips) and ips > 0
 
 

@@ -246,3 +246,26 @@ def test_lax_form_equals_the_matmul_form(monkeypatch):
     monkeypatch.setenv("FAN_JAX_CONV_IMPL", "cudnn")
     with pytest.raises(ValueError, match="FAN_JAX_CONV_IMPL"):
         layers.conv_impl()
+
+
+def test_conv_impl_default_follows_the_backend(monkeypatch):
+    """CONV_IMPL_DEFAULTS: XLA's native convolutions ('lax') on GPU and TPU, the matmul forms on
+    the CPU; $FAN_JAX_CONV_IMPL and `use_conv_impl` win over the backend's default."""
+    from fan_jax.models import layers
+
+    monkeypatch.delenv("FAN_JAX_CONV_IMPL", raising=False)
+    model = PointwiseConv(4)
+    x = jnp.ones((1, 4, 4, 3), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    for backend, want in (("cpu", "matmul"), ("gpu", "lax"), ("tpu", "lax")):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert layers.conv_impl() == want, backend
+        text = str(jax.make_jaxpr(lambda p: model.apply(p, x))(params))
+        assert ("conv_general_dilated" in text) == (want == "lax"), backend
+        other = "matmul" if want == "lax" else "lax"
+        with monkeypatch.context() as env:
+            env.setenv("FAN_JAX_CONV_IMPL", other)
+            assert layers.conv_impl() == other, backend
+            with layers.use_conv_impl(want):
+                assert layers.conv_impl() == want, backend
+        assert layers.conv_impl() == want, backend

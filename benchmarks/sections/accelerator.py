@@ -7,7 +7,7 @@ Reports, on `jax.devices()[0]`: the device's matmul rate (float32 and bf16: the 
 figure is also given as a fraction of, from XLA's FLOP count of the program); the student's
 train images/s at batches 1, 8 and 256 and inference images/s at 1 and 256, each in float32
 and bf16 (`train.compute_dtype`); the distilled step (FA1-3 + FS1-3 against the ResNet-50
-teacher); and the two forms of `fan_jax/models/layers.py` ('matmul', 'lax'), per layer and for
+teacher); and the two forms of `fan_jax/models/layers/` ('matmul', 'lax'), per layer and for
 the whole train step, so `layers.CONV_IMPL_DEFAULTS` can say which form this backend should use.
 """
 

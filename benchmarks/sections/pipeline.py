@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks import harness
 from benchmarks.harness import Config, Json, core_count, fmt, section, spread, summarize
+
+if TYPE_CHECKING:
+    from fan_jax.input_pipeline import AugmentConfig
 
 
 def synthetic_source(num: int, face_size: int, seed: int = 0) -> list[Json]:
@@ -28,6 +34,32 @@ def synthetic_source(num: int, face_size: int, seed: int = 0) -> list[Json]:
     return out
 
 
+def measure_throughput(source: Sequence[Mapping[str, Any]], num_workers: int = 0, *,
+                       num_landmarks: int | None = None, batch_size: int = 32,
+                       num_batches: int = 20, warmup_batches: int = 2, seed: int = 0,
+                       num_threads: int = 2, augment: AugmentConfig | None = None) -> float:
+    """Train-pipeline images/s on this host (after warm-up, which absorbs worker start-up)."""
+    from fan_jax.input_pipeline import train_iterator
+
+    if num_landmarks is None:
+        num_landmarks = int(np.asarray(source[0]["landmarks"]).shape[0])
+    it = train_iterator(source, num_landmarks, seed=seed, global_batch_size=batch_size,
+                        augment=augment, num_workers=num_workers, shard_index=0, shard_count=1,
+                        num_threads=num_threads)
+    try:
+        for _ in range(warmup_batches):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(num_batches):
+            next(it)
+        dt = time.perf_counter() - t0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return num_batches * batch_size / dt
+
+
 @section("pipeline")
 def pipeline_section(cfg: Config) -> Json:
     """grain train-pipeline images/s per worker count, and the input cores each train step needs."""
@@ -45,7 +77,7 @@ def pipeline_section(cfg: Config) -> Json:
     rates: dict[int, list[float]] = {w: [] for w in cfg.pipeline_workers}
     for _ in range(cfg.pipeline_repeats):  # interleaved, like time_interleaved
         for w in cfg.pipeline_workers:
-            rates[w].append(input_pipeline.measure_throughput(
+            rates[w].append(measure_throughput(
                 source, num_workers=w, batch_size=cfg.pipeline_batch, num_batches=cfg.pipeline_batches,
                 num_threads=1, augment=augment))
     rows = []

@@ -19,7 +19,7 @@ from etils import epath
 from fan_jax import checkpoints, optim, steps
 from fan_jax.errors import CheckpointMismatchError, TeacherError
 from fan_jax.models import fan
-from fan_jax.tasks import Task, label, run_once
+from fan_jax.tasks.base import Task, label, run_once
 
 PyTree = Any
 

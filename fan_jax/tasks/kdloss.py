@@ -32,7 +32,7 @@ from fan_jax import asm, checkpoints, geometry, input_pipeline, kd_loss, optim, 
 from fan_jax.errors import CheckpointMismatchError, TeacherError
 from fan_jax.landmarks import prepare_images, to_normalized
 from fan_jax.models import regression
-from fan_jax.tasks import Task, label
+from fan_jax.tasks.base import Task, label
 
 PyTree = Any
 Source = Sequence[Mapping[str, Any]]

@@ -1,0 +1,70 @@
+"""What the layers share: the form they trace to (`conv_impl`: 'matmul' or 'lax'), chosen per
+backend and overridable, the types, and TF/Keras 'SAME' padding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, Sequence
+
+import jax
+from flax import linen as nn
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+Padding = str | Sequence[tuple[int, int]]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+# The form each backend lowers these layers to. CPU: 'matmul', measured (benchmarks/run.py:
+# the train step is several times faster than with lax's 1x1, grouped and transposed convs).
+# GPU and TPU: 'lax', XLA's native convolutions, which map to cuDNN and the MXU (the matmul
+# and shifted-slice forms exist to work around XLA:CPU). Not yet measured against 'matmul'
+# on either: the accelerator section times both forms on the device it runs on.
+# Another backend gets 'matmul' (conv_impl's fallback).
+CONV_IMPL_DEFAULTS = {"cpu": "matmul", "gpu": "lax", "tpu": "lax"}
+CONV_IMPLS = ("matmul", "lax")
+_override: list[str] = []
+
+
+def conv_impl() -> str:
+    """The form layers trace to now: a `use_conv_impl` override, $FAN_JAX_CONV_IMPL, or the
+    backend's default (`CONV_IMPL_DEFAULTS`)."""
+    name = (_override[-1] if _override else os.environ.get("FAN_JAX_CONV_IMPL")
+            or CONV_IMPL_DEFAULTS.get(jax.default_backend(), "matmul"))
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS} (FAN_JAX_CONV_IMPL), got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_conv_impl(name: str) -> Iterator[None]:
+    """`with use_conv_impl('lax'): ...`: functions traced inside use that form."""
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF/Keras 'SAME' padding for one spatial dim: the extra pixel goes on the high side."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _resolve_padding(padding: Padding, spatial: Sequence[int], kernel: int,
+                     stride: int) -> list[tuple[int, int]]:
+    if isinstance(padding, str):
+        if padding.upper() == "SAME":
+            return [same_padding(s, kernel, stride) for s in spatial]
+        if padding.upper() == "VALID":
+            return [(0, 0)] * len(spatial)
+        raise ValueError(f"unknown padding {padding!r}")
+    return [tuple(p) for p in padding]
