@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from fan_jax import detect, geometry  # noqa: E402
+from fan_jax import detect, geometry
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ASTRONAUT = (170, 60, 280, 175)
@@ -60,26 +60,31 @@ def _rotate(image: np.ndarray, box, deg: float) -> tuple[np.ndarray, list[tuple]
     return out, [tuple(box)]
 
 
-def _mosaic(tiles: list[np.ndarray], tile: int, cell: int, deg: float = 0.0
-            ) -> tuple[np.ndarray, list[tuple]]:
+def _mosaic(
+    tiles: list[np.ndarray], tile: int, cell: int, deg: float = 0.0
+) -> tuple[np.ndarray, list[tuple]]:
     rows = -(-len(tiles) // COLS)
     canvas = np.full((rows * cell, COLS * cell, 3), 128, np.uint8)
     boxes = []
     for i, t in enumerate(tiles):
         r, c = divmod(i, COLS)
         x0, y0 = c * cell + (cell - tile) // 2, r * cell + (cell - tile) // 2
-        rgb = cv2.resize(np.stack([(t * 255).astype(np.uint8)] * 3, -1), (tile, tile),
-                         interpolation=cv2.INTER_CUBIC)
-        canvas[y0:y0 + tile, x0:x0 + tile] = rgb
+        rgb = cv2.resize(
+            np.stack([(t * 255).astype(np.uint8)] * 3, -1),
+            (tile, tile),
+            interpolation=cv2.INTER_CUBIC,
+        )
+        canvas[y0 : y0 + tile, x0 : x0 + tile] = rgb
         boxes.append((x0, y0, x0 + tile, y0 + tile))
     if deg:
-        for (x0, y0, x1, y1) in boxes:
+        for x0, y0, x1, y1 in boxes:
             pad = (cell - tile) // 2
             a, b = max(0, y0 - pad), max(0, x0 - pad)
-            patch = canvas[a:y1 + pad, b:x1 + pad].copy()
+            patch = canvas[a : y1 + pad, b : x1 + pad].copy()
             m = cv2.getRotationMatrix2D(((x1 - x0) / 2 + x0 - b, (y1 - y0) / 2 + y0 - a), deg, 1.0)
-            canvas[a:y1 + pad, b:x1 + pad] = cv2.warpAffine(
-                patch, m, patch.shape[1::-1], borderMode=cv2.BORDER_CONSTANT, borderValue=(128,) * 3)
+            canvas[a : y1 + pad, b : x1 + pad] = cv2.warpAffine(
+                patch, m, patch.shape[1::-1], borderMode=cv2.BORDER_CONSTANT, borderValue=(128,) * 3
+            )
     return canvas, boxes
 
 
@@ -89,7 +94,7 @@ def _shrink(image: np.ndarray, box, factor: float) -> tuple[np.ndarray, list[tup
     small = cv2.resize(image, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
     canvas = np.full_like(image, 128)
     y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
-    canvas[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+    canvas[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
     return canvas, [tuple(v * factor + o for v, o in zip(box, (x0, y0, x0, y0)))]
 
 
@@ -102,25 +107,49 @@ def photo_sets() -> dict[str, list[tuple[str, np.ndarray, list[tuple]]]]:
     boxes = {"astronaut": ASTRONAUT, "grace_hopper": GRACE}
     lfw = data.lfw_subset()
     faces, non_faces = list(lfw[:100]), list(lfw[100:])
-    sets: dict[str, list] = {"frontal": [], "rotated +-30": [], "small (30-40 px)": [],
-                             "profile": [], "no face": []}
+    sets: dict[str, list] = {
+        "frontal": [],
+        "rotated +-30": [],
+        "small (30-40 px)": [],
+        "profile": [],
+        "no face": [],
+    }
     for name, img in photos.items():
         sets["frontal"].append((name, img, [boxes[name]]))
         for deg in (30, -30):
             sets["rotated +-30"].append((f"{name} {deg:+d}", *_rotate(img, boxes[name], deg)))
         factor = 36.0 / (boxes[name][2] - boxes[name][0])
-        sets["small (30-40 px)"].append((f"{name} x{factor:.2f}", *_shrink(img, boxes[name], factor)))
+        sets["small (30-40 px)"].append(
+            (f"{name} x{factor:.2f}", *_shrink(img, boxes[name], factor))
+        )
     for k in range(0, 100, 20):
-        sets["frontal"].append((f"lfw {k}-{k + 19}", *_mosaic(faces[k:k + 20], TILE, CELL)))
+        sets["frontal"].append((f"lfw {k}-{k + 19}", *_mosaic(faces[k : k + 20], TILE, CELL)))
         for deg in (30, -30):
             sets["rotated +-30"].append(
-                (f"lfw {k}-{k + 19} {deg:+d}", *_mosaic(faces[k:k + 20], TILE, CELL, deg)))
+                (f"lfw {k}-{k + 19} {deg:+d}", *_mosaic(faces[k : k + 20], TILE, CELL, deg))
+            )
     for k in range(0, 100, 50):
-        sets["small (30-40 px)"].append((f"lfw {k}-{k + 49} 40px", *_mosaic(faces[k:k + 50], 40, 64)))
+        sets["small (30-40 px)"].append(
+            (f"lfw {k}-{k + 49} 40px", *_mosaic(faces[k : k + 50], 40, 64))
+        )
     sets["profile"].append(("cameraman", np.stack([data.camera()] * 3, -1), [CAMERAMAN]))
-    for name in ("chelsea", "coffee", "rocket", "brick", "grass", "gravel", "coins", "text",
-                 "page", "clock", "horse", "moon", "hubble_deep_field", "immunohistochemistry",
-                 "colorwheel"):
+    for name in (
+        "chelsea",
+        "coffee",
+        "rocket",
+        "brick",
+        "grass",
+        "gravel",
+        "coins",
+        "text",
+        "page",
+        "clock",
+        "horse",
+        "moon",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "colorwheel",
+    ):
         img = img_as_ubyte(getattr(data, name)())
         img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
         sets["no face"].append((name, np.ascontiguousarray(img), []))
@@ -146,20 +175,35 @@ class DlibCNN:
 
     def raw(self, image):
         small, r = detect._downscale(np.ascontiguousarray(image), 640)
-        return np.asarray([[d.rect.left() / r, d.rect.top() / r, (d.rect.right() + 1) / r,
-                            (d.rect.bottom() + 1) / r] for d in self._net(small, self.upsample)],
-                          np.float32).reshape(-1, 4)
+        return np.asarray(
+            [
+                [
+                    d.rect.left() / r,
+                    d.rect.top() / r,
+                    (d.rect.right() + 1) / r,
+                    (d.rect.bottom() + 1) / r,
+                ]
+                for d in self._net(small, self.upsample)
+            ],
+            np.float32,
+        ).reshape(-1, 4)
 
 
 def _probe_mediapipe():
     import mediapipe  # noqa: F401
 
     root = os.path.dirname(importlib.util.find_spec("mediapipe").origin)
-    models = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-              if f.endswith(".tflite") and "face" in f]
+    models = [
+        os.path.join(d, f)
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if f.endswith(".tflite") and "face" in f
+    ]
     if not models:
-        raise RuntimeError("the wheel carries no face-detection model (its FaceDetector task "
-                           "needs a downloaded .tflite)")
+        raise RuntimeError(
+            "the wheel carries no face-detection model (its FaceDetector task "
+            "needs a downloaded .tflite)"
+        )
     raise RuntimeError(f"has {models[0]} but no wrapper here")
 
 
@@ -202,7 +246,7 @@ def candidates() -> tuple[dict[str, object], dict[str, str]]:
         try:
             probe()
             failed[name] = "imports, but is not wired into this benchmark"
-        except Exception as e:  # noqa: BLE001 - report whatever stops it
+        except Exception as e:
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"
     return ok, failed
 
@@ -264,10 +308,15 @@ def reference_landmarks(faces: list[tuple[np.ndarray, tuple]]) -> list[np.ndarra
 
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None:
-        raise SystemExit("needs dlib's 68-point shape predictor, from the face_recognition_models "
-                         "sdist: pip install face_recognition_models==0.3.0")
-    sp = dlib.shape_predictor(os.path.join(os.path.dirname(spec.origin), "models",
-                                           "shape_predictor_68_face_landmarks.dat"))
+        raise SystemExit(
+            "needs dlib's 68-point shape predictor, from the face_recognition_models "
+            "sdist: pip install face_recognition_models==0.3.0"
+        )
+    sp = dlib.shape_predictor(
+        os.path.join(
+            os.path.dirname(spec.origin), "models", "shape_predictor_68_face_landmarks.dat"
+        )
+    )
     out = []
     for img, t in faces:
         shape = sp(img, dlib.rectangle(*[int(round(v)) for v in t]))
@@ -279,11 +328,19 @@ def write_reference(sets: dict, path: str) -> None:
     """The test fixture: the frontal photos' (name, face box, 68 landmarks), as JSON."""
     items = [(name, img, t) for name, img, truth in sets["frontal"][:3] for t in truth]
     lms = reference_landmarks([(img, t) for _, img, t in items])
-    faces = [{"photo": name, "box": [float(v) for v in t], "landmarks": lm.tolist()}
-             for (name, _, t), lm in zip(items, lms)]
+    faces = [
+        {"photo": name, "box": [float(v) for v in t], "landmarks": lm.tolist()}
+        for (name, _, t), lm in zip(items, lms)
+    ]
     with open(path, "w") as f:
-        json.dump({"source": "dlib shape_predictor_68_face_landmarks (300W layout), "
-                             "benchmarks/detectors.py --write_reference", "faces": faces}, f)
+        json.dump(
+            {
+                "source": "dlib shape_predictor_68_face_landmarks (300W layout), "
+                "benchmarks/detectors.py --write_reference",
+                "faces": faces,
+            },
+            f,
+        )
     print(f"wrote {len(faces)} faces to {path}")
 
 
@@ -306,25 +363,32 @@ def calibrate(dets: dict, sets: dict) -> dict:
             dx.append((rx - bx) / side)
             dy.append((ry - by) / side)
         if scale:
-            out[name] = {"scale": round(float(statistics.median(scale)), 3),
-                         "dx": round(float(statistics.median(dx)), 3),
-                         "dy": round(float(statistics.median(dy)), 3), "faces": len(scale),
-                         "scale_iqr": [round(float(q), 3) for q in np.percentile(scale, [25, 75])]}
+            out[name] = {
+                "scale": round(float(statistics.median(scale)), 3),
+                "dx": round(float(statistics.median(dx)), 3),
+                "dy": round(float(statistics.median(dy)), 3),
+                "faces": len(scale),
+                "scale_iqr": [round(float(q), 3) for q in np.percentile(scale, [25, 75])],
+            }
             print(name, out[name], flush=True)
     return out
 
 
 def table(results: dict, failed: dict, sets: dict) -> str:
     names = [s for s in sets if s != "no face"]
-    head = ("| detector | " + " | ".join(f"{s} found" for s in names)
-            + " | false pos., all photos | of which on no-face photos | ms, 512 px | ms, 1024 px |")
+    head = (
+        "| detector | "
+        + " | ".join(f"{s} found" for s in names)
+        + " | false pos., all photos | of which on no-face photos | ms, 512 px | ms, 1024 px |"
+    )
     lines = [head, "|" + "---|" * (len(names) + 5)]
     for name, row in results.items():
         cells = [f"{row[s]['hits']}/{row[s]['faces']}" for s in names]
         fps = sum(row[s]["false_positives"] for s in sets)
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {fps} | {row['no face']['false_positives']} "
-                       f"| {row['ms_512']:.0f} | {row['ms_1024']:.0f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {fps} | {row['no face']['false_positives']} "
+            f"| {row['ms_512']:.0f} | {row['ms_1024']:.0f} |"
+        )
     for name, why in failed.items():
         lines.append(f"| {name} | cannot run here: {why} |" + " |" * (len(names) + 3))
     return "\n".join(lines)
@@ -334,8 +398,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calibrate", action="store_true")
     p.add_argument("--out", default=RESULTS)
-    p.add_argument("--write_reference", metavar="JSON",
-                   help="write the frontal photos' 68-point landmarks here (the tests' fixture) and stop")
+    p.add_argument(
+        "--write_reference",
+        metavar="JSON",
+        help="write the frontal photos' 68-point landmarks here (the tests' fixture) and stop",
+    )
     args = p.parse_args(argv)
     sets = photo_sets()
     if args.write_reference:
@@ -343,8 +410,11 @@ def main(argv=None) -> int:
         return 0
     dets, failed = candidates()
     results = evaluate(dets, sets)
-    report = {"results": results, "cannot_run": failed,
-              "sets": {k: [n for n, _, _ in v] for k, v in sets.items()}}
+    report = {
+        "results": results,
+        "cannot_run": failed,
+        "sets": {k: [n for n, _, _ in v] for k, v in sets.items()},
+    }
     if args.calibrate:
         report["calibration"] = calibrate(dets, sets)
     os.makedirs(args.out, exist_ok=True)

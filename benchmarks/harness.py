@@ -9,8 +9,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 Json = dict[str, Any]
 
@@ -39,7 +39,9 @@ class Config:
     accel_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # train.compute_dtype values to time
     accel_train_batches: tuple[int, ...] = (1, 8, 256)
     accel_infer_batches: tuple[int, ...] = (1, 256)
-    accel_steps_per_repeat: int = 5  # accelerator steps are ms: more per repeat beats timer/dispatch noise
+    accel_steps_per_repeat: int = (
+        5  # accelerator steps are ms: more per repeat beats timer/dispatch noise
+    )
     accel_iters_per_repeat: int = 20
     accel_distill_batch: int = 32
     accel_layer_batch: int = 8
@@ -62,16 +64,39 @@ class Config:
     quick: bool = False
 
     @classmethod
-    def quick_config(cls, **overrides: Any) -> "Config":
+    def quick_config(cls, **overrides: Any) -> Config:
         base = dict(
-            repeats=2, warmup=1, train_batch=2, image_size=64, train_steps_per_repeat=1,
-            infer_iters_per_repeat=2, fs_batch=2, fs_size=16, fs_direct_repeats=2,
-            torch_format="contiguous", torch_threads=1, accel_train_batches=(2,), accel_infer_batches=(1,),
-            accel_steps_per_repeat=1, accel_iters_per_repeat=2, accel_distill_batch=2,
-            accel_layer_batch=1, accel_forms_batch=2, layers_train_batch=2, pipeline_workers=(0, 1), pipeline_examples=4,
-            pipeline_face_size=160, pipeline_batch=2, pipeline_batches=2, pipeline_repeats=1,
-            distill_teacher="resnet18_fan", distill_repeats=1, distill_direct_repeats=1,
-            export_formats=("tflite", "onnx"), export_iters_per_repeat=2, quick=True,
+            repeats=2,
+            warmup=1,
+            train_batch=2,
+            image_size=64,
+            train_steps_per_repeat=1,
+            infer_iters_per_repeat=2,
+            fs_batch=2,
+            fs_size=16,
+            fs_direct_repeats=2,
+            torch_format="contiguous",
+            torch_threads=1,
+            accel_train_batches=(2,),
+            accel_infer_batches=(1,),
+            accel_steps_per_repeat=1,
+            accel_iters_per_repeat=2,
+            accel_distill_batch=2,
+            accel_layer_batch=1,
+            accel_forms_batch=2,
+            layers_train_batch=2,
+            pipeline_workers=(0, 1),
+            pipeline_examples=4,
+            pipeline_face_size=160,
+            pipeline_batch=2,
+            pipeline_batches=2,
+            pipeline_repeats=1,
+            distill_teacher="resnet18_fan",
+            distill_repeats=1,
+            distill_direct_repeats=1,
+            export_formats=("tflite", "onnx"),
+            export_iters_per_repeat=2,
+            quick=True,
         )
         base.update(overrides)
         return cls(**base)
@@ -88,13 +113,17 @@ class Section:
 SECTIONS: dict[str, Section] = {}
 
 
-def section(name: str, default: bool = True) -> Callable[[Callable[[Config], Json]], Callable[[Config], Json]]:
+def section(
+    name: str, default: bool = True
+) -> Callable[[Callable[[Config], Json]], Callable[[Config], Json]]:
     """Registers ``fn(config) -> dict`` as a report section, run in registration order."""
 
     def register(fn: Callable[[Config], Json]) -> Callable[[Config], Json]:
         if name in SECTIONS:
             raise ValueError(f"benchmark section {name!r} registered twice")
-        SECTIONS[name] = Section(name, fn, default, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        SECTIONS[name] = Section(
+            name, fn, default, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        )
         return fn
 
     return register
@@ -105,9 +134,13 @@ def section(name: str, default: bool = True) -> Callable[[Callable[[Config], Jso
 # --------------------------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                     repeats_per_fn: dict[str, int] | None = None,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    repeats_per_fn: dict[str, int] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Wall time of each ``fn()`` (which must block until its work is done), interleaved A B A B.
 
     ``warmup`` untimed calls per function come first (compilation, allocator warm-up).
@@ -153,7 +186,10 @@ def load_torch() -> Any | None:
     try:
         import torch
     except ImportError:
-        print("torch not installed: skipping the PyTorch columns (pip install 'fan_jax[bench]')", file=sys.stderr)
+        print(
+            "torch not installed: skipping the PyTorch columns (pip install 'fan_jax[bench]')",
+            file=sys.stderr,
+        )
         return None
     return torch
 

@@ -7,7 +7,8 @@ import dataclasses
 import functools
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,9 @@ def build_student(num_landmarks: int):
     return build_model("mobilefan", num_landmarks)
 
 
-def random_batch(batch: int, image_size: int, num_landmarks: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_batch(
+    batch: int, image_size: int, num_landmarks: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Images [B, S, S, 3] ~ N(0, 1) (already normalised) and landmarks [B, L, 2] in crop pixels."""
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
@@ -29,7 +32,7 @@ def random_batch(batch: int, image_size: int, num_landmarks: int, seed: int = 0)
     return images, landmarks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def variable_shapes(num_landmarks: int, image_size: int) -> Any:
     """The student's variables as ShapeDtypeStructs (tracing only; nothing compiles)."""
     import jax
@@ -78,12 +81,14 @@ def traced_with(impl: str | None, fn: Callable) -> Callable:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with layers.use_conv_impl(impl):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_train_step(num_landmarks: int, lr: float = 1e-3, compute_dtype: str = "float32",
-                      impl: str | None = None) -> tuple[Callable, Any]:
+@functools.cache
+def jitted_train_step(
+    num_landmarks: int, lr: float = 1e-3, compute_dtype: str = "float32", impl: str | None = None
+) -> tuple[Callable, Any]:
     """(step, optimizer): the project's own `fan_jax.steps.train_step` for MobileFAN, jitted
     with the state donated, as `fan_jax.train` runs it (compiling takes minutes, so shared).
 
@@ -96,15 +101,27 @@ def jitted_train_step(num_landmarks: int, lr: float = 1e-3, compute_dtype: str =
     from fan_jax import compiler, steps
 
     tx = optax.adam(lr)
-    step = functools.partial(steps.train_step, model=build_student(num_landmarks), tx=tx,
-                             sigma=1.0, compute_dtype=compute_dtype)
-    return jax.jit(traced_with(impl, step), donate_argnums=(0,),
-                   compiler_options=compiler.compiler_options("train")), tx
+    step = functools.partial(
+        steps.train_step,
+        model=build_student(num_landmarks),
+        tx=tx,
+        sigma=1.0,
+        compute_dtype=compute_dtype,
+    )
+    return jax.jit(
+        traced_with(impl, step),
+        donate_argnums=(0,),
+        compiler_options=compiler.compiler_options("train"),
+    ), tx
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_predict(num_landmarks: int, compute_dtype: str = "float32",
-                   impl: str | None = None, options: tuple | None = None) -> Callable:
+@functools.cache
+def jitted_predict(
+    num_landmarks: int,
+    compute_dtype: str = "float32",
+    impl: str | None = None,
+    options: tuple | None = None,
+) -> Callable:
     """predict(variables, images) -> heatmaps, eval mode, jitted (bf16: a bf16 copy of both).
 
     `options`: XLA compiler options as (name, value) pairs; None: fan_jax's own
@@ -118,6 +135,7 @@ def jitted_predict(num_landmarks: int, compute_dtype: str = "float32",
 
     def predict(v, x):
         return model.apply(steps.params_in(v, dtype), x.astype(dtype), train=False)[0]
+
     opts = compiler.compiler_options("predict") if options is None else dict(options) or None
     return jax.jit(traced_with(impl, predict), compiler_options=opts)
 
@@ -129,7 +147,7 @@ def flops_of(compiled: Any) -> float | None:
     """XLA's FLOP count of one call of a compiled executable (None when it gives none)."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
+    except Exception:
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -139,10 +157,12 @@ def flops_of(compiled: Any) -> float | None:
 
 def _matmul_rate(matmul: Callable[[], Any], n: int, dtype: str, repeats: int) -> Json:
     t = statistics.median(time_interleaved({"mm": matmul}, repeats, warmup=1)["mm"])
-    return {"n": n, "dtype": dtype, "median_s": t, "flops_per_s": 2.0 * n ** 3 / t}
+    return {"n": n, "dtype": dtype, "median_s": t, "flops_per_s": 2.0 * n**3 / t}
 
 
-def matmul_peak(device: Any = None, dtype: str = "float32", n: int = 2048, repeats: int = 5) -> Json:
+def matmul_peak(
+    device: Any = None, dtype: str = "float32", n: int = 2048, repeats: int = 5
+) -> Json:
     """This device's matmul rate: a jitted [n, n] @ [n, n] (2 n^3 FLOPs), median of `repeats`."""
     import jax
     import jax.numpy as jnp
@@ -191,16 +211,26 @@ class DistillParts:
 
         from fan_jax import steps
 
-        put = lambda t: jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), self.device), t)  # noqa: E731
-        params = put({"student": self.student_vars["params"],
-                      **({"adapters": self.adapter_vars["params"]} if with_adapters else {})})
-        return steps.TrainState(step=jax.device_put(np.int32(0), self.device), params=params,
-                                batch_stats=put({"student": self.student_vars["batch_stats"]}),
-                                opt_state=jax.jit(tx.init)(params))
+        put = lambda t: jax.tree_util.tree_map(
+            lambda x: jax.device_put(np.asarray(x), self.device), t
+        )
+        params = put(
+            {
+                "student": self.student_vars["params"],
+                **({"adapters": self.adapter_vars["params"]} if with_adapters else {}),
+            }
+        )
+        return steps.TrainState(
+            step=jax.device_put(np.int32(0), self.device),
+            params=params,
+            batch_stats=put({"student": self.student_vars["batch_stats"]}),
+            opt_state=jax.jit(tx.init)(params),
+        )
 
 
-def distill_parts(student: str, teacher: str, num_landmarks: int, batch: int, image_size: int,
-                  device: Any = None) -> DistillParts:
+def distill_parts(
+    student: str, teacher: str, num_landmarks: int, batch: int, image_size: int, device: Any = None
+) -> DistillParts:
     """Student, teacher and the paper's 1x1-conv adapters, with variables filled on the host
     (``init_variables``) and uint8 crops, as the input pipeline delivers them."""
     import jax
@@ -210,13 +240,24 @@ def distill_parts(student: str, teacher: str, num_landmarks: int, batch: int, im
     s, t = fan.build_model(student, num_landmarks), fan.build_model(teacher, num_landmarks)
     adapters = fan.Adapters(features=fan.teacher_channels(t))
     sv, tv = model_variables(s, image_size, 0, device), model_variables(t, image_size, 1, device)
-    taps = jax.eval_shape(lambda v, x: s.apply(v, x)[1], sv,
-                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32))
-    av = fill_variables(jax.eval_shape(lambda x: adapters.init(jax.random.PRNGKey(0), x), taps), 2, device)
+    taps = jax.eval_shape(
+        lambda v, x: s.apply(v, x)[1],
+        sv,
+        jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32),
+    )
+    av = fill_variables(
+        jax.eval_shape(lambda x: adapters.init(jax.random.PRNGKey(0), x), taps), 2, device
+    )
     rng = np.random.default_rng(0)
-    data = jax.device_put({"image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
-                           "landmarks": rng.uniform(0, image_size - 1, (batch, num_landmarks, 2)).astype(np.float32)},
-                          device)
+    data = jax.device_put(
+        {
+            "image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
+            "landmarks": rng.uniform(0, image_size - 1, (batch, num_landmarks, 2)).astype(
+                np.float32
+            ),
+        },
+        device,
+    )
     return DistillParts(s, t, adapters, sv, tv, av, data, device)
 
 
@@ -240,20 +281,32 @@ class JaxStudentTrainer:
     ``device`` (default: JAX's default device) holds the data, so the step runs there.
     """
 
-    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, lr: float = 1e-3,
-                 device: Any = None, compute_dtype: str = "float32", impl: str | None = None):
+    def __init__(
+        self,
+        num_landmarks: int,
+        batch: int,
+        image_size: int,
+        seed: int = 0,
+        lr: float = 1e-3,
+        device: Any = None,
+        compute_dtype: str = "float32",
+        impl: str | None = None,
+    ):
         import jax
 
         from fan_jax import steps
 
         step, tx = jitted_train_step(num_landmarks, lr, compute_dtype, impl)
         images, landmarks = random_batch(batch, image_size, num_landmarks, seed)
-        self.batch = {"image": jax.device_put(images, device),
-                      "landmarks": jax.device_put(landmarks, device)}
+        self.batch = {
+            "image": jax.device_put(images, device),
+            "landmarks": jax.device_put(landmarks, device),
+        }
         self.rng = jax.device_put(jax.random.key(seed), device)
         variables = init_variables(num_landmarks, image_size, seed, device)
         self.state = jax.jit(functools.partial(steps.create_train_state, tx=tx))(
-            {"student": variables["params"]}, {"student": variables["batch_stats"]})
+            {"student": variables["params"]}, {"student": variables["batch_stats"]}
+        )
         key = ("train", num_landmarks, batch, image_size, lr, str(device), compute_dtype, impl)
         self._step, self.compile_s = compile_once(key, step, self.state, self.batch, self.rng)
         self.flops = flops_of(self._step)
@@ -269,16 +322,38 @@ class JaxStudentTrainer:
 class JaxStudentPredictor:
     """Runs ``jitted_predict`` on a fixed random batch."""
 
-    def __init__(self, num_landmarks: int, batch: int, image_size: int, seed: int = 0, device: Any = None,
-                 compute_dtype: str = "float32", impl: str | None = None, options: tuple | None = None):
+    def __init__(
+        self,
+        num_landmarks: int,
+        batch: int,
+        image_size: int,
+        seed: int = 0,
+        device: Any = None,
+        compute_dtype: str = "float32",
+        impl: str | None = None,
+        options: tuple | None = None,
+    ):
         import jax
 
         images, _ = random_batch(batch, image_size, num_landmarks, seed)
         self.images = jax.device_put(images, device)
         self.variables = init_variables(num_landmarks, image_size, seed, device)
-        key = ("predict", num_landmarks, batch, image_size, str(device), compute_dtype, impl, options)
+        key = (
+            "predict",
+            num_landmarks,
+            batch,
+            image_size,
+            str(device),
+            compute_dtype,
+            impl,
+            options,
+        )
         self._predict, self.compile_s = compile_once(
-            key, jitted_predict(num_landmarks, compute_dtype, impl, options), self.variables, self.images)
+            key,
+            jitted_predict(num_landmarks, compute_dtype, impl, options),
+            self.variables,
+            self.images,
+        )
         self.flops = flops_of(self._predict)
 
     def run(self, iters: int) -> None:
@@ -311,7 +386,7 @@ class StepRunner:
         self.lowered = jax.jit(step, donate_argnums=(0,)).lower(state, *extra, batch, self.rng)
         self.compiled, self.compile_s, self.metrics, self.first_loss = None, None, None, None
 
-    def compile(self) -> "StepRunner":
+    def compile(self) -> StepRunner:
         t0 = time.perf_counter()
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - t0

@@ -62,27 +62,62 @@ def rows(config: ml_collections.ConfigDict) -> list[Row]:
     out = [
         Row("teacher", "ResNet-50 teacher", "teacher", seeds=1),
         Row("mobilefan", "MobileFAN", "student"),
-        Row("mobilefan_fa", "MobileFAN + FA", "student", fa=ALL, baseline="mobilefan",
-            seeds=p.single_term_seeds),
-        Row("mobilefan_fs", "MobileFAN + FS", "student", fs=ALL, baseline="mobilefan",
-            seeds=p.single_term_seeds),
+        Row(
+            "mobilefan_fa",
+            "MobileFAN + FA",
+            "student",
+            fa=ALL,
+            baseline="mobilefan",
+            seeds=p.single_term_seeds,
+        ),
+        Row(
+            "mobilefan_fs",
+            "MobileFAN + FS",
+            "student",
+            fs=ALL,
+            baseline="mobilefan",
+            seeds=p.single_term_seeds,
+        ),
         Row("mobilefan_fa_fs", "MobileFAN + FA + FS", "student", ALL, ALL, baseline="mobilefan"),
         Row("mobilefan_half", "MobileFAN (0.5)", "half"),
-        Row("mobilefan_half_kd", "MobileFAN (0.5) + FA + FS", "half", ALL, ALL,
-            baseline="mobilefan_half"),
+        Row(
+            "mobilefan_half_kd",
+            "MobileFAN (0.5) + FA + FS",
+            "half",
+            ALL,
+            ALL,
+            baseline="mobilefan_half",
+        ),
     ]
     if config.proxy.ablation:
         for i in range(3):
-            out.append(Row(f"mobilefan_fa{i + 1}", f"MobileFAN + FA{i + 1}", "student",
-                           fa=_one(i), baseline="mobilefan", seeds=1))
+            out.append(
+                Row(
+                    f"mobilefan_fa{i + 1}",
+                    f"MobileFAN + FA{i + 1}",
+                    "student",
+                    fa=_one(i),
+                    baseline="mobilefan",
+                    seeds=1,
+                )
+            )
         for i in range(3):
-            out.append(Row(f"mobilefan_fs{i + 1}", f"MobileFAN + FS{i + 1}", "student",
-                           fs=_one(i), baseline="mobilefan", seeds=1))
+            out.append(
+                Row(
+                    f"mobilefan_fs{i + 1}",
+                    f"MobileFAN + FS{i + 1}",
+                    "student",
+                    fs=_one(i),
+                    baseline="mobilefan",
+                    seeds=1,
+                )
+            )
     return out
 
 
-def run_config(config: ml_collections.ConfigDict, row: Row, seed: int, out: str,
-               num_train: int) -> ml_collections.ConfigDict:
+def run_config(
+    config: ml_collections.ConfigDict, row: Row, seed: int, out: str, num_train: int
+) -> ml_collections.ConfigDict:
     """The fan_jax.train config of one row and seed."""
     from fan_jax import train
 
@@ -90,8 +125,9 @@ def run_config(config: ml_collections.ConfigDict, row: Row, seed: int, out: str,
     c = ml_collections.ConfigDict(config.to_dict())
     del c.proxy
     teacher = row.model == "teacher"
-    c.model.name = {"teacher": p.teacher_model, "student": p.student_model,
-                    "half": p.half_model}[row.model]
+    c.model.name = {"teacher": p.teacher_model, "student": p.student_model, "half": p.half_model}[
+        row.model
+    ]
     c.seed = seed
     steps = p.teacher_steps if teacher else p.student_steps
     c.train.num_train_steps = steps
@@ -108,8 +144,11 @@ def run_config(config: ml_collections.ConfigDict, row: Row, seed: int, out: str,
 
 
 def _metrics(eval_results: dict) -> dict:
-    return {s: {k: eval_results[s]["no_flip"][k] for k in ("nme", "fr", "auc")}
-            for s in SPLITS if s in eval_results}
+    return {
+        s: {k: eval_results[s]["no_flip"][k] for k in ("nme", "fr", "auc")}
+        for s in SPLITS
+        if s in eval_results
+    }
 
 
 def _log(t0: float, msg: str) -> None:
@@ -145,8 +184,9 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
     data_dir = config.dataset.data_dir or os.path.join(out, "tensorflow_datasets")
     if not os.path.exists(os.path.join(manual, "synthetic_300w.json")):
         _log(t0, f"drawing {p.num_train} training and {p.num_test} test faces ({p.image_size}px)")
-        synthetic_300w.write_300w_tree(manual, p.num_train, p.num_test, seed=config.seed,
-                                  size=p.image_size, overwrite=True)
+        synthetic_300w.write_300w_tree(
+            manual, p.num_train, p.num_test, seed=config.seed, size=p.image_size, overwrite=True
+        )
     data.prepare("300w", data_dir=data_dir, manual_dir=manual)
     config.dataset.data_dir, config.dataset.manual_dir = data_dir, manual
     with open(os.path.join(manual, "synthetic_300w.json")) as f:
@@ -164,15 +204,23 @@ def run(config: ml_collections.ConfigDict, out: str) -> dict | None:
                     results.setdefault(row.key, []).append(json.load(f))
                 continue
             c = run_config(config, row, seed, out, num_train)
-            _log(t0, f"{row.label}, seed {seed}: {c.model.name}, {c.train.num_train_steps} "
-                     f"steps -> {workdir}")
+            _log(
+                t0,
+                f"{row.label}, seed {seed}: {c.model.name}, {c.train.num_train_steps} "
+                f"steps -> {workdir}",
+            )
             t1 = time.perf_counter()
             result = train.train_and_evaluate(c, workdir)
             if result.preempted:
                 _log(t0, "stopped by SIGTERM; run the same command to resume")
                 return None
-            r = {"seed": seed, "model": c.model.name, "steps": c.train.num_train_steps,
-                 "seconds": time.perf_counter() - t1, "metrics": _metrics(result.eval_results)}
+            r = {
+                "seed": seed,
+                "model": c.model.name,
+                "steps": c.train.num_train_steps,
+                "seconds": time.perf_counter() - t1,
+                "metrics": _metrics(result.eval_results),
+            }
             if jax.process_index() == 0:
                 with open(done + ".tmp", "w") as f:
                     json.dump(r, f, indent=1)
@@ -196,9 +244,11 @@ def format_table(config: ml_collections.ConfigDict, results: dict[str, list[dict
     """Markdown: per row NME (%) per split and FR@0.1 (%), mean ± std over seeds, and each KD
     row's full-split change against its no-KD row, beside the two rows' larger std."""
     p = config.proxy
-    lines = ["| model | seeds | NME common | NME challenging | NME full | FR@0.1 full | "
-             "change vs no KD (full) | minutes a run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | NME common | NME challenging | NME full | FR@0.1 full | "
+        "change vs no KD (full) | minutes a run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows(config):
         runs = results.get(row.key)
         if not runs:
@@ -210,17 +260,22 @@ def format_table(config: ml_collections.ConfigDict, results: dict[str, list[dict
         if base:
             m, s = _stats([100 * r["metrics"]["full"]["nme"] for r in runs])
             bm, bs = _stats([100 * b["metrics"]["full"]["nme"] for b in base])
-            verdict = "within the seed spread" if abs(m - bm) <= max(s, bs) else (
-                "better" if m < bm else "worse")
+            verdict = (
+                "within the seed spread"
+                if abs(m - bm) <= max(s, bs)
+                else ("better" if m < bm else "worse")
+            )
             change = f"{m - bm:+.2f} ({verdict}; std {max(s, bs):.2f})"
         minutes = statistics.fmean(r["seconds"] for r in runs) / 60
-        lines.append(f"| {row.label} | {len(runs)} | {' | '.join(cells)} | {fr} | {change} | "
-                     f"{minutes:.1f} |")
+        lines.append(
+            f"| {row.label} | {len(runs)} | {' | '.join(cells)} | {fr} | {change} | {minutes:.1f} |"
+        )
     return "\n".join(lines) + (
         f"\n\nSynthetic 300W faces ({p.num_train} train, {p.num_test} test), {config.input_size}x"
         f"{config.input_size} crops, inter-ocular NME without flip-test; teacher model "
         f"'{p.teacher_model}' {p.teacher_steps} steps, students {p.student_steps} steps, batch "
-        f"{config.train.batch_size}, lambda {config.distill.lam:g}. '±' is the std over seeds.\n")
+        f"{config.train.batch_size}, lambda {config.distill.lam:g}. '±' is the std over seeds.\n"
+    )
 
 
 def plot(config: ml_collections.ConfigDict, results: dict[str, list[dict]], path: str) -> None:
@@ -231,12 +286,24 @@ def plot(config: ml_collections.ConfigDict, results: dict[str, list[dict]], path
     stats = [_stats([100 * x["metrics"]["full"]["nme"] for x in results[r.key]]) for r in shown]
     fig = Figure(figsize=(7, 3.8), dpi=120)
     ax = fig.subplots()
-    colors = ["tab:gray" if r.model == "teacher" else "tab:orange" if r.distill else "tab:blue"
-              for r in shown]
-    ax.bar(range(len(shown)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-           color=colors)
-    ax.set_xticks(range(len(shown)), [r.label.replace("MobileFAN", "MF") for r in shown],
-                  rotation=30, ha="right", fontsize=7)
+    colors = [
+        "tab:gray" if r.model == "teacher" else "tab:orange" if r.distill else "tab:blue"
+        for r in shown
+    ]
+    ax.bar(
+        range(len(shown)),
+        [m for m, _ in stats],
+        yerr=[s for _, s in stats],
+        capsize=3,
+        color=colors,
+    )
+    ax.set_xticks(
+        range(len(shown)),
+        [r.label.replace("MobileFAN", "MF") for r in shown],
+        rotation=30,
+        ha="right",
+        fontsize=7,
+    )
     ax.set_ylabel("NME full (%, inter-ocular)")
     ax.set_title("Proxy of Tables 5/6 on synthetic 300W (mean ± std over seeds)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -256,8 +323,7 @@ def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | None = None
-         ) -> int:
+def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (rerun it to resume)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: 2 steps a row")
@@ -266,8 +332,11 @@ def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | 
     parser.add_argument("--teacher_steps", type=int)
     parser.add_argument("--num_train", type=int)
     parser.add_argument("--ablation", action="store_true", help="add the per-layer rows")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: table and plot of the runs finished so far")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: table and plot of the runs finished so far",
+    )
     args = parser.parse_args(argv)
 
     from configs import proxy

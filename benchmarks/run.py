@@ -19,7 +19,6 @@ takes minutes on a small CPU; speed does not depend on the values.
 PyTorch is optional (``pip install fan_jax[bench]``): without it the torch columns are skipped.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -28,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 if __package__ in (None, ""):
     # Run as a script: make `benchmarks` importable from a checkout.
@@ -41,10 +40,11 @@ if __name__ == "__main__":
 
     allocator.reexec_tuned()
 
-from benchmarks import harness  # noqa: E402
-from benchmarks.harness import Config, Json  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import Config, Json
+
 # Importing the section modules registers their sections; their order is the report's.
-from benchmarks.sections import speed, layers, fs_loss, accelerator, distill, pipeline, export  # noqa: E402,F401,I001
+from benchmarks.sections import accelerator, distill, export, fs_loss, layers, pipeline, speed  # noqa: F401
 
 LATENCY_FIRST = ("machine", "inference", "export")
 
@@ -53,8 +53,11 @@ LATENCY_FIRST = ("machine", "inference", "export")
 # --------------------------------------------------------------------------------------------
 
 
-def run_sections(cfg: Config, names: list[str] | None = None,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> tuple[Json, list]:
+def run_sections(
+    cfg: Config,
+    names: list[str] | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> tuple[Json, list]:
     """Runs the named sections (default: every default section) -> (report, table rows)."""
     names = [n for n, s in harness.SECTIONS.items() if s.default] if names is None else names
     # Batch-1 latency first: under the tuned malloc (one arena, `fan_jax.allocator`), inference
@@ -93,18 +96,40 @@ def format_table(rows: list) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="sections: " + ", ".join(f"{n} ({s.doc})" for n, s in harness.SECTIONS.items()))
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="sections: " + ", ".join(f"{n} ({s.doc})" for n, s in harness.SECTIONS.items()),
+    )
     p.add_argument("--json", default="out/benchmark.json", help="where to write the JSON report")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 2)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes and repeats: a smoke test, not a measurement")
-    p.add_argument("--sections", default=None,
-                   help="comma-separated sections to run (default: all default ones); "
-                        "naming 'accelerator' runs it on CPU too")
-    p.add_argument("--torch-format", choices=("auto", "contiguous", "channels_last"), default=None,
-                   help="PyTorch memory format; auto (default outside --quick) keeps the faster one")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="PyTorch intra-op threads (default: probe the core count and 1, keep the faster)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement (default 5; quick 2)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and repeats: a smoke test, not a measurement",
+    )
+    p.add_argument(
+        "--sections",
+        default=None,
+        help="comma-separated sections to run (default: all default ones); "
+        "naming 'accelerator' runs it on CPU too",
+    )
+    p.add_argument(
+        "--torch-format",
+        choices=("auto", "contiguous", "channels_last"),
+        default=None,
+        help="PyTorch memory format; auto (default outside --quick) keeps the faster one",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="PyTorch intra-op threads (default: probe the core count and 1, keep the faster)",
+    )
     return p.parse_args(argv)
 
 
@@ -138,4 +163,3 @@ def main(argv: list[str] | None = None) -> Json:
 
 if __name__ == "__main__":
     main()
-

@@ -24,7 +24,9 @@ INVERTED_RESIDUAL_SETTINGS = (
 )
 
 
-def _conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def _conv_bn_relu6(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -82,7 +84,9 @@ class TorchMobileFAN(nn.Module):
         for _ in range(num_deconv):
             blocks.append(
                 nn.Sequential(
-                    nn.ConvTranspose2d(cin, decoder_channels, kernel_size=2, stride=2, padding=0, bias=False),
+                    nn.ConvTranspose2d(
+                        cin, decoder_channels, kernel_size=2, stride=2, padding=0, bias=False
+                    ),
                     nn.BatchNorm2d(decoder_channels),
                     nn.ReLU(inplace=True),
                 )

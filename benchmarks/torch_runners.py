@@ -4,8 +4,8 @@ probes that pick PyTorch's best setting."""
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks.harness import Config, Json, core_count, time_interleaved, version
 from benchmarks.jax_runners import random_batch
@@ -21,8 +21,17 @@ def torch_thread_candidates(cfg: Config) -> tuple[int, ...]:
 class TorchStudentTrainer:
     """Eager MobileFAN train step mirroring JaxStudentTrainer (targets rendered inside the step)."""
 
-    def __init__(self, torch: Any, num_landmarks: int, batch: int, image_size: int, memory_format: str,
-                 threads: int, seed: int = 0, lr: float = 1e-3):
+    def __init__(
+        self,
+        torch: Any,
+        num_landmarks: int,
+        batch: int,
+        image_size: int,
+        memory_format: str,
+        threads: int,
+        seed: int = 0,
+        lr: float = 1e-3,
+    ):
         from benchmarks import torch_mobilefan
 
         self.torch, self.tm, self.threads = torch, torch_mobilefan, threads
@@ -39,7 +48,9 @@ class TorchStudentTrainer:
         torch = self.torch
         torch.set_num_threads(self.threads)
         for _ in range(steps):
-            targets = self.tm.render_gaussians((self.landmarks + 0.5) / 4 - 0.5, self.heatmap_size, 1.0)
+            targets = self.tm.render_gaussians(
+                (self.landmarks + 0.5) / 4 - 0.5, self.heatmap_size, 1.0
+            )
             self.opt.zero_grad(set_to_none=True)
             heatmaps, _ = self.model(self.images)
             loss = torch.nn.functional.mse_loss(heatmaps, targets)
@@ -49,8 +60,16 @@ class TorchStudentTrainer:
 
 
 class TorchStudentPredictor:
-    def __init__(self, torch: Any, num_landmarks: int, batch: int, image_size: int, memory_format: str,
-                 threads: int, seed: int = 0):
+    def __init__(
+        self,
+        torch: Any,
+        num_landmarks: int,
+        batch: int,
+        image_size: int,
+        memory_format: str,
+        threads: int,
+        seed: int = 0,
+    ):
         from benchmarks import torch_mobilefan
 
         self.torch, self.threads = torch, threads
@@ -74,7 +93,9 @@ def _torch_memory_format(torch: Any, name: str) -> Any:
     return formats[name]
 
 
-def torch_runners(cfg: Config, make: Callable[[str, int], Any], units: int) -> tuple[dict[int, Any], Json]:
+def torch_runners(
+    cfg: Config, make: Callable[[str, int], Any], units: int
+) -> tuple[dict[int, Any], Json]:
     """PyTorch runners, one per thread setting (``torch_thread_candidates``), all in one memory
     format: the faster one when cfg.torch_format is 'auto' (median of 3 interleaved calls at
     the first setting).
@@ -90,7 +111,9 @@ def torch_runners(cfg: Config, make: Callable[[str, int], Any], units: int) -> t
     best = formats[0]
     if len(formats) > 1:
         probe = {fmt: make(fmt, candidates[0]) for fmt in formats}
-        times = time_interleaved({k: (lambda r=r: r.run(units)) for k, r in probe.items()}, repeats=3, warmup=1)
+        times = time_interleaved(
+            {k: (lambda r=r: r.run(units)) for k, r in probe.items()}, repeats=3, warmup=1
+        )
         info["torch_format_probe_s"] = {k: statistics.median(t) for k, t in times.items()}
         best = min(info["torch_format_probe_s"], key=info["torch_format_probe_s"].get)
     info["torch_memory_format"] = best

@@ -48,11 +48,17 @@ def _worker(batch: int, size: int, num_landmarks: int, repeats: int) -> dict:
     trainer = JaxStudentTrainer(num_landmarks, batch, size)
     predictor = JaxStudentPredictor(num_landmarks, 1, size)
     steps, iters = 2, 10
-    times = time_interleaved({"train": lambda: trainer.run(steps), "infer": lambda: predictor.run(iters)},
-                             repeats, warmup=1)
-    return {"train_ms": 1e3 * statistics.median(times["train"]) / steps,
-            "infer_ms": 1e3 * statistics.median(times["infer"]) / iters,
-            "train_compile_s": trainer.compile_s, "final_loss": float(trainer.loss)}
+    times = time_interleaved(
+        {"train": lambda: trainer.run(steps), "infer": lambda: predictor.run(iters)},
+        repeats,
+        warmup=1,
+    )
+    return {
+        "train_ms": 1e3 * statistics.median(times["train"]) / steps,
+        "infer_ms": 1e3 * statistics.median(times["infer"]) / iters,
+        "train_compile_s": trainer.compile_s,
+        "final_loss": float(trainer.loss),
+    }
 
 
 def _check_candidates(names: list[str]) -> None:
@@ -70,8 +76,9 @@ def flag_options(flags: str) -> tuple:
     return tuple(out)
 
 
-def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_landmarks: int,
-                    repeats: int) -> dict:
+def measure_per_jit(
+    names: list[str], batches: tuple[int, ...], size: int, num_landmarks: int, repeats: int
+) -> dict:
     """{name: {flags, infer_ms_b<B>..., ratio_vs_default_b<B>...}}, all in this process."""
     from benchmarks.harness import time_interleaved
     from benchmarks.jax_runners import JaxStudentPredictor
@@ -80,10 +87,13 @@ def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_l
     out: dict = {n: {"flags": CANDIDATES[n]} for n in names}
     for b in batches:
         iters = max(1, 10 // b)
-        runners = {n: JaxStudentPredictor(num_landmarks, b, size, options=flag_options(CANDIDATES[n]))
-                   for n in names}
-        times = time_interleaved({n: (lambda r=r: r.run(iters)) for n, r in runners.items()},
-                                 repeats, warmup=1)
+        runners = {
+            n: JaxStudentPredictor(num_landmarks, b, size, options=flag_options(CANDIDATES[n]))
+            for n in names
+        }
+        times = time_interleaved(
+            {n: (lambda r=r: r.run(iters)) for n, r in runners.items()}, repeats, warmup=1
+        )
         for n in names:
             out[n][f"infer_ms_b{b}"] = 1e3 * statistics.median(times[n]) / iters
     if "default" in out:
@@ -93,24 +103,37 @@ def measure_per_jit(names: list[str], batches: tuple[int, ...], size: int, num_l
     return out
 
 
-def measure(names: list[str], rounds: int, batch: int, size: int, num_landmarks: int,
-            repeats: int) -> dict:
+def measure(
+    names: list[str], rounds: int, batch: int, size: int, num_landmarks: int, repeats: int
+) -> dict:
     """{name: {flags, train_ms, infer_ms, ratio_vs_default...}} from `rounds` alternations."""
     _check_candidates(names)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for _ in range(rounds):
         for name in names:
             env = dict(os.environ, XLA_FLAGS=CANDIDATES[name])
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker",
-                   json.dumps([batch, size, num_landmarks, repeats])]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                json.dumps([batch, size, num_landmarks, repeats]),
+            ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"candidate {name!r} ({CANDIDATES[name]}) failed:\n{proc.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"candidate {name!r} ({CANDIDATES[name]}) failed:\n{proc.stderr[-2000:]}"
+                )
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = {}
     for name, rs in runs.items():
-        out[name] = {"flags": CANDIDATES[name], "rounds": rs,
-                     **{k: statistics.median(r[k] for r in rs) for k in ("train_ms", "infer_ms", "train_compile_s")}}
+        out[name] = {
+            "flags": CANDIDATES[name],
+            "rounds": rs,
+            **{
+                k: statistics.median(r[k] for r in rs)
+                for k in ("train_ms", "infer_ms", "train_compile_s")
+            },
+        }
     if "default" in out:
         for s in out.values():
             s["train_ratio_vs_default"] = out["default"]["train_ms"] / s["train_ms"]
@@ -125,8 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="batch 2 at 64 px (smoke test)")
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--json")
-    p.add_argument("--per-jit", action="store_true",
-                   help="inference only, one process, flags as per-function compiler options")
+    p.add_argument(
+        "--per-jit",
+        action="store_true",
+        help="inference only, one process, flags as per-function compiler options",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -136,19 +162,34 @@ def main(argv: list[str] | None = None) -> dict:
     if args.per_jit:
         names = [c for c in args.candidates.split(",") if c]
         out = measure_per_jit(names, (1, batch), size, 98, max(args.repeats, 7))
-        print(f"{'candidate':28s} " + " ".join(f"{'b%d ms' % b:>8s} {'x default':>9s}" for b in (1, batch)))
+        print(
+            f"{'candidate':28s} "
+            + " ".join(f"{'b%d ms' % b:>8s} {'x default':>9s}" for b in (1, batch))
+        )
         for name, s in out.items():
-            print(f"{name:28s} " + " ".join(f"{s['infer_ms_b%d' % b]:8.2f} {s.get('ratio_vs_default_b%d' % b, float('nan')):9.3f}"
-                                            for b in (1, batch)) + f"  {s['flags']}")
+            print(
+                f"{name:28s} "
+                + " ".join(
+                    f"{s['infer_ms_b%d' % b]:8.2f} {s.get('ratio_vs_default_b%d' % b, float('nan')):9.3f}"
+                    for b in (1, batch)
+                )
+                + f"  {s['flags']}"
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"per_jit": True, "image_size": size, "candidates": out}, f, indent=1)
         return out
-    out = measure([c for c in args.candidates.split(",") if c], args.rounds, batch, size, 98, args.repeats)
-    print(f"{'candidate':28s} {'train ms':>9s} {'x default':>9s} {'infer ms':>9s} {'x default':>9s}  flags")
+    out = measure(
+        [c for c in args.candidates.split(",") if c], args.rounds, batch, size, 98, args.repeats
+    )
+    print(
+        f"{'candidate':28s} {'train ms':>9s} {'x default':>9s} {'infer ms':>9s} {'x default':>9s}  flags"
+    )
     for name, s in out.items():
-        print(f"{name:28s} {s['train_ms']:9.2f} {s.get('train_ratio_vs_default', float('nan')):9.3f} "
-              f"{s['infer_ms']:9.2f} {s.get('infer_ratio_vs_default', float('nan')):9.3f}  {s['flags']}")
+        print(
+            f"{name:28s} {s['train_ms']:9.2f} {s.get('train_ratio_vs_default', float('nan')):9.3f} "
+            f"{s['infer_ms']:9.2f} {s.get('infer_ratio_vs_default', float('nan')):9.3f}  {s['flags']}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": batch, "image_size": size, "candidates": out}, f, indent=1)

@@ -1,5 +1,4 @@
-"""Tolerant teacher (EfficientNet-B3 regressor, MSE to ASM soft landmarks, 97% variance) on 300W.
-"""
+"""Tolerant teacher (EfficientNet-B3 regressor, MSE to ASM soft landmarks, 97% variance) on 300W."""
 
 from configs import kdloss
 

@@ -1,5 +1,4 @@
-"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on 300W.
-"""
+"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on 300W."""
 
 from configs import kdloss
 

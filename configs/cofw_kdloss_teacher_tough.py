@@ -1,5 +1,4 @@
-"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on COFW.
-"""
+"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on COFW."""
 
 from configs import kdloss
 

@@ -21,7 +21,9 @@ DATASET_DEFAULTS = {
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # 'train' (then a final evaluation) | 'eval' (evaluate the workdir's checkpoint)
+    c.mode = (
+        "train"  # 'train' (then a final evaluation) | 'eval' (evaluate the workdir's checkpoint)
+    )
     c.seed = 0
 
     c.dataset = ml_collections.ConfigDict()
@@ -46,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.photometric = False
 
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "heatmap"  # 'heatmap' (fan_jax.train) | 'regression' (KD-Loss, fan_jax.tasks.kdloss)
+    c.model.kind = (
+        "heatmap"  # 'heatmap' (fan_jax.train) | 'regression' (KD-Loss, fan_jax.tasks.kdloss)
+    )
     c.model.name = "mobilefan"  # fan_jax.models.fan.build_model: mobilefan | mobilefan_0.5 | teacher | resnet18_fan
     # Keras ImageNet weight file (.h5 / .keras, MobileNetV2 or ResNet50 'no top') for the
     # encoder; '' trains from scratch.
@@ -100,8 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def experiment(dataset: str, model: str = "mobilefan", distill: bool = False,
-               teacher_config: str | None = None) -> ml_collections.ConfigDict:
+def experiment(
+    dataset: str, model: str = "mobilefan", distill: bool = False, teacher_config: str | None = None
+) -> ml_collections.ConfigDict:
     """The paper's recipe for one dataset and model; distill=True adds the teacher of `dataset`."""
     c = get_config()
     d = DATASET_DEFAULTS[dataset]

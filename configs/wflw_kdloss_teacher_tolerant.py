@@ -1,5 +1,4 @@
-"""Tolerant teacher (EfficientNet-B3 regressor, MSE to ASM soft landmarks, 97% variance) on WFLW.
-"""
+"""Tolerant teacher (EfficientNet-B3 regressor, MSE to ASM soft landmarks, 97% variance) on WFLW."""
 
 from configs import kdloss
 

@@ -1,5 +1,4 @@
-"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on WFLW.
-"""
+"""Tough teacher (EfficientNet-B3 regressor, MSE to the ground-truth landmarks) on WFLW."""
 
 from configs import kdloss
 

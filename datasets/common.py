@@ -83,11 +83,11 @@ def crop_with_margin(
     left = int(np.round((x0 + x1) / 2 - (side - 1) / 2))
     top = int(np.round((y0 + y1) / 2 - (side - 1) / 2))
     h, w = image.shape[:2]
-    window = np.zeros((side, side) + image.shape[2:], np.uint8)
+    window = np.zeros((side, side, *image.shape[2:]), np.uint8)
     sx0, sy0 = max(left, 0), max(top, 0)
     sx1, sy1 = min(left + side, w), min(top + side, h)
     if sx1 > sx0 and sy1 > sy0:
-        window[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
+        window[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
     out = min(side, max_side)
     if out != side:
         window = cv2.resize(window, (out, out), interpolation=cv2.INTER_AREA)
@@ -106,8 +106,9 @@ def crop_with_margin(
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decodes image bytes to RGB uint8 [H, W, 3] (greyscale and RGBA -> RGB)."""
     if not data:
-        raise DatasetFormatError(f"{name}: the image file is empty (0 bytes); the download or "
-                                 "copy may be incomplete.")
+        raise DatasetFormatError(
+            f"{name}: the image file is empty (0 bytes); the download or copy may be incomplete."
+        )
     try:
         array = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_FLAGS)
     except cv2.error as e:  # OpenCV raises for some malformed buffers instead of returning None
@@ -141,17 +142,21 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------- examples
 
 
-def base_features(num_landmarks: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+def base_features(
+    num_landmarks: int, **extra: tfds.features.FeatureConnector
+) -> tfds.features.FeaturesDict:
     """Features every builder stores (see the Datasets section of contracts.md)."""
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "landmarks": tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32),
-        "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-        "to_original": tfds.features.Tensor(shape=(2, 3), dtype=np.float32),
-        "original_landmarks": tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32),
-        "file_name": tfds.features.Text(),
-        **extra,
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "landmarks": tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "to_original": tfds.features.Tensor(shape=(2, 3), dtype=np.float32),
+            "original_landmarks": tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32),
+            "file_name": tfds.features.Text(),
+            **extra,
+        }
+    )
 
 
 def make_example(
@@ -218,7 +223,6 @@ def _skip_member(name: str) -> bool:
 
 
 class DirSource(FileSource):
-
     def __init__(self, root: os.PathLike | str):
         self.root = os.fspath(root)
 
@@ -251,11 +255,12 @@ def _normalise_member(name: str, strip_prefix: str, archive: str = "") -> str:
     if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
         raise DatasetFormatError(
             f"{archive}: member {name!r} has an absolute or '..' path; refusing the archive "
-            "(it was not written by the dataset's authors).")
+            "(it was not written by the dataset's authors)."
+        )
     while name.startswith("./"):
         name = name[2:]
     if strip_prefix and name.startswith(strip_prefix + "/"):
-        name = name[len(strip_prefix) + 1:]
+        name = name[len(strip_prefix) + 1 :]
     return name
 
 
@@ -301,7 +306,6 @@ class TarSource(FileSource):
 
 
 class ZipSource(FileSource):
-
     def __init__(self, path: os.PathLike | str, strip_prefix: str = ""):
         self.path = os.fspath(path)
         try:
@@ -380,9 +384,13 @@ def manual_dir(dl_manager: tfds.download.DownloadManager, dataset: str, instruct
     return path
 
 
-def missing_files(dataset: str, path: str, instructions: str, missing: Sequence[str]) -> DatasetFilesMissing:
+def missing_files(
+    dataset: str, path: str, instructions: str, missing: Sequence[str]
+) -> DatasetFilesMissing:
     """The error for an incomplete manual dir: what is missing, then the instructions."""
-    shown = list(missing[:10]) + ([f"... and {len(missing) - 10} more"] if len(missing) > 10 else [])
+    shown = list(missing[:10]) + (
+        [f"... and {len(missing) - 10} more"] if len(missing) > 10 else []
+    )
     lines = "\n  ".join(shown)
     return DatasetFilesMissing(
         f"{dataset}: the manual download directory {path} is incomplete. Missing:\n  {lines}\n\n"

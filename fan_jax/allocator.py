@@ -25,14 +25,16 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-TUNABLES = ":".join([
-    "glibc.malloc.arena_max=1",  # one heap: worker threads' big blocks come from it too
-    "glibc.malloc.mmap_max=0",  # no mmap per block: freed blocks go back to the heap
-    "glibc.malloc.trim_threshold=4294967296",  # keep up to 4 GiB free at the top of the heap
-    "glibc.malloc.top_pad=1073741824",  # grow the heap in 1 GiB steps (address space only)
-])
+TUNABLES = ":".join(
+    [
+        "glibc.malloc.arena_max=1",  # one heap: worker threads' big blocks come from it too
+        "glibc.malloc.mmap_max=0",  # no mmap per block: freed blocks go back to the heap
+        "glibc.malloc.trim_threshold=4294967296",  # keep up to 4 GiB free at the top of the heap
+        "glibc.malloc.top_pad=1073741824",  # grow the heap in 1 GiB steps (address space only)
+    ]
+)
 OPT_OUT = "FAN_JAX_MALLOC"  # set to 'default' to leave glibc's malloc alone
 
 

@@ -88,26 +88,34 @@ class ShapeModel:
         from etils import epath
 
         with epath.Path(path).open("wb") as f:
-            np.savez(f, mean=self.mean, components=self.components, eigenvalues=self.eigenvalues,
-                     variance_percent=np.float64(self.variance_percent),
-                     clip_sigmas=np.float64(self.clip_sigmas),
-                     format_version=np.int64(FORMAT_VERSION))
+            np.savez(
+                f,
+                mean=self.mean,
+                components=self.components,
+                eigenvalues=self.eigenvalues,
+                variance_percent=np.float64(self.variance_percent),
+                clip_sigmas=np.float64(self.clip_sigmas),
+                format_version=np.int64(FORMAT_VERSION),
+            )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ShapeModel":
+    def load(cls, path: str | os.PathLike) -> ShapeModel:
         from etils import epath
 
         with epath.Path(path).open("rb") as f, np.load(f) as z:
             version = int(z["format_version"])
             if version != FORMAT_VERSION:
                 raise ValueError(f"{path}: ASM format version {version}, expected {FORMAT_VERSION}")
-            return cls(mean=z["mean"], components=z["components"], eigenvalues=z["eigenvalues"],
-                       variance_percent=float(z["variance_percent"]),
-                       clip_sigmas=float(z["clip_sigmas"]))
+            return cls(
+                mean=z["mean"],
+                components=z["components"],
+                eigenvalues=z["eigenvalues"],
+                variance_percent=float(z["variance_percent"]),
+                clip_sigmas=float(z["clip_sigmas"]),
+            )
 
 
-def fit(shapes: np.ndarray, variance_percent: float = 97.0, clip_sigmas: float = 3.0
-        ) -> ShapeModel:
+def fit(shapes: np.ndarray, variance_percent: float = 97.0, clip_sigmas: float = 3.0) -> ShapeModel:
     """PCA shape model of training shapes [N, L, 2] keeping `variance_percent` (0, 100]."""
     shapes = np.asarray(shapes, np.float64)
     if shapes.ndim != 3 or shapes.shape[-1] != 2:
@@ -134,13 +142,18 @@ def fit(shapes: np.ndarray, variance_percent: float = 97.0, clip_sigmas: float =
         k = rank
     else:
         ratio_cumsum = np.cumsum(eigvals) / np.sum(eigvals)
-        k = min(int(np.searchsorted(ratio_cumsum, variance_percent / 100.0, side="right")) + 1,
-                rank)
+        k = min(
+            int(np.searchsorted(ratio_cumsum, variance_percent / 100.0, side="right")) + 1, rank
+        )
     comps = eigvecs[:, :k].T
     # Deterministic signs: each mode's largest-magnitude entry is positive.
     idx = np.argmax(np.abs(comps), axis=1)
     signs = np.sign(comps[np.arange(k), idx])
     comps = comps * signs[:, None]
-    return ShapeModel(mean=mean, components=np.ascontiguousarray(comps),
-                      eigenvalues=eigvals[:k].copy(), variance_percent=float(variance_percent),
-                      clip_sigmas=float(clip_sigmas))
+    return ShapeModel(
+        mean=mean,
+        components=np.ascontiguousarray(comps),
+        eigenvalues=eigvals[:k].copy(),
+        variance_percent=float(variance_percent),
+        clip_sigmas=float(clip_sigmas),
+    )

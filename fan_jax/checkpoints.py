@@ -34,15 +34,34 @@ CONFIG_FILE = "config.json"
 
 # What defines the model and the data a checkpoint belongs to: never changed by a rerun.
 DEFINING_FIELDS = (
-    "model.kind", "model.name", "input_size", "sigma", "dataset.name",
-    "augment.box_source", "augment.box_scale", "distill.enabled", "distill.fa_layers",
-    "distill.adapter_kind", "kd.role", "kd.teacher_model",
+    "model.kind",
+    "model.name",
+    "input_size",
+    "sigma",
+    "dataset.name",
+    "augment.box_source",
+    "augment.box_scale",
+    "distill.enabled",
+    "distill.fa_layers",
+    "distill.adapter_kind",
+    "kd.role",
+    "kd.teacher_model",
 )
 # Where the files are and how they are read: free to differ between machines and reruns.
 FREE_FIELDS = (
-    "mode", "dataset.data_dir", "dataset.manual_dir", "dataset.prepare", "dataset.num_workers",
-    "distill.teacher_workdir", "distill.teacher_config", "train.allow_changes",
-    "train.nan_at_step", "eval", "demo", "kd.tough_workdir", "kd.tolerant_workdir",
+    "mode",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "dataset.prepare",
+    "dataset.num_workers",
+    "distill.teacher_workdir",
+    "distill.teacher_config",
+    "train.allow_changes",
+    "train.nan_at_step",
+    "eval",
+    "demo",
+    "kd.tough_workdir",
+    "kd.tolerant_workdir",
 )
 
 # Free fields a reader takes from the record unless told otherwise: where the run's data is.
@@ -66,14 +85,25 @@ def has_checkpoints(workdir: str) -> bool:
 def manager(directory: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the latest `keep` steps plus the best one by 'val_nme' (lower is better)."""
     pp = ocp.checkpoint_managers
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=lambda m: m["val_nme"], reverse=True, n=1,
-                 keep_checkpoints_without_metrics=False),
-    ])
+    policy = pp.AnyPreservationPolicy(
+        [
+            pp.LatestN(n=keep),
+            pp.BestN(
+                get_metric_fn=lambda m: m["val_nme"],
+                reverse=True,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(
-        best_fn=lambda m: m["val_nme"], best_mode="min", preservation_policy=policy,
-        create=not read_only, read_only=read_only, save_interval_steps=0 if read_only else 1)
+        best_fn=lambda m: m["val_nme"],
+        best_mode="min",
+        preservation_policy=policy,
+        create=not read_only,
+        read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
+    )
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler()}
     if read_only:
         # Readers (eval, predict, export, teachers) never restore the data state, so they
@@ -94,8 +124,10 @@ def _quiet_unread_items() -> None:
         return
 
     def keep(record: Any) -> bool:
-        return not ("was found in the checkpoint, but could not" in str(record.msg)
-                    and record.args == ("data",))
+        return not (
+            "was found in the checkpoint, but could not" in str(record.msg)
+            and record.args == ("data",)
+        )
 
     keep._fan_jax_unread = True  # type: ignore[attr-defined]
     logger.addFilter(keep)
@@ -110,8 +142,9 @@ def select_step(mngr: ocp.CheckpointManager, which: str) -> int | None:
         return best if best is not None else mngr.latest_step()
     step = int(which)
     if step not in mngr.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory} "
-                                f"(have {list(mngr.all_steps())})")
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {mngr.directory} (have {list(mngr.all_steps())})"
+        )
     return step
 
 
@@ -124,20 +157,26 @@ def to_dict(tree: PyTree) -> PyTree:
 
 def check_tree_matches(restored_meta: PyTree, expected: PyTree, what: str) -> None:
     """Raises CheckpointMismatchError naming the first parameter whose path or shape differs."""
+
     def flat(tree):
-        return {"/".join(map(str, k)): tuple(getattr(v, "shape", ()))
-                for k, v in traverse_util.flatten_dict(to_dict(tree)).items()}
+        return {
+            "/".join(map(str, k)): tuple(getattr(v, "shape", ()))
+            for k, v in traverse_util.flatten_dict(to_dict(tree)).items()
+        }
+
     have, want = flat(restored_meta), flat(expected)
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise CheckpointMismatchError(
             f"{what}: parameter names differ from the model's: missing {missing[:3]}"
             f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-            f"{'...' if len(extra) > 3 else ''}")
+            f"{'...' if len(extra) > 3 else ''}"
+        )
     for k in sorted(want):
         if have[k] != want[k]:
-            raise CheckpointMismatchError(f"{what}: {k} has shape {have[k]} in the checkpoint, "
-                                          f"{want[k]} in the model")
+            raise CheckpointMismatchError(
+                f"{what}: {k} has shape {have[k]} in the checkpoint, {want[k]} in the model"
+            )
 
 
 # --------------------------------------------------------------------------- the record
@@ -151,16 +190,20 @@ def read_record(workdir: str) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise RecordMismatchError(f"{path}: not valid JSON ({e}); restore it from the run's "
-                                  f"logs or delete the workdir") from e
+        raise RecordMismatchError(
+            f"{path}: not valid JSON ({e}); restore it from the run's logs or delete the workdir"
+        ) from e
 
 
 def write_record(config: ml_collections.ConfigDict | Mapping, workdir: str) -> None:
     """Writes config.json atomically: a reader sees the old record or the new one, whole."""
     directory = epath.Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    text = (config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-            else json.dumps(config, indent=2))
+    text = (
+        config.to_json_best_effort(indent=2)
+        if hasattr(config, "to_json_best_effort")
+        else json.dumps(config, indent=2)
+    )
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(text)
     tmp.replace(directory / CONFIG_FILE)
@@ -177,6 +220,7 @@ def flatten(config: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
                 visit(f"{prefix}{k}.", v)
         else:
             out[prefix[:-1]] = list(node) if isinstance(node, (tuple, list)) else node
+
     visit("", d)
     return out
 
@@ -189,8 +233,9 @@ def _is_defining(field: str) -> bool:
     return any(field == f or field.startswith(f + ".") for f in DEFINING_FIELDS)
 
 
-def record_differences(config: ml_collections.ConfigDict, record: Mapping
-                       ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+def record_differences(
+    config: ml_collections.ConfigDict, record: Mapping
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """(defining, other) fields where `config` and the record differ: (field, record, config).
     Free fields (paths, eval settings, mode) are not compared."""
     have, want = flatten(record), flatten(config)
@@ -205,8 +250,13 @@ def record_differences(config: ml_collections.ConfigDict, record: Mapping
 
 
 def _both_numbers_equal(a, b) -> bool:
-    return (isinstance(a, (int, float)) and isinstance(b, (int, float))
-            and not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b))
+    return (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+        and float(a) == float(b)
+    )
 
 
 def _table(diffs) -> str:
@@ -225,17 +275,20 @@ def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[s
         raise RecordMismatchError(
             f"{path}: this workdir holds a run of another model or data; these fields differ "
             f"from its record:\n{_table(defining)}\nUse a new --workdir for a different model "
-            f"or data. Nothing was changed.")
+            f"or data. Nothing was changed."
+        )
     if other and not config.train.get("allow_changes", False):
         raise RecordMismatchError(
             f"{path}: rerunning with settings that differ from the run's record:\n"
             f"{_table(other)}\nRepeat the run's settings, or pass "
-            f"--config.train.allow_changes=True to continue with these. Nothing was changed.")
+            f"--config.train.allow_changes=True to continue with these. Nothing was changed."
+        )
     return other
 
 
-def config_from_record(config: ml_collections.ConfigDict, workdir: str,
-                       overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def config_from_record(
+    config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
     """The config a reader should use: the record's model and data fields and its data
     location (`DATA_LOCATION_FIELDS`, unless overridden), `config`'s other free fields (eval
     settings). An override (`overrides`, the command line's) of a defining field that differs
@@ -254,14 +307,16 @@ def config_from_record(config: ml_collections.ConfigDict, workdir: str,
     if conflicts:
         raise RecordMismatchError(
             f"{path}: the command line overrides fields of the trained run:\n{_table(conflicts)}"
-            f"\nThe model is built from the record; drop these overrides.")
+            f"\nThe model is built from the record; drop these overrides."
+        )
     out = ml_collections.ConfigDict(config.to_dict())
     merged = flatten(out)
     for k, v in rec.items():
         # Where the run's data is comes from the record too, unless the command line (or,
         # without `overrides`, the caller's config) says otherwise.
         located = k in DATA_LOCATION_FIELDS and (
-            k not in overrides if overrides is not None else not merged.get(k))
+            k not in overrides if overrides is not None else not merged.get(k)
+        )
         if k in merged and (located or not _is_free(k)):
             node = out
             *parts, last = k.split(".")
@@ -277,12 +332,14 @@ def config_from_record(config: ml_collections.ConfigDict, workdir: str,
 def abstract(tree: PyTree, sharding: Any) -> PyTree:
     import jax
 
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), tree
+    )
 
 
-def resume(mngr: ocp.CheckpointManager, state: Any, train_iter: Any, sharding: Any
-           ) -> tuple[Any, Any]:
+def resume(
+    mngr: ocp.CheckpointManager, state: Any, train_iter: Any, sharding: Any
+) -> tuple[Any, Any]:
     """(state, train_iter) from the manager's latest step, or as given when there is none.
     Closes the manager when the checkpoint does not fit, so the caller only re-raises."""
     latest = mngr.latest_step()
@@ -290,33 +347,47 @@ def resume(mngr: ocp.CheckpointManager, state: Any, train_iter: Any, sharding: A
         return state, train_iter
     try:
         restored = restore_for_resume(
-            mngr, latest, {"params": state.params, "batch_stats": state.batch_stats},
-            {"step": state.step, "opt_state": state.opt_state}, train_iter, sharding)
+            mngr,
+            latest,
+            {"params": state.params, "batch_stats": state.batch_stats},
+            {"step": state.step, "opt_state": state.opt_state},
+            train_iter,
+            sharding,
+        )
     except BaseException:
         mngr.close()
         raise
     m, o = restored["model"], restored["opt"]
-    state = state.replace(params=m["params"], batch_stats=m["batch_stats"], step=o["step"],
-                          opt_state=o["opt_state"])
+    state = state.replace(
+        params=m["params"], batch_stats=m["batch_stats"], step=o["step"], opt_state=o["opt_state"]
+    )
     logging.info("Resumed from %s at step %d", mngr.directory, latest)
     return state, restored["data"]
 
 
-def commit_record(config: ml_collections.ConfigDict, workdir: str,
-                  changes: list[tuple[str, Any, Any]]) -> None:
+def commit_record(
+    config: ml_collections.ConfigDict, workdir: str, changes: list[tuple[str, Any, Any]]
+) -> None:
     """Once the model is built and fits the checkpoint: log the allowed changes (from
     `check_rerun`) and write the record (process 0 only)."""
     import jax
 
     for field, old_value, new_value in changes:
-        logging.warning("train.allow_changes: %s changes from %r to %r", field, old_value,
-                        new_value)
+        logging.warning(
+            "train.allow_changes: %s changes from %r to %r", field, old_value, new_value
+        )
     if jax.process_index() == 0:
         write_record(config, workdir)
 
 
-def restore_for_resume(mngr: ocp.CheckpointManager, step: int, model_item: PyTree,
-                       opt_item: PyTree, train_iter: Any, sharding: Any) -> dict:
+def restore_for_resume(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    model_item: PyTree,
+    opt_item: PyTree,
+    train_iter: Any,
+    sharding: Any,
+) -> dict:
     """Restores 'model', 'opt' and 'data' of `step` into the shapes of the run's fresh state.
     The model tree is checked first, so a different model is one error naming the first
     differing parameter, not an orbax traceback."""
@@ -325,13 +396,18 @@ def restore_for_resume(mngr: ocp.CheckpointManager, step: int, model_item: PyTre
     what = f"checkpoint {mngr.directory}/{step}"
     check_tree_matches(to_dict(mngr.item_metadata(step)["model"]), model_item, what)
     try:
-        return mngr.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(model_item, sharding)),
-            opt=ocp.args.StandardRestore(abstract(opt_item, sharding)),
-            data=grain.checkpoint.CheckpointRestore(train_iter)))
+        return mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract(model_item, sharding)),
+                opt=ocp.args.StandardRestore(abstract(opt_item, sharding)),
+                data=grain.checkpoint.CheckpointRestore(train_iter),
+            ),
+        )
     except ValueError as e:  # the optimizer state differs (another optimizer or schedule)
-        raise CheckpointMismatchError(f"{what}: its optimizer or data state does not fit this "
-                                      f"run: {str(e)[:500]}") from e
+        raise CheckpointMismatchError(
+            f"{what}: its optimizer or data state does not fit this run: {str(e)[:500]}"
+        ) from e
 
 
 # --------------------------------------------------------------------------- the student
@@ -358,14 +434,20 @@ def expected_model_item(model: Any, input_size: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jnp.zeros((1, input_size, input_size, 3), jnp.float32))
-    return {"params": {"student": shapes["params"]},
-            "batch_stats": {"student": shapes.get("batch_stats", {})}}
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jnp.zeros((1, input_size, input_size, 3), jnp.float32),
+    )
+    return {
+        "params": {"student": shapes["params"]},
+        "batch_stats": {"student": shapes.get("batch_stats", {})},
+    }
 
 
-def restore_model(workdir: str, which: str = "best", *, expected: PyTree | None = None,
-                  sharding: Any = None) -> tuple[dict, int]:
+def restore_model(
+    workdir: str, which: str = "best", *, expected: PyTree | None = None, sharding: Any = None
+) -> tuple[dict, int]:
     """Restores the 'model' item ({'params', 'batch_stats'}) of a run; returns it and its step.
 
     With `expected` (a tree of arrays or shape structs) the checkpoint must match it
@@ -390,22 +472,32 @@ def restore_model(workdir: str, which: str = "best", *, expected: PyTree | None 
         meta = to_dict(mngr.item_metadata(step)["model"])
         if expected is not None:
             expected = to_dict(expected)
-            extra = {k: {n: v for n, v in meta.get(k, {}).items() if n not in expected.get(k, {})}
-                     for k in meta}
-            check_tree_matches({k: {n: v for n, v in meta.get(k, {}).items()
-                                    if n in expected.get(k, {})} for k in expected},
-                               expected, f"checkpoint {directory}/{step}")
+            extra = {
+                k: {n: v for n, v in meta.get(k, {}).items() if n not in expected.get(k, {})}
+                for k in meta
+            }
+            check_tree_matches(
+                {
+                    k: {n: v for n, v in meta.get(k, {}).items() if n in expected.get(k, {})}
+                    for k in expected
+                },
+                expected,
+                f"checkpoint {directory}/{step}",
+            )
             # Leaves not expected (the adapters) are restored as saved, then dropped.
             target = {k: {**expected.get(k, {}), **extra.get(k, {})} for k in meta}
         else:
             target = meta
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract(target, sharding))))["model"]
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract(target, sharding))),
+        )["model"]
     finally:
         mngr.close()
     if expected is not None:
-        restored = {k: {n: v for n, v in restored[k].items() if n in expected.get(k, {})}
-                    for k in expected}
+        restored = {
+            k: {n: v for n, v in restored[k].items() if n in expected.get(k, {})} for k in expected
+        }
     return restored, step
 
 
@@ -418,8 +510,9 @@ def _num_landmarks(kind: str, meta: Mapping[str, Any], where: str) -> int:
         return int(p["conv"]["kernel"].shape[-1])
     except (KeyError, TypeError, AttributeError):
         layer = "head/out/kernel" if kind == "regression" else "head/conv/kernel"
-        raise CheckpointMismatchError(f"{where} has no {kind} head (params/student/{layer}): "
-                                      "not a fan_jax landmark model") from None
+        raise CheckpointMismatchError(
+            f"{where} has no {kind} head (params/student/{layer}): not a fan_jax landmark model"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -447,14 +540,24 @@ class LoadedModel:
         return self.record.get("model", {}).get("name", "?")
 
     def describe(self) -> dict:
-        return {"model": self.model_name, "kind": self.kind,
-                "dataset": self.record.get("dataset", {}).get("name"), "workdir": self.workdir,
-                "step": self.step, "num_landmarks": self.num_landmarks,
-                "input_size": self.input_size}
+        return {
+            "model": self.model_name,
+            "kind": self.kind,
+            "dataset": self.record.get("dataset", {}).get("name"),
+            "workdir": self.workdir,
+            "step": self.step,
+            "num_landmarks": self.num_landmarks,
+            "input_size": self.input_size,
+        }
 
 
-def load_model(workdir: str, which: str = "best", *, sharding: Any = None,
-               default_record: Mapping[str, Any] | None = None) -> LoadedModel:
+def load_model(
+    workdir: str,
+    which: str = "best",
+    *,
+    sharding: Any = None,
+    default_record: Mapping[str, Any] | None = None,
+) -> LoadedModel:
     """The trained network of a workdir, of either kind, built from its record and restored
     through the one tree check. Used by eval mode, predict, export and teacher loading.
     `default_record` stands in for a missing config.json (eval mode passes its config).
@@ -466,13 +569,17 @@ def load_model(workdir: str, which: str = "best", *, sharding: Any = None,
     if record is None and default_record is not None:
         record = dict(default_record)
     if record is None:
-        raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE}: not a fan_jax training "
-                                "workdir (python -m fan_jax.main --config=... --workdir=DIR "
-                                "writes one)")
+        raise FileNotFoundError(
+            f"{workdir} has no {CONFIG_FILE}: not a fan_jax training "
+            "workdir (python -m fan_jax.main --config=... --workdir=DIR "
+            "writes one)"
+        )
     directory = checkpoint_dir(workdir)
     if not has_checkpoints(workdir):
-        raise FileNotFoundError(f"no checkpoints in {directory}: train first, e.g.\n  python -m "
-                                f"fan_jax.main --config=<config> --workdir={workdir}")
+        raise FileNotFoundError(
+            f"no checkpoints in {directory}: train first, e.g.\n  python -m "
+            f"fan_jax.main --config=<config> --workdir={workdir}"
+        )
     model_cfg = record.get("model", {})
     kind = model_cfg.get("kind", "heatmap")
     mngr = manager(directory, read_only=True)
@@ -491,8 +598,15 @@ def load_model(workdir: str, which: str = "best", *, sharding: Any = None,
     try:
         restored, step = restore_model(workdir, str(step), expected=expected, sharding=sharding)
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{e} (it does not fit model {model_cfg.get('name')!r} "
-                                      f"of {workdir}/{CONFIG_FILE})") from None
-    return LoadedModel(kind=kind, model=model, variables=student_variables(restored),
-                       record=record, step=int(step), num_landmarks=num_landmarks,
-                       workdir=workdir)
+        raise CheckpointMismatchError(
+            f"{e} (it does not fit model {model_cfg.get('name')!r} of {workdir}/{CONFIG_FILE})"
+        ) from None
+    return LoadedModel(
+        kind=kind,
+        model=model,
+        variables=student_variables(restored),
+        record=record,
+        step=int(step),
+        num_landmarks=num_landmarks,
+        workdir=workdir,
+    )

@@ -56,12 +56,20 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "wflw": DatasetSpec(
-        "wflw", _wflw.Builder, _wflw.NUM_LANDMARKS, "train",
-        ("test",) + _wflw.SUBSET_SPLITS, "wflw",
+        "wflw",
+        _wflw.Builder,
+        _wflw.NUM_LANDMARKS,
+        "train",
+        ("test", *_wflw.SUBSET_SPLITS),
+        "wflw",
     ),
     "300w": DatasetSpec(
-        "300w", _the300w.Builder, _the300w.NUM_LANDMARKS, "train",
-        ("full", "common", "challenging"), "300w",
+        "300w",
+        _the300w.Builder,
+        _the300w.NUM_LANDMARKS,
+        "train",
+        ("full", "common", "challenging"),
+        "300w",
     ),
     "cofw": DatasetSpec("cofw", _cofw.Builder, _cofw.NUM_LANDMARKS, "train", ("test",), "cofw"),
 }
@@ -77,7 +85,9 @@ def get(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
-def builder(name: str, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> tfds.core.DatasetBuilder:
+def builder(
+    name: str, data_dir: str | os.PathLike | None = None, **kwargs: Any
+) -> tfds.core.DatasetBuilder:
     return get(name).builder_cls(data_dir=os.fspath(data_dir) if data_dir else None, **kwargs)
 
 
@@ -101,10 +111,13 @@ def prepare(
         if b.is_prepared():  # another process built it while this one waited
             return b
         _remove_stale_builds(os.fspath(b.data_dir))
-        print(f"{b.name}: building into {b.data_dir} from "
-              f"{manual_dir or 'the default manual_dir'}", flush=True)
+        print(
+            f"{b.name}: building into {b.data_dir} from {manual_dir or 'the default manual_dir'}",
+            flush=True,
+        )
         config = tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir) if manual_dir else None)
+            manual_dir=os.fspath(manual_dir) if manual_dir else None
+        )
         # TFDS shows per-split progress bars (unless tfds.disable_progress_bar() was called).
         b.download_and_prepare(download_config=config)
     return b
@@ -155,8 +168,11 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     if split not in b.info.splits:
         raise ValueError(f"{spec.tfds_name} has no split {split!r}; splits: {list(b.info.splits)}.")
     return tfds.data_source(
-        spec.tfds_name, split=split, data_dir=os.fspath(data_dir) if data_dir else None,
-        download=False, **kwargs,
+        spec.tfds_name,
+        split=split,
+        data_dir=os.fspath(data_dir) if data_dir else None,
+        download=False,
+        **kwargs,
     )
 
 
@@ -173,11 +189,18 @@ def ensure_built(config: Any) -> None:
     # On several hosts one builds (they share data_dir) while the others wait for it.
     if jax.process_index() == 0:
         try:
-            prepare(config.dataset.name, data_dir=config.dataset.data_dir or None,
-                    manual_dir=config.dataset.manual_dir or None)
+            prepare(
+                config.dataset.name,
+                data_dir=config.dataset.data_dir or None,
+                manual_dir=config.dataset.manual_dir or None,
+            )
         except DatasetFilesMissing as e:
-            print(f"\nThe {config.dataset.name} dataset is not built yet and its downloaded "
-                  f"files are missing.\n\n{e}", file=sys.stderr, flush=True)
+            print(
+                f"\nThe {config.dataset.name} dataset is not built yet and its downloaded "
+                f"files are missing.\n\n{e}",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(2)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -194,13 +217,16 @@ def require_built(config: Any) -> None:
         raise DatasetNotBuiltError(
             f"dataset.data_dir: {name} is not built in {b.data_dir}. Point "
             f"--config.dataset.data_dir at where the run's data is, or build it with: python -m "
-            f"fan_jax.data {name} --data_dir <data_dir> --manual_dir <downloads>")
+            f"fan_jax.data {name} --data_dir <data_dir> --manual_dir <downloads>"
+        )
 
 
 def sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:
     """Random-access TFDS array_record sources of the config's dataset, one per split."""
-    return {s: data_source(config.dataset.name, s, config.dataset.data_dir or None)
-            for s in dict.fromkeys(splits)}
+    return {
+        s: data_source(config.dataset.name, s, config.dataset.data_dir or None)
+        for s in dict.fromkeys(splits)
+    }
 
 
 def test_splits(config: Any) -> tuple[str, ...]:
@@ -223,11 +249,18 @@ def is_tfds(srcs: Mapping[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build a landmark dataset from its manual download.")
+    parser = argparse.ArgumentParser(
+        description="Build a landmark dataset from its manual download."
+    )
     parser.add_argument("name", choices=sorted(DATASETS) + sorted(_ALIASES))
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)")
-    parser.add_argument("--manual_dir", default=None,
-                        help="folder with the downloaded files (default <data_dir>/downloads/manual)")
+    parser.add_argument(
+        "--data_dir", default=None, help="TFDS data dir (default ~/tensorflow_datasets)"
+    )
+    parser.add_argument(
+        "--manual_dir",
+        default=None,
+        help="folder with the downloaded files (default <data_dir>/downloads/manual)",
+    )
     args = parser.parse_args(argv)
     try:
         b = prepare(args.name, args.data_dir, args.manual_dir)

@@ -31,8 +31,9 @@ def _demo_log(t0: float, msg: str) -> None:
         print(f"[demo {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
 
-def demo_configs(config: ml_collections.ConfigDict, workdir: str
-                 ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
+def demo_configs(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
     """{label: (run dir, config)} for the demo's teacher, MobileFAN and MobileFAN + KD.
 
     Each stage decays its learning rate x`train.lr_decay_factor` for its last
@@ -116,19 +117,26 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     manual = config.dataset.manual_dir or os.path.join(workdir, "synthetic_300w")
     data_dir = config.dataset.data_dir or os.path.join(workdir, "tensorflow_datasets")
     if not os.path.exists(os.path.join(manual, "synthetic_300w.json")):
-        _demo_log(t0, f"drawing {d.num_train} training and {d.num_test} test faces "
-                      f"({d.image_size}px) into {manual}")
-        synthetic_300w.write_300w_tree(manual, d.num_train, d.num_test, seed=config.seed,
-                                  size=d.image_size, overwrite=True)
+        _demo_log(
+            t0,
+            f"drawing {d.num_train} training and {d.num_test} test faces "
+            f"({d.image_size}px) into {manual}",
+        )
+        synthetic_300w.write_300w_tree(
+            manual, d.num_train, d.num_test, seed=config.seed, size=d.image_size, overwrite=True
+        )
     _demo_log(t0, "building them with the 300W TFDS builder")
     data.prepare("300w", data_dir=data_dir, manual_dir=manual)
     config = ml_collections.ConfigDict(config.to_dict())
     config.dataset.data_dir, config.dataset.manual_dir = data_dir, manual
     rows = {}
     for label, (name, c) in demo_configs(config, workdir).items():
-        _demo_log(t0, f"training {label} ({c.model.name}, {c.train.num_train_steps} steps, batch "
-                      f"{c.train.batch_size}, {c.input_size}x{c.input_size} crops) -> "
-                      f"{workdir}/{name}")
+        _demo_log(
+            t0,
+            f"training {label} ({c.model.name}, {c.train.num_train_steps} steps, batch "
+            f"{c.train.batch_size}, {c.input_size}x{c.input_size} crops) -> "
+            f"{workdir}/{name}",
+        )
         result = train_and_evaluate(c, os.path.join(workdir, name))
         if result.preempted:
             _demo_log(t0, f"stopped by SIGTERM during {label}; run the same command to resume")
@@ -136,17 +144,22 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         rows[label] = result.eval_results
     kd_config = demo_kdloss_config(config)
     if kd_config is not None:
-        _demo_log(t0, f"KD-Loss: Tough and Tolerant teachers ({kd_config.kd.teacher_model}), "
-                      f"then the {kd_config.model.name} student, {kd_config.train.num_train_steps}"
-                      f" steps each, {kd_config.input_size}x{kd_config.input_size} crops -> "
-                      f"{workdir}/kdloss")
+        _demo_log(
+            t0,
+            f"KD-Loss: Tough and Tolerant teachers ({kd_config.kd.teacher_model}), "
+            f"then the {kd_config.model.name} student, {kd_config.train.num_train_steps}"
+            f" steps each, {kd_config.input_size}x{kd_config.input_size} crops -> "
+            f"{workdir}/kdloss",
+        )
         kd_rows = kdloss_rows(kd_config, os.path.join(workdir, "kdloss"))
         if kd_rows is None:
             _demo_log(t0, "stopped by SIGTERM during KD-Loss; run the same command to resume")
             return None
-        labels = {"kdloss_teacher_tough": "KD-Loss Tough teacher",
-                  "kdloss_teacher_tolerant": "KD-Loss Tolerant teacher",
-                  "kdloss_student": "KD-Loss student (MobileNetV2 regression)"}
+        labels = {
+            "kdloss_teacher_tough": "KD-Loss Tough teacher",
+            "kdloss_teacher_tolerant": "KD-Loss Tolerant teacher",
+            "kdloss_student": "KD-Loss student (MobileNetV2 regression)",
+        }
         rows.update({labels.get(k, k): v for k, v in kd_rows.items()})
     table = evaluate.format_table(rows)
     splits = list(next(iter(rows.values())))
@@ -154,21 +167,27 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         with open(os.path.join(workdir, "demo_table.txt"), "w") as f:
             f.write(table + "\n")
         _plot_demo(rows, os.path.join(workdir, "demo_nme.png"), splits)
-        _demo_log(t0, f"done. Synthetic 300W test faces ({d.num_test}), NME normalised by the "
-                      f"outer eye corners. Teacher: {d.teacher_model}, {d.teacher_steps} steps; "
-                      f"students: {config.model.name}, {d.student_steps} steps each; batch "
-                      f"{config.train.batch_size}, {config.input_size}x{config.input_size} crops.")
+        _demo_log(
+            t0,
+            f"done. Synthetic 300W test faces ({d.num_test}), NME normalised by the "
+            f"outer eye corners. Teacher: {d.teacher_model}, {d.teacher_steps} steps; "
+            f"students: {config.model.name}, {d.student_steps} steps each; batch "
+            f"{config.train.batch_size}, {config.input_size}x{config.input_size} crops.",
+        )
         print(table, flush=True)
-        print(f"\nPlots: {workdir}/demo_nme.png and {workdir}/<run>/eval/ced_300w.png, "
-              f"faces_*.png", flush=True)
+        print(
+            f"\nPlots: {workdir}/demo_nme.png and {workdir}/<run>/eval/ced_300w.png, faces_*.png",
+            flush=True,
+        )
     return rows
 
 
 # --------------------------------------------------------------------------- KD-Loss
 
 
-def kdloss_rows(config: ml_collections.ConfigDict, workdir: str,
-              sources: Mapping[str, Source] | None = None) -> dict[str, dict] | None:
+def kdloss_rows(
+    config: ml_collections.ConfigDict, workdir: str, sources: Mapping[str, Source] | None = None
+) -> dict[str, dict] | None:
     """Trains Tough, Tolerant and the student in `workdir/{tough,tolerant,student}`.
 
     `config` is one KD-Loss config (e.g. configs/demo_kdloss.py); the roles, workdirs and

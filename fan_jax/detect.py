@@ -89,15 +89,22 @@ class LBPDetector:
     name = "lbp"
     CALIBRATION = Calibration(scale=0.874, dx=0.02, dy=0.151)
 
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 8,
-                 min_size_frac: float = 0.08, max_side: int = 640,
-                 calibration: Calibration | None = None):
+    def __init__(
+        self,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 8,
+        min_size_frac: float = 0.08,
+        max_side: int = 640,
+        calibration: Calibration | None = None,
+    ):
         try:
             from skimage import data
             from skimage.feature import Cascade
         except ImportError:
-            raise RuntimeError("face detection needs scikit-image (pip install scikit-image); "
-                               "or pass face boxes (--box x0,y0,x1,y1)") from None
+            raise RuntimeError(
+                "face detection needs scikit-image (pip install scikit-image); "
+                "or pass face boxes (--box x0,y0,x1,y1)"
+            ) from None
         self._cascade = Cascade(data.lbp_frontal_face_cascade_filename())
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
@@ -112,12 +119,20 @@ class LBPDetector:
         side = min(grey.shape)
         min_size = max(24, int(side * self.min_size_frac))
         found = self._cascade.detect_multi_scale(
-            img=grey.astype(np.float32) / 255.0, scale_factor=self.scale_factor, step_ratio=1,
-            min_size=(min_size, min_size), max_size=(side, side),
-            min_neighbor_number=self.min_neighbors)
-        return np.asarray([[d["c"] / r, d["r"] / r, (d["c"] + d["width"]) / r,
-                            (d["r"] + d["height"]) / r] for d in found],
-                          np.float32).reshape(-1, 4)
+            img=grey.astype(np.float32) / 255.0,
+            scale_factor=self.scale_factor,
+            step_ratio=1,
+            min_size=(min_size, min_size),
+            max_size=(side, side),
+            min_neighbor_number=self.min_neighbors,
+        )
+        return np.asarray(
+            [
+                [d["c"] / r, d["r"] / r, (d["c"] + d["width"]) / r, (d["r"] + d["height"]) / r]
+                for d in found
+            ],
+            np.float32,
+        ).reshape(-1, 4)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return suppress_overlaps(self.calibration.apply(self.raw(image)))
@@ -135,16 +150,25 @@ class DlibDetector:
 
     name = "dlib"
     # Per upsample count: the pyramid level a face is found at changes the box a little.
-    CALIBRATIONS = {0: Calibration(scale=0.904, dx=-0.007, dy=0.068),
-                    1: Calibration(scale=1.0, dx=0.024, dy=0.107)}
+    CALIBRATIONS = {
+        0: Calibration(scale=0.904, dx=-0.007, dy=0.068),
+        1: Calibration(scale=1.0, dx=0.024, dy=0.107),
+    }
 
-    def __init__(self, upsample: int = 1, threshold: float = 0.15, max_side: int = 640,
-                 calibration: Calibration | None = None):
+    def __init__(
+        self,
+        upsample: int = 1,
+        threshold: float = 0.15,
+        max_side: int = 640,
+        calibration: Calibration | None = None,
+    ):
         try:
             import dlib
         except ImportError:
-            raise RuntimeError("the 'dlib' detector needs dlib: pip install -e \".[detect]\" "
-                               "(the dlib-bin wheel), or use --detector lbp") from None
+            raise RuntimeError(
+                "the 'dlib' detector needs dlib: pip install -e \".[detect]\" "
+                "(the dlib-bin wheel), or use --detector lbp"
+            ) from None
         self._detector = dlib.get_frontal_face_detector()
         self.upsample = int(upsample)
         self.threshold = float(threshold)
@@ -154,8 +178,10 @@ class DlibDetector:
     def raw(self, image: np.ndarray) -> np.ndarray:
         small, r = _downscale(np.ascontiguousarray(image), self.max_side)
         rects, _, _ = self._detector.run(small, self.upsample, self.threshold)
-        return np.asarray([[d.left() / r, d.top() / r, (d.right() + 1) / r,
-                            (d.bottom() + 1) / r] for d in rects], np.float32).reshape(-1, 4)
+        return np.asarray(
+            [[d.left() / r, d.top() / r, (d.right() + 1) / r, (d.bottom() + 1) / r] for d in rects],
+            np.float32,
+        ).reshape(-1, 4)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return suppress_overlaps(self.calibration.apply(self.raw(image)))
@@ -172,6 +198,5 @@ def make_detector(name: str = "auto", **kwargs) -> Detector:
         except RuntimeError:
             return LBPDetector(**kwargs)
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose one of "
-                         f"{['auto', *sorted(DETECTORS)]}")
+        raise ValueError(f"unknown detector {name!r}; choose one of {['auto', *sorted(DETECTORS)]}")
     return DETECTORS[name](**kwargs)

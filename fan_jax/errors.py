@@ -24,8 +24,11 @@ class ConfigError(FanJaxError, ValueError):
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("invalid config:\n  " + "\n  ".join(self.problems)
-                         if len(self.problems) > 1 else f"invalid config: {self.problems[0]}")
+        super().__init__(
+            "invalid config:\n  " + "\n  ".join(self.problems)
+            if len(self.problems) > 1
+            else f"invalid config: {self.problems[0]}"
+        )
 
 
 class RecordMismatchError(FanJaxError, ValueError):

@@ -43,16 +43,25 @@ class Evaluator:
         mesh = Mesh(np.asarray(local), ("batch",))
         self._repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
         self._n_dev = len(local)
-        fn = functools.partial(landmarks.landmarks_with_flip, kind, model,
-                               flip_perm=None if flip_perm is None else np.asarray(flip_perm))
-        self._fn = jax.jit(fn, in_shardings=(self._repl, data), out_shardings=data,
-                           compiler_options=compiler.compiler_options("predict"))
+        fn = functools.partial(
+            landmarks.landmarks_with_flip,
+            kind,
+            model,
+            flip_perm=None if flip_perm is None else np.asarray(flip_perm),
+        )
+        self._fn = jax.jit(
+            fn,
+            in_shardings=(self._repl, data),
+            out_shardings=data,
+            compiler_options=compiler.compiler_options("predict"),
+        )
 
     def __call__(self, variables: PyTree) -> PredictFn:
         # A replicated global array is not addressable as a whole on a pod: take this
         # host's copy.
         host_vars = jax.tree.map(
-            lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, variables)
+            lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, variables
+        )
         host_vars = jax.device_put(host_vars, self._repl)
 
         def predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -62,14 +71,14 @@ class Evaluator:
             if pad:
                 images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
             plain, flipped = self._fn(host_vars, images)
-            return (np.asarray(plain)[:n],
-                    None if flipped is None else np.asarray(flipped)[:n])
+            return (np.asarray(plain)[:n], None if flipped is None else np.asarray(flipped)[:n])
 
         return predict
 
 
-def predict_split(predict_fn: PredictFn, batches: Iterable[Mapping[str, np.ndarray]]
-                  ) -> dict[str, np.ndarray]:
+def predict_split(
+    predict_fn: PredictFn, batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Runs the model over one split; returns predictions (plain and flip-tested, in the
     original images' pixels) and truth.
 
@@ -87,8 +96,9 @@ def predict_split(predict_fn: PredictFn, batches: Iterable[Mapping[str, np.ndarr
             flipped.append(geometry.apply_affine(to_orig, np.asarray(pts_flip, np.float64))[valid])
         truth.append(np.asarray(batch["original_landmarks"])[valid])
         crops.append(images[valid])
-        to_crop.append(geometry.invert_affine(to_orig[valid]) if valid.any()
-                       else np.zeros((0, 2, 3)))
+        to_crop.append(
+            geometry.invert_affine(to_orig[valid]) if valid.any() else np.zeros((0, 2, 3))
+        )
     out = {"plain": np.concatenate(plain), "truth": np.concatenate(truth)}
     if flipped:
         out["flip"] = np.concatenate(flipped)
@@ -140,7 +150,8 @@ def evaluate_splits(
     if out_dir:
         epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
         (epath.Path(out_dir) / "metrics.json").write_text(
-            json.dumps(strip_per_image(results), indent=2))
+            json.dumps(strip_per_image(results), indent=2)
+        )
         plot_ced(curves, os.path.join(out_dir, f"ced_{dataset}.png"), f"{model_name} on {dataset}")
         if grid is not None:
             preds, best, split = grid
@@ -185,7 +196,9 @@ def save_figure(fig: Any, path: str) -> None:
     epath.Path(path).write_bytes(buf.getvalue())
 
 
-def plot_ced(curves: Mapping[str, np.ndarray], path: str, title: str, threshold: float = 0.1) -> None:
+def plot_ced(
+    curves: Mapping[str, np.ndarray], path: str, title: str, threshold: float = 0.1
+) -> None:
     """Cumulative error distribution per split, written as a PNG."""
     # A bare Figure renders to files without pyplot, leaving the caller's backend alone
     # (a notebook's inline plots keep working).
@@ -235,26 +248,45 @@ def plot_landmark_grid(
 # --------------------------------------------------------------------------- a config's splits
 
 
-def eval_batches_fn(config: Any, source: Source) -> Callable[[], Iterable[Mapping[str, np.ndarray]]]:
+def eval_batches_fn(
+    config: Any, source: Source
+) -> Callable[[], Iterable[Mapping[str, np.ndarray]]]:
     """A fresh iterable of the config's eval crops of `source`, each time it is called."""
     from fan_jax import input_pipeline
 
     a = config.augment
     return lambda: input_pipeline.eval_batches(
-        source, config.eval.batch_size, output_size=config.input_size, box_source=a.box_source,
-        box_scale=a.box_scale, shard_index=0, shard_count=1)
+        source,
+        config.eval.batch_size,
+        output_size=config.input_size,
+        box_source=a.box_source,
+        box_scale=a.box_scale,
+        shard_index=0,
+        shard_count=1,
+    )
 
 
 def validation_nme(config: Any, evaluator: Evaluator, variables: PyTree, source: Source) -> float:
     """Mean NME (fraction, no flip-test) on the validation split."""
     split = config.dataset.val_split
-    res = evaluate_splits(evaluator(variables), {split: eval_batches_fn(config, source)},
-                          config.dataset.name, config.eval.normalizer)
+    res = evaluate_splits(
+        evaluator(variables),
+        {split: eval_batches_fn(config, source)},
+        config.dataset.name,
+        config.eval.normalizer,
+    )
     return float(res[split]["no_flip"]["nme"])
 
 
-def evaluate(config: Any, workdir: str, kind: str, model: Any, variables: PyTree,
-             sources: Mapping[str, Source], label: str) -> dict:
+def evaluate(
+    config: Any,
+    workdir: str,
+    kind: str,
+    model: Any,
+    variables: PyTree,
+    sources: Mapping[str, Source],
+    label: str,
+) -> dict:
     """Scores every test split in `sources` (all but 'train', or `eval.splits`); writes
     <workdir>/eval/metrics.json and plots on host 0, prints the table; returns the results."""
     splits = tuple(config.eval.splits) or tuple(k for k in sources if k != "train")
@@ -262,9 +294,14 @@ def evaluate(config: Any, workdir: str, kind: str, model: Any, variables: PyTree
     flip_perm = geometry.flip_permutation(num_landmarks) if config.eval.flip_test else None
     predict = Evaluator(kind, model, flip_perm)(variables)
     out_dir = os.path.join(workdir, "eval") if jax.process_index() == 0 else None
-    results = evaluate_splits(predict, {s: eval_batches_fn(config, sources[s]) for s in splits},
-                              config.dataset.name, config.eval.normalizer, out_dir=out_dir,
-                              model_name=label)
+    results = evaluate_splits(
+        predict,
+        {s: eval_batches_fn(config, sources[s]) for s in splits},
+        config.dataset.name,
+        config.eval.normalizer,
+        out_dir=out_dir,
+        model_name=label,
+    )
     if jax.process_index() == 0:
         print(format_table({label: results}), flush=True)
     return results

@@ -48,9 +48,9 @@ from flax import linen as nn
 from fan_jax import geometry, landmarks, predict
 from fan_jax.checkpoints import student_variables
 from fan_jax.errors import FanJaxError
-from fan_jax.exported import INPUT_NAME, OUTPUT_NAMES, load_exported
+
 # The runtimes live in fan_jax.exported; these names are kept for existing callers.
-from fan_jax.exported import ExportedModel, detect_format  # noqa: F401
+from fan_jax.exported import INPUT_NAME, OUTPUT_NAMES, ExportedModel, detect_format, load_exported  # noqa: F401
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -107,7 +107,8 @@ def _native_convs(next_fun, args, kwargs, context):
 
     module = context.module
     if context.method_name != "__call__" or not isinstance(
-            module, (layers.DepthwiseConv, layers.PointwiseConv, layers.PatchConv)):
+        module, (layers.DepthwiseConv, layers.PointwiseConv, layers.PatchConv)
+    ):
         return next_fun(*args, **kwargs)
     (x,) = args
     kernel = module.get_variable("params", "kernel")
@@ -118,8 +119,13 @@ def _native_convs(next_fun, args, kwargs, context):
     else:
         strides, groups, pads = 1, 1, [(0, 0), (0, 0)]
     y = jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
+        x,
+        kernel,
+        (strides, strides),
+        pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
     if module.use_bias:
         y = y + module.get_variable("params", "bias")
     return y
@@ -130,8 +136,9 @@ def output_names(kind: str = "heatmap") -> tuple[str, ...]:
     return OUTPUT_NAMES if kind == "heatmap" else ("landmarks",)
 
 
-def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = True,
-                 kind: str = "heatmap") -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+def inference_fn(
+    model: Any, variables: Mapping[str, Any], native_convs: bool = True, kind: str = "heatmap"
+) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     """images float32 [B,S,S,3] 0..255 RGB -> (heatmaps [B,S/4,S/4,L], landmarks [B,L,2]),
     or (landmarks,) for a regression model (`output_names(kind)`).
 
@@ -158,8 +165,9 @@ def inference_fn(model: Any, variables: Mapping[str, Any], native_convs: bool = 
 # --------------------------------------------------------------------------- exporters
 
 
-def _tf_serving_function(infer: Callable, input_size: int, batch_size: int | None,
-                         names: tuple[str, ...] = OUTPUT_NAMES):
+def _tf_serving_function(
+    infer: Callable, input_size: int, batch_size: int | None, names: tuple[str, ...] = OUTPUT_NAMES
+):
     """A tf.function with signature image -> {'heatmaps', 'landmarks'} (None batch: any)."""
     import tensorflow as tf
     from jax.experimental import jax2tf
@@ -183,11 +191,13 @@ def _save_tf_module(serve, path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
 
 
-def export_savedmodel(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
-                      kind: str = "heatmap") -> str:
+def export_savedmodel(
+    model: Any, variables: Mapping[str, Any], input_size: int, path: str, *, kind: str = "heatmap"
+) -> str:
     """Writes a TF SavedModel (signature 'serving_default', any batch size) to directory `path`."""
-    serve = _tf_serving_function(inference_fn(model, variables, kind=kind), input_size, None,
-                                 output_names(kind))
+    serve = _tf_serving_function(
+        inference_fn(model, variables, kind=kind), input_size, None, output_names(kind)
+    )
     _save_tf_module(serve, path)
     return path
 
@@ -202,20 +212,33 @@ def synthetic_crops(num: int, input_size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.empty((num, input_size, input_size, 3), np.uint8)
     for i in range(num):
-        img, lm = synthetic.render_face(np.random.default_rng([seed, i]),
-                                        size=int(max(input_size, 160) * 1.25))
+        img, lm = synthetic.render_face(
+            np.random.default_rng([seed, i]), size=int(max(input_size, 160) * 1.25)
+        )
         box = geometry.box_from_landmarks(lm)
-        m = geometry.crop_transform(box, input_size, box_scale=1.25,
-                                    rotation_deg=float(rng.uniform(-15, 15)),
-                                    scale=float(rng.uniform(0.9, 1.1)))
+        m = geometry.crop_transform(
+            box,
+            input_size,
+            box_scale=1.25,
+            rotation_deg=float(rng.uniform(-15, 15)),
+            scale=float(rng.uniform(0.9, 1.1)),
+        )
         out[i] = geometry.warp_image(img, m, input_size)
     return out
 
 
-def export_tflite(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
-                  quantize: str = "none", batch_size: int = 1,
-                  representative: np.ndarray | None = None, num_representative: int = 64,
-                  kind: str = "heatmap") -> str:
+def export_tflite(
+    model: Any,
+    variables: Mapping[str, Any],
+    input_size: int,
+    path: str,
+    *,
+    quantize: str = "none",
+    batch_size: int = 1,
+    representative: np.ndarray | None = None,
+    num_representative: int = 64,
+    kind: str = "heatmap",
+) -> str:
     """Writes a .tflite model with a fixed batch size.
 
     quantize: 'none' (float32), 'float16' (float16 weights, float32 compute: half the size,
@@ -226,29 +249,37 @@ def export_tflite(model: Any, variables: Mapping[str, Any], input_size: int, pat
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; expected one of {QUANTIZATIONS}")
-    serve = _tf_serving_function(inference_fn(model, variables, kind=kind), input_size,
-                                 batch_size, output_names(kind))
+    serve = _tf_serving_function(
+        inference_fn(model, variables, kind=kind), input_size, batch_size, output_names(kind)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         # Converting from a SavedModel keeps the signature's input and output names.
         _save_tf_module(serve, tmp)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=["serving_default"]
+        )
         if quantize == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
         elif quantize == "int8":
-            reps = (representative if representative is not None
-                    else synthetic_crops(num_representative, input_size, seed=1234))
+            reps = (
+                representative
+                if representative is not None
+                else synthetic_crops(num_representative, input_size, seed=1234)
+            )
             reps = np.asarray(reps, np.float32)
 
             def dataset() -> Iterator[list[np.ndarray]]:
                 for i in range(0, len(reps) - batch_size + 1, batch_size):
-                    yield [reps[i:i + batch_size]]
+                    yield [reps[i : i + batch_size]]
 
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = dataset
             # int8 kernels where they exist, float fallback (argmax decode) elsewhere.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+            ]
         flatbuffer = converter.convert()
     with open(path, "wb") as f:
         f.write(flatbuffer)
@@ -275,20 +306,31 @@ def _import_jax2onnx_plugins() -> None:
         ps._import_tree(root / "jax", "jax2onnx.plugins.jax")
         ps._import_tree(root / "flax" / "linen", "jax2onnx.plugins.flax.linen")
         ps._already_imported_plugins = True
-    except Exception:  # noqa: BLE001 - an optimisation only
+    except Exception:
         pass
 
 
-def export_onnx(model: Any, variables: Mapping[str, Any], input_size: int, path: str, *,
-                metadata: Mapping[str, str] | None = None, kind: str = "heatmap") -> str:
+def export_onnx(
+    model: Any,
+    variables: Mapping[str, Any],
+    input_size: int,
+    path: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    kind: str = "heatmap",
+) -> str:
     """Writes a single-file .onnx model with a symbolic batch dimension 'batch'."""
     _pylogging.getLogger("onnx_ir").setLevel(_pylogging.ERROR)
     _import_jax2onnx_plugins()
     from jax2onnx import to_onnx
 
-    proto = to_onnx(inference_fn(model, variables, kind=kind),
-                    [("batch", input_size, input_size, 3)], model_name="fan_jax",
-                    input_names=[INPUT_NAME], output_names=list(output_names(kind)))
+    proto = to_onnx(
+        inference_fn(model, variables, kind=kind),
+        [("batch", input_size, input_size, 3)],
+        model_name="fan_jax",
+        input_names=[INPUT_NAME],
+        output_names=list(output_names(kind)),
+    )
     for k, v in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(k), str(v)
@@ -300,9 +342,19 @@ def export_onnx(model: Any, variables: Mapping[str, Any], input_size: int, path:
 # --------------------------------------------------------------------------- driver
 
 
-def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, out: str, *,
-           quantize: str = "none", batch_size: int = 1, metadata: Mapping[str, Any] | None = None,
-           num_representative: int = 64, kind: str = "heatmap") -> str:
+def export(
+    model: Any,
+    variables: Mapping[str, Any],
+    input_size: int,
+    fmt: str,
+    out: str,
+    *,
+    quantize: str = "none",
+    batch_size: int = 1,
+    metadata: Mapping[str, Any] | None = None,
+    num_representative: int = 64,
+    kind: str = "heatmap",
+) -> str:
     """Exports to `out` in format `fmt` and writes the `<out>.json` sidecar; returns `out`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -312,14 +364,36 @@ def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, 
         raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    info = describe(model, variables, input_size, fmt, quantize,
-                    batch_size if fmt == "tflite" else None, metadata, kind=kind)
+    info = describe(
+        model,
+        variables,
+        input_size,
+        fmt,
+        quantize,
+        batch_size if fmt == "tflite" else None,
+        metadata,
+        kind=kind,
+    )
     if fmt == "tflite":
-        export_tflite(model, variables, input_size, out, quantize=quantize,
-                      batch_size=batch_size, num_representative=num_representative, kind=kind)
+        export_tflite(
+            model,
+            variables,
+            input_size,
+            out,
+            quantize=quantize,
+            batch_size=batch_size,
+            num_representative=num_representative,
+            kind=kind,
+        )
     elif fmt == "onnx":
-        export_onnx(model, variables, input_size, out,
-                    metadata={"fan_jax": json.dumps(info, sort_keys=True)}, kind=kind)
+        export_onnx(
+            model,
+            variables,
+            input_size,
+            out,
+            metadata={"fan_jax": json.dumps(info, sort_keys=True)},
+            kind=kind,
+        )
     else:
         export_savedmodel(model, variables, input_size, out, kind=kind)
     with open(out.rstrip("/") + SIDE_CAR_SUFFIX, "w") as f:
@@ -327,9 +401,16 @@ def export(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, 
     return out
 
 
-def describe(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str, quantize: str,
-             batch_size: int | None, metadata: Mapping[str, Any] | None = None,
-             kind: str = "heatmap") -> dict:
+def describe(
+    model: Any,
+    variables: Mapping[str, Any],
+    input_size: int,
+    fmt: str,
+    quantize: str,
+    batch_size: int | None,
+    metadata: Mapping[str, Any] | None = None,
+    kind: str = "heatmap",
+) -> dict:
     """The sidecar: what goes in, what comes out, how to map landmarks back."""
     head = student_variables(variables)["params"]["head"]
     if kind == "regression":
@@ -338,34 +419,52 @@ def describe(model: Any, variables: Mapping[str, Any], input_size: int, fmt: str
         num_landmarks = int(np.shape(head["conv"]["kernel"])[-1])
     hm = input_size // 4
     outputs = {
-        "heatmaps": {"shape": [batch_size or "batch", hm, hm, num_landmarks],
-                     "dtype": "float32", "stride": 4},
-        "landmarks": {"shape": [batch_size or "batch", num_landmarks, 2], "dtype": "float32",
-                      "units": "crop pixels (x, y), pixel-centre convention"}}
+        "heatmaps": {
+            "shape": [batch_size or "batch", hm, hm, num_landmarks],
+            "dtype": "float32",
+            "stride": 4,
+        },
+        "landmarks": {
+            "shape": [batch_size or "batch", num_landmarks, 2],
+            "dtype": "float32",
+            "units": "crop pixels (x, y), pixel-centre convention",
+        },
+    }
     return {
         "format": fmt,
         "quantize": quantize,
         "num_landmarks": num_landmarks,
-        "input": {"name": INPUT_NAME, "shape": [batch_size or "batch", input_size, input_size, 3],
-                  "dtype": "float32", "layout": "NHWC", "channels": "RGB", "range": [0, 255],
-                  "normalization": "inside the graph: (x / 255 - mean) / std, ImageNet "
-                                   f"mean {list(landmarks.IMAGENET_MEAN)} std "
-                                   f"{list(landmarks.IMAGENET_STD)}",
-                  "crop": "square crop centred on the face box, side = max(w, h) * 1.25, "
-                          "resized to the input size (fan_jax.geometry.crop_transform)"},
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [batch_size or "batch", input_size, input_size, 3],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "channels": "RGB",
+            "range": [0, 255],
+            "normalization": "inside the graph: (x / 255 - mean) / std, ImageNet "
+            f"mean {list(landmarks.IMAGENET_MEAN)} std "
+            f"{list(landmarks.IMAGENET_STD)}",
+            "crop": "square crop centred on the face box, side = max(w, h) * 1.25, "
+            "resized to the input size (fan_jax.geometry.crop_transform)",
+        },
         "kind": kind,
         "outputs": {k: outputs[k] for k in output_names(kind)},
         **({"source": dict(metadata)} if metadata else {}),
     }
 
 
-def _verify(model: Any, variables: Mapping[str, Any], input_size: int, path: str,
-            kind: str = "heatmap") -> dict:
+def _verify(
+    model: Any, variables: Mapping[str, Any], input_size: int, path: str, kind: str = "heatmap"
+) -> dict:
     """Runs the exported model next to JAX on two synthetic face crops."""
     crops = synthetic_crops(2, input_size, seed=7)
     got = load_exported(path)(crops)
-    want = dict(zip(output_names(kind), jax.jit(inference_fn(model, variables, kind=kind))(
-        crops.astype(np.float32))))
+    want = dict(
+        zip(
+            output_names(kind),
+            jax.jit(inference_fn(model, variables, kind=kind))(crops.astype(np.float32)),
+        )
+    )
     out = {"max_landmark_diff_px": float(np.max(np.abs(got["landmarks"] - want["landmarks"])))}
     if "heatmaps" in want:
         out["max_abs_heatmap_diff"] = float(np.max(np.abs(got["heatmaps"] - want["heatmaps"])))
@@ -383,22 +482,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fan_jax.export",
         description="Export a trained student (no adapters, inference mode). The model takes "
-                    "float32 RGB 0..255 face crops [B,S,S,3] (normalisation is inside) and "
-                    "returns 'heatmaps' and 'landmarks' (crop pixels). See <out>.json.")
+        "float32 RGB 0..255 face crops [B,S,S,3] (normalisation is inside) and "
+        "returns 'heatmaps' and 'landmarks' (crop pixels). See <out>.json.",
+    )
     predict.add_checkpoint_args(parser)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output file (.tflite/.onnx) or directory")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
-                        help="tflite only: float16 weights, or int8 calibrated on synthetic faces")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="tflite only: float16 weights, or int8 calibrated on synthetic faces",
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="tflite only: fixed batch size")
-    parser.add_argument("--num_representative", type=int, default=64,
-                        help="int8: synthetic faces used to calibrate activation ranges")
-    parser.add_argument("--no_verify", action="store_true",
-                        help="skip running the exported model next to JAX on two synthetic faces")
+    parser.add_argument(
+        "--num_representative",
+        type=int,
+        default=64,
+        help="int8: synthetic faces used to calibrate activation ranges",
+    )
+    parser.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="skip running the exported model next to JAX on two synthetic faces",
+    )
     args = parser.parse_args(argv)
     try:
-        loaded = predict.load_student(workdir=args.workdir, checkpoint=args.checkpoint,
-                                      which=args.which)
+        loaded = predict.load_student(
+            workdir=args.workdir, checkpoint=args.checkpoint, which=args.which
+        )
     except (FanJaxError, OSError) as e:  # the checkpoint or its record
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
@@ -406,18 +518,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quantize applies to --format tflite only")
     t0 = time.perf_counter()
     try:
-        export(loaded.model, loaded.variables, loaded.input_size, args.format, args.out,
-               quantize=args.quantize, batch_size=args.batch_size, metadata=loaded.describe(),
-               num_representative=args.num_representative, kind=loaded.kind)
+        export(
+            loaded.model,
+            loaded.variables,
+            loaded.input_size,
+            args.format,
+            args.out,
+            quantize=args.quantize,
+            batch_size=args.batch_size,
+            metadata=loaded.describe(),
+            num_representative=args.num_representative,
+            kind=loaded.kind,
+        )
     except OSError as e:  # an unwritable --out
         print(f"ERROR: {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"Wrote {args.out} ({file_size(args.out) / 2**20:.2f} MiB) in "
-          f"{time.perf_counter() - t0:.0f}s; interface in {args.out.rstrip('/')}{SIDE_CAR_SUFFIX}")
+    print(
+        f"Wrote {args.out} ({file_size(args.out) / 2**20:.2f} MiB) in "
+        f"{time.perf_counter() - t0:.0f}s; interface in {args.out.rstrip('/')}{SIDE_CAR_SUFFIX}"
+    )
     if not args.no_verify:
-        print("Check against JAX on synthetic faces:",
-              json.dumps(_verify(loaded.model, loaded.variables, loaded.input_size, args.out,
-                                 loaded.kind)))
+        print(
+            "Check against JAX on synthetic faces:",
+            json.dumps(
+                _verify(loaded.model, loaded.variables, loaded.input_size, args.out, loaded.kind)
+            ),
+        )
     return 0
 
 

@@ -67,14 +67,15 @@ class ExportedModel:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = np.asarray(images, np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(f"expected images [B, {self.input_size}, {self.input_size}, 3], "
-                             f"got {x.shape}")
+            raise ValueError(
+                f"expected images [B, {self.input_size}, {self.input_size}, 3], got {x.shape}"
+            )
         b = self.batch_size
         if b is None or len(x) == b:
             return self._run(x)
         parts = []
         for i in range(0, len(x), b):
-            chunk = x[i:i + b]
+            chunk = x[i : i + b]
             n = len(chunk)
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
@@ -91,8 +92,9 @@ def detect_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".tflite", ".onnx"):
         return ext[1:]
-    raise ValueError(f"cannot tell the format of {path}: expected .tflite, .onnx or a "
-                     "SavedModel directory")
+    raise ValueError(
+        f"cannot tell the format of {path}: expected .tflite, .onnx or a SavedModel directory"
+    )
 
 
 def load_exported(path: str, num_threads: int | None = None) -> ExportedModel:

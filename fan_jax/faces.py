@@ -21,9 +21,11 @@ class Face:
     scores: np.ndarray
 
     def to_json(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box],
-                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
-                "scores": [round(float(s), 4) for s in self.scores]}
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+            "scores": [round(float(s), 4) for s in self.scores],
+        }
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -56,6 +58,13 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         cv2.rectangle(out, (x0, y0), (x1, y1), (255, 200, 0), t, cv2.LINE_AA)
         for x, y in face.landmarks:
             # Fixed-point coordinates keep sub-pixel positions on small images.
-            cv2.circle(out, (int(round(x * 16)), int(round(y * 16))), r * 16, (0, 255, 0), -1,
-                       cv2.LINE_AA, shift=4)
+            cv2.circle(
+                out,
+                (int(round(x * 16)), int(round(y * 16))),
+                r * 16,
+                (0, 255, 0),
+                -1,
+                cv2.LINE_AA,
+                shift=4,
+            )
     return out

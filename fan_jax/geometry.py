@@ -26,14 +26,118 @@ def _runs(*parts: int | tuple[int, int]) -> np.ndarray:
 
 # REFERENCE.md section 6; new[i] = old[perm[i]].
 FLIP_PERMUTATIONS: dict[int, np.ndarray] = {
-    68: _runs((16, 0), (26, 17), 27, 28, 29, 30, 35, 34, 33, 32, 31,
-              45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
-              (54, 48), (59, 55), (64, 60), 67, 66, 65),
-    98: _runs((32, 0), 46, 45, 44, 43, 42, 50, 49, 48, 47, 37, 36, 35, 34, 33, 41, 40, 39, 38,
-              51, 52, 53, 54, (59, 55), 72, 71, 70, 69, 68, 75, 74, 73,
-              64, 63, 62, 61, 60, 67, 66, 65, (82, 76), (87, 83), (92, 88), 95, 94, 93, 97, 96),
-    29: _runs(1, 0, 3, 2, 6, 7, 4, 5, 9, 8, 11, 10, 14, 15, 12, 13, 17, 16, 19, 18, 20, 21,
-              23, 22, 24, 25, 26, 27, 28),
+    68: _runs(
+        (16, 0),
+        (26, 17),
+        27,
+        28,
+        29,
+        30,
+        35,
+        34,
+        33,
+        32,
+        31,
+        45,
+        44,
+        43,
+        42,
+        47,
+        46,
+        39,
+        38,
+        37,
+        36,
+        41,
+        40,
+        (54, 48),
+        (59, 55),
+        (64, 60),
+        67,
+        66,
+        65,
+    ),
+    98: _runs(
+        (32, 0),
+        46,
+        45,
+        44,
+        43,
+        42,
+        50,
+        49,
+        48,
+        47,
+        37,
+        36,
+        35,
+        34,
+        33,
+        41,
+        40,
+        39,
+        38,
+        51,
+        52,
+        53,
+        54,
+        (59, 55),
+        72,
+        71,
+        70,
+        69,
+        68,
+        75,
+        74,
+        73,
+        64,
+        63,
+        62,
+        61,
+        60,
+        67,
+        66,
+        65,
+        (82, 76),
+        (87, 83),
+        (92, 88),
+        95,
+        94,
+        93,
+        97,
+        96,
+    ),
+    29: _runs(
+        1,
+        0,
+        3,
+        2,
+        6,
+        7,
+        4,
+        5,
+        9,
+        8,
+        11,
+        10,
+        14,
+        15,
+        12,
+        13,
+        17,
+        16,
+        19,
+        18,
+        20,
+        21,
+        23,
+        22,
+        24,
+        25,
+        26,
+        27,
+        28,
+    ),
 }
 for _p in FLIP_PERMUTATIONS.values():
     _p.setflags(write=False)  # shared module state: nobody may edit it in place
@@ -46,7 +150,8 @@ def flip_permutation(num_landmarks: int) -> np.ndarray:
     except KeyError:
         raise ValueError(
             f"no flip permutation for {num_landmarks} landmarks; known counts: "
-            f"{sorted(FLIP_PERMUTATIONS)}") from None
+            f"{sorted(FLIP_PERMUTATIONS)}"
+        ) from None
 
 
 def box_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
@@ -57,8 +162,14 @@ def box_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
 
 
-def crop_transform(box: np.ndarray, output_size: int = 256, box_scale: float = 1.25,
-                   rotation_deg: float = 0.0, scale: float = 1.0, flip: bool = False) -> np.ndarray:
+def crop_transform(
+    box: np.ndarray,
+    output_size: int = 256,
+    box_scale: float = 1.25,
+    rotation_deg: float = 0.0,
+    scale: float = 1.0,
+    flip: bool = False,
+) -> np.ndarray:
     """Affine [2, 3] from the original image to a square crop.
 
     The crop is centred on the box centre with side max(w, h) * box_scale / scale
@@ -110,9 +221,14 @@ def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def warp_image(image: np.ndarray, m: np.ndarray, output_size: int = 256) -> np.ndarray:
     """Warps an HxWxC (or HxW) image with a [2, 3] original->crop affine; bilinear, zero border."""
-    out = cv2.warpAffine(np.ascontiguousarray(image), np.asarray(m, dtype=np.float64),
-                         (output_size, output_size), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(image),
+        np.asarray(m, dtype=np.float64),
+        (output_size, output_size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     if image.ndim == 3 and out.ndim == 2:  # cv2 drops a single channel axis
         out = out[..., None]
     return out

@@ -22,8 +22,9 @@ def from_heatmap_coords(points: jnp.ndarray, stride: int = 4) -> jnp.ndarray:
     return (points + 0.5) * stride - 0.5
 
 
-def render_gaussians(points_hm: jnp.ndarray, size: int = 64, sigma: float = 1.0,
-                     truncate: float | None = None) -> jnp.ndarray:
+def render_gaussians(
+    points_hm: jnp.ndarray, size: int = 64, sigma: float = 1.0, truncate: float | None = None
+) -> jnp.ndarray:
     """Unnormalised Gaussians (peak 1 at each point), [..., L, 2] -> [..., size, size, L] float32.
 
     The 2-D Gaussian is the product of two 1-D ones, so it is built as an outer product

@@ -45,24 +45,26 @@ class AugmentConfig:
     """Crop and augmentation settings (defaults: the public MobileFAN code)."""
 
     output_size: int = 256
-    box_source: str = "landmarks"          # 'landmarks' (public code) or 'dataset'
+    box_source: str = "landmarks"  # 'landmarks' (public code) or 'dataset'
     box_scale: float = 1.25
     p_rotate: float = 0.6
     max_rotation_deg: float = 30.0
     scale_range: tuple[float, float] = (0.75, 1.25)
     p_flip: float = 0.5
     photometric: bool = False
-    brightness: float = 0.2                # factor in [1 - b, 1 + b]
+    brightness: float = 0.2  # factor in [1 - b, 1 + b]
     contrast: float = 0.2
     saturation: float = 0.2
 
     def __post_init__(self):
         if self.box_source not in ("landmarks", "dataset"):
-            raise ValueError(f"box_source must be 'landmarks' or 'dataset', got {self.box_source!r}")
+            raise ValueError(
+                f"box_source must be 'landmarks' or 'dataset', got {self.box_source!r}"
+            )
         object.__setattr__(self, "scale_range", tuple(float(s) for s in self.scale_range))
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | Any) -> "AugmentConfig":
+    def from_mapping(cls, m: Mapping[str, Any] | Any) -> AugmentConfig:
         """Picks the known fields out of a dict or ml_collections.ConfigDict; ignores the rest."""
         names = {f.name for f in dataclasses.fields(cls)}
         items = m.items() if hasattr(m, "items") else vars(m).items()
@@ -129,8 +131,9 @@ class TrainTransform(grain.transforms.RandomMap):
     def __init__(self, num_landmarks: int, config: AugmentConfig = AugmentConfig()):
         self.config = config
         self.num_landmarks = int(num_landmarks)
-        self.perm = (np.asarray(geometry.flip_permutation(num_landmarks))
-                     if config.p_flip > 0 else None)
+        self.perm = (
+            np.asarray(geometry.flip_permutation(num_landmarks)) if config.p_flip > 0 else None
+        )
 
     def sample_params(self, rng: np.random.Generator) -> tuple[float, float, bool]:
         """(rotation_deg, scale, flip); always draws the same count so streams stay aligned."""
@@ -141,15 +144,22 @@ class TrainTransform(grain.transforms.RandomMap):
         scale = lo + (hi - lo) * u_scale
         return float(rotation), float(scale), bool(u_flip < c.p_flip)
 
-    def apply(self, example: Mapping[str, Any], rotation: float, scale: float,
-              flip: bool) -> dict[str, np.ndarray]:
+    def apply(
+        self, example: Mapping[str, Any], rotation: float, scale: float, flip: bool
+    ) -> dict[str, np.ndarray]:
         """The deterministic part: crop with the given parameters (no photometric jitter)."""
         c = self.config
         lm = np.asarray(example["landmarks"], dtype=np.float64)
         if lm.shape != (self.num_landmarks, 2):
             raise ValueError(f"landmarks shape {lm.shape}, expected ({self.num_landmarks}, 2)")
-        m = geometry.crop_transform(_box(example, lm, c.box_source), c.output_size, c.box_scale,
-                                    rotation_deg=rotation, scale=scale, flip=flip)
+        m = geometry.crop_transform(
+            _box(example, lm, c.box_source),
+            c.output_size,
+            c.box_scale,
+            rotation_deg=rotation,
+            scale=scale,
+            flip=flip,
+        )
         image = geometry.warp_image(decode_image(example["image"]), m, c.output_size)
         # crop_transform already mirrored x; the permutation keeps index i on the same
         # anatomical point (subject's right eye stays index 36 in 300W).
@@ -158,7 +168,9 @@ class TrainTransform(grain.transforms.RandomMap):
             pts = pts[self.perm]
         return {"image": image, "landmarks": pts.astype(np.float32)}
 
-    def random_map(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(
+        self, example: Mapping[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         out = self.apply(example, *self.sample_params(rng))
         if self.config.photometric:
             out["image"] = _photometric(out["image"], rng, self.config)
@@ -168,8 +180,9 @@ class TrainTransform(grain.transforms.RandomMap):
 class EvalTransform(grain.transforms.Map):
     """(index, valid, example) -> deterministic crop plus the map back to the original frame."""
 
-    def __init__(self, output_size: int = 256, box_source: str = "landmarks",
-                 box_scale: float = 1.25):
+    def __init__(
+        self, output_size: int = 256, box_source: str = "landmarks", box_scale: float = 1.25
+    ):
         if box_source not in ("landmarks", "dataset"):
             raise ValueError(f"box_source must be 'landmarks' or 'dataset', got {box_source!r}")
         self.output_size = output_size
@@ -179,15 +192,17 @@ class EvalTransform(grain.transforms.Map):
     def map(self, element: tuple[int, bool, Mapping[str, Any]]) -> dict[str, Any]:
         index, valid, ex = element
         lm = np.asarray(ex["landmarks"], dtype=np.float64)
-        m = geometry.crop_transform(_box(ex, lm, self.box_source), self.output_size,
-                                    self.box_scale)
+        m = geometry.crop_transform(_box(ex, lm, self.box_source), self.output_size, self.box_scale)
         to_orig = np.asarray(ex.get("to_original", np.eye(2, 3)), dtype=np.float64)
         out = {
             "image": geometry.warp_image(decode_image(ex["image"]), m, self.output_size),
             "landmarks": geometry.apply_affine(m, lm).astype(np.float32),
-            "crop_to_original": compose_affine(to_orig, geometry.invert_affine(m)).astype(np.float32),
+            "crop_to_original": compose_affine(to_orig, geometry.invert_affine(m)).astype(
+                np.float32
+            ),
             "original_landmarks": np.asarray(
-                ex.get("original_landmarks", geometry.apply_affine(to_orig, lm)), dtype=np.float32),
+                ex.get("original_landmarks", geometry.apply_affine(to_orig, lm)), dtype=np.float32
+            ),
             "index": np.int32(index),
             "file_name": np.bytes_(_as_bytes(ex.get("file_name", b""))),
             "valid": np.bool_(valid),
@@ -225,11 +240,16 @@ def _seeds(seed: int, shard_index: int) -> tuple[int, int]:
     return int(s[0]), int(s[1])
 
 
-def train_dataset(source: Sequence[Mapping[str, Any]], num_landmarks: int, *,
-                  seed: int, global_batch_size: int,
-                  augment: AugmentConfig | Mapping[str, Any] | None = None,
-                  shard_index: int | None = None, shard_count: int | None = None
-                  ) -> grain.MapDataset:
+def train_dataset(
+    source: Sequence[Mapping[str, Any]],
+    num_landmarks: int,
+    *,
+    seed: int,
+    global_batch_size: int,
+    augment: AugmentConfig | Mapping[str, Any] | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.MapDataset:
     """Infinite, shuffled (reshuffled each epoch), augmented MapDataset of per-host batches.
 
     Batch k is a pure function of (source, seed, shard, k): grain's per-element seed drives
@@ -255,13 +275,20 @@ def train_dataset(source: Sequence[Mapping[str, Any]], num_landmarks: int, *,
     return ds.batch(host_batch, drop_remainder=True)
 
 
-def train_iterator(source: Sequence[Mapping[str, Any]], num_landmarks: int, *,
-                   seed: int, global_batch_size: int,
-                   augment: AugmentConfig | Mapping[str, Any] | None = None,
-                   num_workers: int = 0, shard_index: int | None = None,
-                   shard_count: int | None = None, num_threads: int = 2,
-                   prefetch_batches: int = 4, worker_buffer_size: int = 2
-                   ) -> grain.DatasetIterator:
+def train_iterator(
+    source: Sequence[Mapping[str, Any]],
+    num_landmarks: int,
+    *,
+    seed: int,
+    global_batch_size: int,
+    augment: AugmentConfig | Mapping[str, Any] | None = None,
+    num_workers: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 2,
+    prefetch_batches: int = 4,
+    worker_buffer_size: int = 2,
+) -> grain.DatasetIterator:
     """Endless iterator of train batches for this host (see module docstring).
 
     shard_index/shard_count default to jax.process_index()/process_count(); each host reads
@@ -271,14 +298,27 @@ def train_iterator(source: Sequence[Mapping[str, Any]], num_landmarks: int, *,
     the batches do not depend on num_workers, but the state's layout does, so restore with
     the num_workers it was saved with.
     """
-    ds = train_dataset(source, num_landmarks, seed=seed, global_batch_size=global_batch_size,
-                       augment=augment, shard_index=shard_index, shard_count=shard_count)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)))
+    ds = train_dataset(
+        source,
+        num_landmarks,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        augment=augment,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)
+        )
+    )
     if num_workers > 0:
         _ensure_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=worker_buffer_size
+            )
+        )
     return iter(it_ds)
 
 
@@ -304,11 +344,18 @@ class _PaddedShard:
         return j, valid, self.source[j]
 
 
-def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
-                 output_size: int = 256, box_source: str = "landmarks",
-                 box_scale: float = 1.25, shard_index: int | None = None,
-                 shard_count: int | None = None, num_threads: int = 2,
-                 num_workers: int = 0) -> grain.IterDataset:
+def eval_batches(
+    source: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    *,
+    output_size: int = 256,
+    box_source: str = "landmarks",
+    box_scale: float = 1.25,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 2,
+    num_workers: int = 0,
+) -> grain.IterDataset:
     """Re-iterable eval batches in source order, every batch of shape batch_size.
 
     The last batch is padded (valid=False rows). With several hosts every host yields
@@ -323,8 +370,9 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *,
     length = num_eval_batches(n, batch_size, shard_count) * batch_size
     ds = grain.MapDataset.source(_PaddedShard(source, indices, length))
     ds = ds.map(EvalTransform(output_size, box_source, box_scale)).batch(batch_size)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                 prefetch_buffer_size=max(2, num_threads)))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
+    )
     if num_workers > 0:
         _ensure_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -57,7 +57,7 @@ class KDLossConfig:
     tolerant_weight: float = 1.0
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | Any) -> "KDLossConfig":
+    def from_mapping(cls, m: Mapping[str, Any] | Any) -> KDLossConfig:
         """Picks the known fields out of a dict or ConfigDict; ignores the rest."""
         names = {f.name for f in dataclasses.fields(cls)}
         items = m.items() if hasattr(m, "items") else vars(m).items()
@@ -69,8 +69,9 @@ def mse(pred: Array, target: Array) -> Array:
     return jnp.mean(jnp.square(pred - jax.lax.stop_gradient(target)))
 
 
-def assistive_weights(pred: Array, gt: Array, teacher: Array, alpha: float, alpha_neg: float,
-                      beta: float) -> Array:
+def assistive_weights(
+    pred: Array, gt: Array, teacher: Array, alpha: float, alpha_neg: float, beta: float
+) -> Array:
     """Per-coordinate region weight w (no gradient)."""
     pred, gt, teacher = (jax.lax.stop_gradient(a) for a in (pred, gt, teacher))
     d = jnp.abs(teacher - gt)
@@ -86,8 +87,9 @@ def reflected_teacher(pred: Array, gt: Array, teacher: Array) -> Array:
     return gt + jnp.sign(pred - gt) * jnp.abs(teacher - gt)
 
 
-def assistive_loss(pred: Array, gt: Array, teacher: Array, alpha: float, alpha_neg: float,
-                   beta: float) -> Array:
+def assistive_loss(
+    pred: Array, gt: Array, teacher: Array, alpha: float, alpha_neg: float, beta: float
+) -> Array:
     """ALoss = mean(w |T' - p|) for one teacher."""
     w = assistive_weights(pred, gt, teacher, alpha, alpha_neg, beta)
     return jnp.mean(w * jnp.abs(reflected_teacher(pred, gt, teacher) - pred))
@@ -102,15 +104,18 @@ def main_loss(pred: Array, gt: Array, tolerant: Array, linear_factor: float = 3.
     return jnp.mean(jnp.where(e <= tau, c * e, jnp.square(e) + c * tau - jnp.square(tau)))
 
 
-def kd_loss(pred: Array, gt: Array, tough: Array, tolerant: Array,
-            config: KDLossConfig = KDLossConfig()) -> tuple[Array, dict[str, Array]]:
+def kd_loss(
+    pred: Array, gt: Array, tough: Array, tolerant: Array, config: KDLossConfig = KDLossConfig()
+) -> tuple[Array, dict[str, Array]]:
     """Total KD-Loss and its weighted terms {'main', 'tough', 'tolerant'}."""
     c = config
     terms = {
         "main": c.main_weight * main_loss(pred, gt, tolerant, c.main_linear_factor),
-        "tough": c.tough_weight * assistive_loss(pred, gt, tough, c.alpha_tough,
-                                                 c.alpha_neg_tough, c.beta_tough),
-        "tolerant": c.tolerant_weight * assistive_loss(pred, gt, tolerant, c.alpha_tolerant,
-                                                       c.alpha_neg_tolerant, c.beta_tolerant),
+        "tough": c.tough_weight
+        * assistive_loss(pred, gt, tough, c.alpha_tough, c.alpha_neg_tough, c.beta_tough),
+        "tolerant": c.tolerant_weight
+        * assistive_loss(
+            pred, gt, tolerant, c.alpha_tolerant, c.alpha_neg_tolerant, c.beta_tolerant
+        ),
     }
     return terms["main"] + terms["tough"] + terms["tolerant"], terms

@@ -91,21 +91,24 @@ def decode(kind: str, raw: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return from_normalized(raw, size), jnp.ones(raw.shape[:2], raw.dtype)
 
 
-def landmarks(kind: str, model: Any, variables: PyTree, images: jax.Array,
-              flip_perm: Any = None) -> tuple[jax.Array, jax.Array]:
+def landmarks(
+    kind: str, model: Any, variables: PyTree, images: jax.Array, flip_perm: Any = None
+) -> tuple[jax.Array, jax.Array]:
     """(landmarks in crop pixels [B, L, 2], scores [B, L]); flip-tested with `flip_perm`.
 
     `variables` is the model's own {'params', 'batch_stats'} (no adapters)."""
     x = prepare_images(images)
     raw = raw_outputs(kind, model, variables, x)
     if flip_perm is not None:
-        raw = 0.5 * (raw + unmirror(kind, raw_outputs(kind, model, variables, x[:, :, ::-1]),
-                                    flip_perm))
+        raw = 0.5 * (
+            raw + unmirror(kind, raw_outputs(kind, model, variables, x[:, :, ::-1]), flip_perm)
+        )
     return decode(kind, raw, images.shape[1])
 
 
-def landmarks_with_flip(kind: str, model: Any, variables: PyTree, images: jax.Array,
-                        flip_perm: Any = None) -> tuple[jax.Array, jax.Array | None]:
+def landmarks_with_flip(
+    kind: str, model: Any, variables: PyTree, images: jax.Array, flip_perm: Any = None
+) -> tuple[jax.Array, jax.Array | None]:
     """(plain, flip-tested) crop-pixel landmarks from the same two forward passes, for
     evaluation, which reports both; the second is None without `flip_perm`."""
     x = prepare_images(images)

@@ -66,11 +66,14 @@ def _normalised_rows(tap: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 def _check_taps(student: jnp.ndarray, teacher: jnp.ndarray) -> None:
     if student.ndim != 4 or teacher.ndim != 4 or student.shape[:3] != teacher.shape[:3]:
-        raise ValueError(f"FS needs [B,H,W,C] taps with equal B,H,W: {student.shape} vs {teacher.shape}")
+        raise ValueError(
+            f"FS needs [B,H,W,C] taps with equal B,H,W: {student.shape} vs {teacher.shape}"
+        )
 
 
-def feature_similarity_direct(student: jnp.ndarray, teacher: jnp.ndarray,
-                              eps: float = 1e-9) -> jnp.ndarray:
+def feature_similarity_direct(
+    student: jnp.ndarray, teacher: jnp.ndarray, eps: float = 1e-9
+) -> jnp.ndarray:
     """FS loss via the explicit N x N cosine matrices (the reference; O(N^2) memory)."""
     _check_taps(student, teacher)
     s = _normalised_rows(student, eps)
@@ -81,8 +84,9 @@ def feature_similarity_direct(student: jnp.ndarray, teacher: jnp.ndarray,
     return jnp.mean(jnp.sum(jnp.square(a_s - a_t), axis=(1, 2)) / (n * n))
 
 
-def feature_similarity_gram(student: jnp.ndarray, teacher: jnp.ndarray,
-                            eps: float = 1e-9) -> jnp.ndarray:
+def feature_similarity_gram(
+    student: jnp.ndarray, teacher: jnp.ndarray, eps: float = 1e-9
+) -> jnp.ndarray:
     """FS loss via C x C Gram matrices: (|S^T S|^2 + |T^T T|^2 - 2 |S^T T|^2) / N^2.
 
     Exact rewrite of the direct form (sum_ij ((SS^T)_ij - (TT^T)_ij)^2 = trace of the square
@@ -95,14 +99,18 @@ def feature_similarity_gram(student: jnp.ndarray, teacher: jnp.ndarray,
     g_ss = jnp.einsum("bnc,bnd->bcd", s, s, precision=_HIGHEST)
     g_tt = jnp.einsum("bnc,bnd->bcd", t, t, precision=_HIGHEST)
     g_st = jnp.einsum("bnc,bnd->bcd", s, t, precision=_HIGHEST)
-    total = (jnp.sum(jnp.square(g_ss), axis=(1, 2)) + jnp.sum(jnp.square(g_tt), axis=(1, 2))
-             - 2.0 * jnp.sum(jnp.square(g_st), axis=(1, 2)))
+    total = (
+        jnp.sum(jnp.square(g_ss), axis=(1, 2))
+        + jnp.sum(jnp.square(g_tt), axis=(1, 2))
+        - 2.0 * jnp.sum(jnp.square(g_st), axis=(1, 2))
+    )
     n = s.shape[1]
     return jnp.mean(total / (n * n))
 
 
-def feature_similarity_public(student: jnp.ndarray, teacher: jnp.ndarray,
-                              eps: float = 1e-9) -> jnp.ndarray:
+def feature_similarity_public(
+    student: jnp.ndarray, teacher: jnp.ndarray, eps: float = 1e-9
+) -> jnp.ndarray:
     """The public code's formula, a_ij = f_i.f_j / (|f_i||f_j| + eps); reference only (N x N)."""
     _check_taps(student, teacher)
 
@@ -124,12 +132,14 @@ FS_FORMS = {
 }
 
 
-def distillation_terms(student_taps: Sequence[jnp.ndarray],
-                       adapted_taps: Sequence[jnp.ndarray] | None,
-                       teacher_taps: Sequence[jnp.ndarray],
-                       fa_layers: Sequence[bool] = (True, True, True),
-                       fs_layers: Sequence[bool] = (True, True, True),
-                       fs_form: str = "gram") -> dict[str, jnp.ndarray]:
+def distillation_terms(
+    student_taps: Sequence[jnp.ndarray],
+    adapted_taps: Sequence[jnp.ndarray] | None,
+    teacher_taps: Sequence[jnp.ndarray],
+    fa_layers: Sequence[bool] = (True, True, True),
+    fs_layers: Sequence[bool] = (True, True, True),
+    fs_form: str = "gram",
+) -> dict[str, jnp.ndarray]:
     """Per-tap FA and FS losses, keyed 'fa1'..'fa3', 'fs1'..'fs3' (enabled ones only).
 
     FA compares adapted student taps with teacher taps; FS compares the raw student taps
@@ -149,8 +159,9 @@ def distillation_terms(student_taps: Sequence[jnp.ndarray],
     return terms
 
 
-def total_loss(heatmap_loss: jnp.ndarray, terms: Mapping[str, jnp.ndarray],
-               lam: float) -> jnp.ndarray:
+def total_loss(
+    heatmap_loss: jnp.ndarray, terms: Mapping[str, jnp.ndarray], lam: float
+) -> jnp.ndarray:
     """L = L_heatmap + lam * sum of the distillation terms."""
     if not terms:
         return heatmap_loss

@@ -36,12 +36,16 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval/ output go here.")
 flags.DEFINE_enum("mode", None, ["train", "eval", "demo"], "Overrides config.mode.")
-flags.DEFINE_bool("multihost", False,
-                  "Call jax.distributed.initialize() first (pods; set up from the environment).")
+flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first (pods; set up from the environment).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,8 +61,14 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     mode = FLAGS.mode or config.mode
     from fan_jax import train
-    logging.info("mode %s, workdir %s, %d process(es), devices %s", mode, FLAGS.workdir,
-                 jax.process_count(), jax.devices())
+
+    logging.info(
+        "mode %s, workdir %s, %d process(es), devices %s",
+        mode,
+        FLAGS.workdir,
+        jax.process_count(),
+        jax.devices(),
+    )
     try:
         if mode == "train":
             result = train.train_and_evaluate(config, FLAGS.workdir)
@@ -78,8 +88,11 @@ def main(argv: list[str]) -> None:
     except OSError as e:  # a read-only or full disk, a missing file: what and where, no trace
         _fail(f"{type(e).__name__}: {e}")
     if preempted:
-        print(f"\nPREEMPTED: SIGTERM; a checkpoint is saved in {FLAGS.workdir}. Run the same "
-              f"command again to resume (exit status {errors.EXIT_PREEMPTED}).", file=sys.stderr)
+        print(
+            f"\nPREEMPTED: SIGTERM; a checkpoint is saved in {FLAGS.workdir}. Run the same "
+            f"command again to resume (exit status {errors.EXIT_PREEMPTED}).",
+            file=sys.stderr,
+        )
         sys.exit(errors.EXIT_PREEMPTED)
 
 
@@ -98,15 +111,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").strip("'")
         name, _, hint = text.partition("\n")
         name = name.strip("'\"")
-        flag = next((a.split("=", 1)[0] for a in argv[1:]
-                     if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")),
-                    f"--config.<...>.{name}")
-        print(f"ERROR: {flag}: the config has no field {name!r}. {hint}".rstrip(),
-              file=sys.stderr)
+        flag = next(
+            (
+                a.split("=", 1)[0]
+                for a in argv[1:]
+                if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")
+            ),
+            f"--config.<...>.{name}",
+        )
+        print(f"ERROR: {flag}: the config has no field {name!r}. {hint}".rstrip(), file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # the --config file itself
-        print(f"ERROR: --config: {' '.join(ln.strip() for ln in str(e).splitlines())}",
-              file=sys.stderr)
+        print(
+            f"ERROR: --config: {' '.join(ln.strip() for ln in str(e).splitlines())}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

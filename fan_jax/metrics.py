@@ -54,7 +54,9 @@ def failure_rate(nmes: np.ndarray, threshold: float = 0.1) -> float:
     return float(np.mean(nmes > threshold))
 
 
-def ced(nmes: np.ndarray, threshold: float = 0.1, step: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def ced(
+    nmes: np.ndarray, threshold: float = 0.1, step: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative error distribution: x = 0, step, ..., threshold; y(x) = share of NME <= x."""
     nmes = np.sort(np.asarray(nmes, dtype=np.float64).ravel())
     num = int(round(threshold / step))

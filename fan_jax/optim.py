@@ -7,13 +7,14 @@ from typing import Any
 import optax
 
 
-def make_optimizer(config: Any, steps_per_epoch: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: Any, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam and its schedule (`train.lr_schedule`):
-      'piecewise'     x lr_decay_factor at each of `lr_decay_epochs` (the paper: 30 and 50),
-                      after a linear warm-up of `warmup_steps` from 0;
-      'inverse_time'  lr / (1 + lr_inverse_time_decay * step) (Keras's legacy `decay`, the
-                      KD-Loss public code).
+    'piecewise'     x lr_decay_factor at each of `lr_decay_epochs` (the paper: 30 and 50),
+                    after a linear warm-up of `warmup_steps` from 0;
+    'inverse_time'  lr / (1 + lr_inverse_time_decay * step) (Keras's legacy `decay`, the
+                    KD-Loss public code).
     """
     t = config.train
     kind = t.get("lr_schedule", "piecewise")
@@ -22,13 +23,13 @@ def make_optimizer(config: Any, steps_per_epoch: int
         lr, decay = float(t.learning_rate), float(t.lr_inverse_time_decay)
         schedule = lambda step: lr / (1.0 + decay * step)  # noqa: E731
     elif kind == "piecewise":
-        boundaries = {int(round(e * steps_per_epoch)): t.lr_decay_factor
-                      for e in t.lr_decay_epochs}
+        boundaries = {int(round(e * steps_per_epoch)): t.lr_decay_factor for e in t.lr_decay_epochs}
         schedule = optax.piecewise_constant_schedule(t.learning_rate, boundaries)
         warmup = int(t.get("warmup_steps", 0))
         if warmup > 0:
             schedule = optax.join_schedules(
-                [optax.linear_schedule(0.0, t.learning_rate, warmup), schedule], [warmup])
+                [optax.linear_schedule(0.0, t.learning_rate, warmup), schedule], [warmup]
+            )
     else:
         raise ValueError(f"train.lr_schedule must be 'inverse_time' or 'piecewise', got {kind!r}")
     return optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=eps), schedule

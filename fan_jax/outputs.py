@@ -46,8 +46,9 @@ def write_text(path: str, text: str) -> None:
 
 def write_image(path: str, rgb: np.ndarray) -> None:
     """An RGB image to `path` (format from its extension); OSError if it cannot be encoded."""
-    ok, buf = cv2.imencode(os.path.splitext(path)[1] or ".png",
-                           cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(
+        os.path.splitext(path)[1] or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    )
     if not ok:
         raise OSError(f"{path}: OpenCV cannot write this image format")
     tmp = prepare(path)

@@ -39,6 +39,7 @@ import numpy as np
 from fan_jax import checkpoints, compiler, detect, geometry, landmarks, outputs
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
+
 # Face and draw_faces live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
 from fan_jax.faces import Face, draw_faces
 from fan_jax.faces import as_rgb as _as_rgb
@@ -59,8 +60,7 @@ class ImageReadError(FanJaxError, ValueError):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
-                        ) -> tuple[str, str]:
+def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str) -> tuple[str, str]:
     """(workdir, which) from either a workdir or a checkpoint path.
 
     A checkpoint path may be a step directory (<workdir>/checkpoints/<step>), the checkpoints
@@ -81,8 +81,9 @@ def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str
     return path, which
 
 
-def load_student(workdir: str | None = None, checkpoint: str | None = None,
-                 which: str = "best") -> LoadedModel:
+def load_student(
+    workdir: str | None = None, checkpoint: str | None = None, which: str = "best"
+) -> LoadedModel:
     """Restores the trained network of a run, heatmap or KD-Loss regression (its record,
     config.json, says which), through `fan_jax.checkpoints.load_model`.
 
@@ -96,10 +97,12 @@ def load_student(workdir: str | None = None, checkpoint: str | None = None,
         loaded = checkpoints.load_model(workdir, which)
     except (FileNotFoundError, CheckpointMismatchError, FanJaxError) as e:
         raise CheckpointError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds on a damaged checkpoint
-        raise CheckpointError(f"could not read the checkpoint in "
-                              f"{checkpoints.checkpoint_dir(workdir)} ({which}): "
-                              f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"could not read the checkpoint in "
+            f"{checkpoints.checkpoint_dir(workdir)} ({which}): "
+            f"{type(e).__name__}: {e}"
+        ) from None
     loaded.variables = jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.variables)
     return loaded
 
@@ -131,12 +134,22 @@ class Predictor:
     'student' subtree is taken). Construct from a run with `from_workdir` / `from_checkpoint`.
     """
 
-    def __init__(self, variables: PyTree, model: Any, num_landmarks: int, input_size: int = 256,
-                 *, kind: str = "heatmap", box_scale: float = 1.25, flip_test: bool = False,
-                 detector: str | Callable[[np.ndarray], np.ndarray] = "auto",
-                 buckets: Sequence[int] = BATCH_BUCKETS):
-        self.variables = jax.device_put(jax.tree.map(jnp.asarray,
-                                                     checkpoints.student_variables(variables)))
+    def __init__(
+        self,
+        variables: PyTree,
+        model: Any,
+        num_landmarks: int,
+        input_size: int = 256,
+        *,
+        kind: str = "heatmap",
+        box_scale: float = 1.25,
+        flip_test: bool = False,
+        detector: str | Callable[[np.ndarray], np.ndarray] = "auto",
+        buckets: Sequence[int] = BATCH_BUCKETS,
+    ):
+        self.variables = jax.device_put(
+            jax.tree.map(jnp.asarray, checkpoints.student_variables(variables))
+        )
         self.kind = kind
         self.model = model
         self.num_landmarks = int(num_landmarks)
@@ -157,20 +170,26 @@ class Predictor:
         self._run = jax.jit(run, compiler_options=compiler.compiler_options("predict"))
 
     @classmethod
-    def from_workdir(cls, workdir: str, which: str = "best", **kwargs: Any) -> "Predictor":
+    def from_workdir(cls, workdir: str, which: str = "best", **kwargs: Any) -> Predictor:
         """The student of a training workdir ('best', 'latest' or a step number)."""
         return cls.from_loaded(load_student(workdir=workdir, which=which), **kwargs)
 
     @classmethod
-    def from_checkpoint(cls, path: str, which: str = "best", **kwargs: Any) -> "Predictor":
+    def from_checkpoint(cls, path: str, which: str = "best", **kwargs: Any) -> Predictor:
         """From <workdir>/checkpoints/<step> (or the checkpoints directory, or a workdir)."""
         return cls.from_loaded(load_student(checkpoint=path, which=which), **kwargs)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> "Predictor":
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: Any) -> Predictor:
         kwargs.setdefault("box_scale", loaded.box_scale)
-        p = cls(loaded.variables, loaded.model, loaded.num_landmarks, loaded.input_size,
-                kind=loaded.kind, **kwargs)
+        p = cls(
+            loaded.variables,
+            loaded.model,
+            loaded.num_landmarks,
+            loaded.input_size,
+            kind=loaded.kind,
+            **kwargs,
+        )
         p.info = loaded.describe()
         return p
 
@@ -198,15 +217,18 @@ class Predictor:
         crops = np.asarray(crops)
         n = len(crops)
         if n == 0:
-            return (np.zeros((0, self.num_landmarks, 2), np.float32),
-                    np.zeros((0, self.num_landmarks), np.float32))
+            return (
+                np.zeros((0, self.num_landmarks, 2), np.float32),
+                np.zeros((0, self.num_landmarks), np.float32),
+            )
         if crops.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(f"crops must be [N, {self.input_size}, {self.input_size}, 3], "
-                             f"got {crops.shape}")
+            raise ValueError(
+                f"crops must be [N, {self.input_size}, {self.input_size}, 3], got {crops.shape}"
+            )
         pts, scores = [], []
         biggest = self.buckets[-1]
         for i in range(0, n, biggest):
-            chunk = crops[i:i + biggest]
+            chunk = crops[i : i + biggest]
             k = len(chunk)
             b = bucket_size(k, self.buckets)
             if b > k:
@@ -216,9 +238,11 @@ class Predictor:
             scores.append(np.asarray(s)[:k])
         return np.concatenate(pts), np.concatenate(scores)
 
-    def predict_many(self, images: Sequence[np.ndarray],
-                     boxes: Sequence[np.ndarray | Sequence[Sequence[float]] | None] | None = None
-                     ) -> list[list[Face]]:
+    def predict_many(
+        self,
+        images: Sequence[np.ndarray],
+        boxes: Sequence[np.ndarray | Sequence[Sequence[float]] | None] | None = None,
+    ) -> list[list[Face]]:
         """Faces of several images, all crops in shared batches. boxes[i] None: detect."""
         if boxes is None:
             boxes = [None] * len(images)
@@ -244,8 +268,9 @@ class Predictor:
             out[i].append(Face(box=np.asarray(box, np.float32), landmarks=lm, scores=sc))
         return out
 
-    def predict(self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]] | None = None
-                ) -> list[Face]:
+    def predict(
+        self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]] | None = None
+    ) -> list[Face]:
         """Faces of one RGB image (uint8 [H, W, 3]; grey [H, W] is accepted): detected, or one
         per given box (x0, y0, x1, y1)."""
         return self.predict_many([image], [boxes])[0]
@@ -298,44 +323,88 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """--workdir | --checkpoint, and --which: the arguments of `load_student`."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
-    src.add_argument("--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>")
-    parser.add_argument("--which", default="best",
-                        help="with --workdir: 'best', 'latest' or a step number (default best)")
+    src.add_argument(
+        "--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>"
+    )
+    parser.add_argument(
+        "--which",
+        default="best",
+        help="with --workdir: 'best', 'latest' or a step number (default best)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fan_jax.predict",
         description="Facial landmarks for images with a trained fan_jax student. Prints JSON "
-                    "(per image, per face: box and landmarks in image pixels).",
+        "(per image, per face: box and landmarks in image pixels).",
         epilog="Exit status: 0 all images had faces; 1 some image unreadable or without a "
-               "face; 2 checkpoint or argument errors.")
+        "face; 2 checkpoint or argument errors.",
+    )
     add_checkpoint_args(parser)
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="images, or one video file (.mp4, .avi, ...): then --draw is the "
-                             "annotated output video and --output a JSON-lines file")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="images, or one video file (.mp4, .avi, ...): then --draw is the "
+        "annotated output video and --output a JSON-lines file",
+    )
     video = parser.add_argument_group("video and camera (fan_jax.video)")
-    video.add_argument("--camera", type=int, default=None, metavar="INDEX",
-                       help="read frames from this camera instead of files")
-    video.add_argument("--detect_every", type=int, default=10, metavar="K",
-                       help="run the face detector every K frames (and when a track is unsure)")
-    video.add_argument("--min_score", type=float, default=0.2,
-                       help="re-detect when a face's mean landmark score falls below this")
+    video.add_argument(
+        "--camera",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="read frames from this camera instead of files",
+    )
+    video.add_argument(
+        "--detect_every",
+        type=int,
+        default=10,
+        metavar="K",
+        help="run the face detector every K frames (and when a track is unsure)",
+    )
+    video.add_argument(
+        "--min_score",
+        type=float,
+        default=0.2,
+        help="re-detect when a face's mean landmark score falls below this",
+    )
     video.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
-    video.add_argument("--min_cutoff", type=float, default=1.0,
-                       help="One-Euro cutoff (Hz) for a still face: lower smooths more")
-    video.add_argument("--beta", type=float, default=0.05,
-                       help="One-Euro speed coefficient: higher lags less on fast motion")
+    video.add_argument(
+        "--min_cutoff",
+        type=float,
+        default=1.0,
+        help="One-Euro cutoff (Hz) for a still face: lower smooths more",
+    )
+    video.add_argument(
+        "--beta",
+        type=float,
+        default=0.05,
+        help="One-Euro speed coefficient: higher lags less on fast motion",
+    )
     video.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")
-    parser.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
-                        help="face box for every image instead of detection (repeatable)")
-    parser.add_argument("--detector", default="auto", choices=["auto", *sorted(detect.DETECTORS)],
-                        help="face detector (fan_jax.detect): auto = dlib when installed "
-                             "(pip install -e \".[detect]\"), else the LBP cascade")
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=None,
+        metavar="x0,y0,x1,y1",
+        help="face box for every image instead of detection (repeatable)",
+    )
+    parser.add_argument(
+        "--detector",
+        default="auto",
+        choices=["auto", *sorted(detect.DETECTORS)],
+        help="face detector (fan_jax.detect): auto = dlib when installed "
+        '(pip install -e ".[detect]"), else the LBP cascade',
+    )
     parser.add_argument("--draw", metavar="OUT_DIR", help="write each image with its landmarks")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the JSON here, not stdout")
-    parser.add_argument("--flip_test", action="store_true",
-                        help="average with the mirrored crop's heatmaps (twice the compute)")
+    parser.add_argument(
+        "--flip_test",
+        action="store_true",
+        help="average with the mirrored crop's heatmaps (twice the compute)",
+    )
     args = parser.parse_args(argv)
     from fan_jax import video
 
@@ -353,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_loaded(
             load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
-            flip_test=args.flip_test, detector=args.detector)
+            flip_test=args.flip_test,
+            detector=args.detector,
+        )
     except (FanJaxError, OSError) as e:  # the checkpoint or its record
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
@@ -399,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     n_faces = sum(len(r.get("faces", [])) for r in records)
-    print(f"{len(records)} image(s), {n_faces} face(s)"
-          f"{'' if status == 0 else '; some images failed (see above)'}", file=sys.stderr)
+    print(
+        f"{len(records)} image(s), {n_faces} face(s)"
+        f"{'' if status == 0 else '; some images failed (see above)'}",
+        file=sys.stderr,
+    )
     return status
 
 
@@ -408,20 +482,33 @@ def _run_video(args: argparse.Namespace, predictor: Predictor) -> int:
     from fan_jax import video
 
     source = args.camera if args.camera is not None else args.images[0]
-    tracker = video.FaceTracker(predictor, detect_every=args.detect_every,
-                                min_score=args.min_score, smoothing=not args.no_smooth,
-                                min_cutoff=args.min_cutoff, beta=args.beta)
+    tracker = video.FaceTracker(
+        predictor,
+        detect_every=args.detect_every,
+        min_score=args.min_score,
+        smoothing=not args.no_smooth,
+        min_cutoff=args.min_cutoff,
+        beta=args.beta,
+    )
     try:
-        summary = video.run(tracker, source, draw=args.draw, jsonl=args.output or sys.stdout,
-                            max_frames=args.max_frames)
+        summary = video.run(
+            tracker,
+            source,
+            draw=args.draw,
+            jsonl=args.output or sys.stdout,
+            max_frames=args.max_frames,
+        )
     except (FanJaxError, OSError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     if "warning" in summary:
         print(f"WARNING: {summary['warning']}", file=sys.stderr)
-    print(f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
-          f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
-          f"{summary['frames_per_s']} frames/s", file=sys.stderr)
+    print(
+        f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
+        f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
+        f"{summary['frames_per_s']} frames/s",
+        file=sys.stderr,
+    )
     return 0 if summary["faces"] else 1
 
 

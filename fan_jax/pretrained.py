@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,8 @@ def _load_encoder(encoder: Any, source: Any) -> Variables:
 
         def build(include_top: bool):
             return keras.applications.MobileNetV2(
-                weights=None, include_top=include_top, input_shape=(224, 224, 3), alpha=width)
+                weights=None, include_top=include_top, input_shape=(224, 224, 3), alpha=width
+            )
 
         description = f"keras.applications.MobileNetV2(alpha={width})"
         bn_epsilon = encoder.bn_epsilon
@@ -75,12 +77,14 @@ def _load_encoder(encoder: Any, source: Any) -> Variables:
             raise ValueError(
                 f"Keras ImageNet weights exist here for ResNetEncoder(50, keras_style=True) only, "
                 f"got depth={encoder.depth}, keras_style={encoder.keras_style} (torchvision-style "
-                f"ResNets stride a different conv and have no conv biases)")
+                f"ResNets stride a different conv and have no conv biases)"
+            )
 
         def build(include_top: bool):
             shape = (224, 224, 3) if include_top else None
-            return keras.applications.ResNet50(weights=None, include_top=include_top,
-                                               input_shape=shape)
+            return keras.applications.ResNet50(
+                weights=None, include_top=include_top, input_shape=shape
+            )
 
         description = "keras.applications.ResNet50"
         bn_epsilon = KERAS_BN_EPS
@@ -104,8 +108,9 @@ def describe(encoder: Any) -> str:
     return type(encoder).__name__
 
 
-def keras_to_variables(model: Any, module: Any, *, bn_epsilon: float | None = None,
-                       what: str | None = None) -> Variables:
+def keras_to_variables(
+    model: Any, module: Any, *, bn_epsilon: float | None = None, what: str | None = None
+) -> Variables:
     """Converts the weights of Keras ``model`` into variables for flax ``module``.
 
     Every parameter and batch statistic of ``module`` must be filled from a Keras layer; shapes
@@ -117,15 +122,18 @@ def keras_to_variables(model: Any, module: Any, *, bn_epsilon: float | None = No
     layers, duplicates = _layers_by_name(model)
     ambiguous = sorted(n for n in ("_".join(p) for p in modules) if n in duplicates)
     if ambiguous:
-        raise ValueError(f"{what}: the Keras model holds several layers named {ambiguous[0]!r} "
-                         f"(nested sub-models?); pass the sub-model to convert instead")
+        raise ValueError(
+            f"{what}: the Keras model holds several layers named {ambiguous[0]!r} "
+            f"(nested sub-models?); pass the sub-model to convert instead"
+        )
     missing_layers = sorted("_".join(p) for p in modules if "_".join(p) not in layers)
     if missing_layers:
         shown = ", ".join(repr(n) for n in missing_layers[:5])
         more = f" and {len(missing_layers) - 5} more" if len(missing_layers) > 5 else ""
         raise ValueError(
             f"{what}: the Keras model has no layer named {shown}{more} ({len(missing_layers)} of "
-            f"the {len(modules)} layers the flax module needs). Is it the right architecture?")
+            f"the {len(modules)} layers the flax module needs). Is it the right architecture?"
+        )
 
     # In network order, so that a width mismatch is reported at the first layer it shows in.
     order = {name: i for i, name in enumerate(layers)}
@@ -141,14 +149,16 @@ def keras_to_variables(model: Any, module: Any, *, bn_epsilon: float | None = No
             raise ValueError(
                 f"{what}: Keras layer {name!r} ({type(layer).__name__}) provides "
                 f"{_fmt_keys(got)} but the flax module expects {_fmt_keys(expected)} "
-                f"(missing {_fmt_keys(missing)}, unexpected {_fmt_keys(extra)})")
+                f"(missing {_fmt_keys(missing)}, unexpected {_fmt_keys(extra)})"
+            )
         for key, value in got.items():
             want = tuple(expected[key].shape)
             if tuple(value.shape) != want:
                 raise ValueError(
                     f"{what}: Keras layer {name!r} {key[1]!r} ({key[0]}) has shape "
                     f"{tuple(value.shape)}, expected {want}. Does the Keras model's width "
-                    f"(alpha) or depth match?")
+                    f"(alpha) or depth match?"
+                )
             out[(key[0], *module_path, key[1])] = value.astype(np.float32)
 
     nested: dict[str, dict] = {}
@@ -161,7 +171,8 @@ def keras_to_variables(model: Any, module: Any, *, bn_epsilon: float | None = No
 def _target_modules(module: Any) -> dict[tuple[str, ...], dict[tuple[str, str], Any]]:
     """module path -> {(collection, leaf name): ShapeDtypeStruct} of ``module``'s variables."""
     target = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros(_PROBE_SHAPE, jnp.float32), train=False))
+        lambda: module.init(jax.random.key(0), jnp.zeros(_PROBE_SHAPE, jnp.float32), train=False)
+    )
     modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = {}
     for collection, tree in unfreeze(target).items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
@@ -169,8 +180,9 @@ def _target_modules(module: Any) -> dict[tuple[str, ...], dict[tuple[str, str], 
     return modules
 
 
-def merge_encoder_variables(variables: Mapping[str, Any], encoder_variables: Mapping[str, Any],
-                            name: str = "encoder") -> Variables:
+def merge_encoder_variables(
+    variables: Mapping[str, Any], encoder_variables: Mapping[str, Any], name: str = "encoder"
+) -> Variables:
     """Returns a copy of a full model's ``variables`` with the ``name`` submodule replaced.
 
     Every collection of ``encoder_variables`` must match ``variables[collection][name]`` exactly
@@ -181,8 +193,10 @@ def merge_encoder_variables(variables: Mapping[str, Any], encoder_variables: Map
     merged = dict(variables)
     for collection, tree in encoder_variables.items():
         if collection not in variables or name not in variables[collection]:
-            raise ValueError(f"the model's variables have no {collection}/{name} subtree "
-                             f"(collections: {sorted(variables)})")
+            raise ValueError(
+                f"the model's variables have no {collection}/{name} subtree "
+                f"(collections: {sorted(variables)})"
+            )
         old = traverse_util.flatten_dict(variables[collection][name])
         new = traverse_util.flatten_dict(tree)
         missing = sorted(set(old) - set(new))
@@ -191,12 +205,14 @@ def merge_encoder_variables(variables: Mapping[str, Any], encoder_variables: Map
             raise ValueError(
                 f"{collection}/{name}: encoder variables do not match the model's: missing "
                 f"{['/'.join(p) for p in missing[:5]]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {['/'.join(p) for p in extra[:5]]}{'...' if len(extra) > 5 else ''}")
+                f"unexpected {['/'.join(p) for p in extra[:5]]}{'...' if len(extra) > 5 else ''}"
+            )
         for path, value in new.items():
             if tuple(np.shape(value)) != tuple(np.shape(old[path])):
                 raise ValueError(
                     f"{collection}/{name}/{'/'.join(path)}: shape {tuple(np.shape(value))} from "
-                    f"the encoder, {tuple(np.shape(old[path]))} in the model")
+                    f"the encoder, {tuple(np.shape(old[path]))} in the model"
+                )
             if jnp.result_type(value) != jnp.result_type(old[path]):
                 new[path] = jnp.asarray(value, jnp.result_type(old[path]))
         merged[collection] = {**variables[collection], name: traverse_util.unflatten_dict(new)}
@@ -221,8 +237,9 @@ def init_encoder_from_keras(model: Any, variables: Mapping[str, Any], source: An
     except (WeightFileError, FileNotFoundError):
         raise
     except (ValueError, TypeError) as e:
-        raise WeightFileError(f"{os.fspath(source)}: cannot initialise {describe(encoder)}: {e}"
-                              ) from e
+        raise WeightFileError(
+            f"{os.fspath(source)}: cannot initialise {describe(encoder)}: {e}"
+        ) from e
 
 
 # --------------------------------------------------------------------------- helpers
@@ -232,10 +249,12 @@ class WeightFileError(FanJaxError, ValueError):
     """A Keras weight file that cannot initialise the encoder; the message names the file."""
 
 
-_NO_TOP_HINT = ("use the 'no top' ImageNet file (e.g. "
-                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 or "
-                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5, or a model built with "
-                "include_top=False)")
+_NO_TOP_HINT = (
+    "use the 'no top' ImageNet file (e.g. "
+    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 or "
+    "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5, or a model built with "
+    "include_top=False)"
+)
 
 
 def _as_keras_model(source: Any, build, description: str) -> Any:
@@ -245,33 +264,42 @@ def _as_keras_model(source: Any, build, description: str) -> Any:
         return source
     path = os.fspath(source)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Keras weight file not found: {path} (expected {description} "
-                                f"weights without the classifier, .h5 or .keras)")
+        raise FileNotFoundError(
+            f"Keras weight file not found: {path} (expected {description} "
+            f"weights without the classifier, .h5 or .keras)"
+        )
     if path.endswith(".keras"):
         import keras
 
         try:
             model = keras.saving.load_model(path, compile=False)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise WeightFileError(f"{path}: not a loadable Keras model (expected {description} "
-                                  f"saved with model.save): {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise WeightFileError(
+                f"{path}: not a loadable Keras model (expected {description} "
+                f"saved with model.save): {type(e).__name__}: {e}"
+            ) from e
         if "predictions" in _layers_by_name(model)[0]:
-            raise WeightFileError(f"{path}: the model includes the ImageNet classifier "
-                                  f"('predictions' layer); {_NO_TOP_HINT}")
+            raise WeightFileError(
+                f"{path}: the model includes the ImageNet classifier "
+                f"('predictions' layer); {_NO_TOP_HINT}"
+            )
         return model
     if path.endswith(".h5") and not path.endswith(".weights.h5"):
         # A legacy HDF5 file loads by layer order, so the model must have the file's layers.
         if _legacy_h5_has_classifier(path):
-            raise WeightFileError(f"{path}: the file includes the ImageNet classifier "
-                                  f"('predictions' layer); {_NO_TOP_HINT}")
+            raise WeightFileError(
+                f"{path}: the file includes the ImageNet classifier "
+                f"('predictions' layer); {_NO_TOP_HINT}"
+            )
     model = build(False)
     try:
         model.load_weights(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+    except Exception as e:
         raise WeightFileError(
             f"{path}: could not be loaded into {description} without the classifier (wrong "
             f"architecture or width, a file with the classifier, or not a Keras weight file): "
-            f"{type(e).__name__}: {str(e)[:300]}") from e
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from e
     return model
 
 
@@ -281,13 +309,15 @@ def _legacy_h5_has_classifier(path: str) -> bool:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise WeightFileError(f"{path}: not an HDF5 file (corrupt or truncated download?): {e}"
-                              ) from e
+        raise WeightFileError(
+            f"{path}: not an HDF5 file (corrupt or truncated download?): {e}"
+        ) from e
     with f:
         if "layer_names" not in f.attrs and "model_weights" in f:
             f = f["model_weights"]
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in f.attrs.get("layer_names", [])]
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs.get("layer_names", [])
+        ]
     return "predictions" in names
 
 
@@ -321,8 +351,10 @@ def _layer_variables(layer, bn_epsilon: float | None) -> dict[tuple[str, str], n
         if not (layer.center and layer.scale):
             raise ValueError(f"Keras BN layer {layer.name!r} lacks beta or gamma")
         if bn_epsilon is not None and not np.isclose(layer.epsilon, bn_epsilon, rtol=_EPS_RTOL):
-            raise ValueError(f"Keras BN layer {layer.name!r} has epsilon {layer.epsilon}, "
-                             f"the flax module uses {bn_epsilon}")
+            raise ValueError(
+                f"Keras BN layer {layer.name!r} has epsilon {layer.epsilon}, "
+                f"the flax module uses {bn_epsilon}"
+            )
         return {
             ("params", "scale"): _to_numpy(layer.gamma),
             ("params", "bias"): _to_numpy(layer.beta),
@@ -332,8 +364,10 @@ def _layer_variables(layer, bn_epsilon: float | None) -> dict[tuple[str, str], n
     if kind == "DepthwiseConv2D":
         kernel = _to_numpy(layer.kernel)
         if kernel.shape[-1] != 1:
-            raise ValueError(f"Keras layer {layer.name!r}: depth_multiplier "
-                             f"{kernel.shape[-1]} is not supported (only 1)")
+            raise ValueError(
+                f"Keras layer {layer.name!r}: depth_multiplier "
+                f"{kernel.shape[-1]} is not supported (only 1)"
+            )
         out = {("params", "kernel"): kernel.transpose(0, 1, 3, 2)}
     elif kind in ("Conv2D", "Dense"):
         out = {("params", "kernel"): _to_numpy(layer.kernel)}

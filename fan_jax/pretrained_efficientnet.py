@@ -17,7 +17,8 @@ Keras is imported lazily.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -27,23 +28,31 @@ from fan_jax.models.efficientnet import VARIANTS, EfficientNetEncoder
 Variables = dict[str, Any]
 
 
-def load_keras_efficientnet(source: Any, variant: str = "b3",
-                            encoder: EfficientNetEncoder | None = None) -> Variables:
+def load_keras_efficientnet(
+    source: Any, variant: str = "b3", encoder: EfficientNetEncoder | None = None
+) -> Variables:
     """`{'params', 'batch_stats'}` for `EfficientNetEncoder(variant)` from Keras weights."""
     encoder = encoder if encoder is not None else EfficientNetEncoder(variant=variant)
     model = _as_keras_model(source, encoder.variant)
-    return pretrained.keras_to_variables(model, encoder, bn_epsilon=encoder.bn_epsilon,
-                                         what=f"EfficientNetEncoder({encoder.variant!r})")
+    return pretrained.keras_to_variables(
+        model,
+        encoder,
+        bn_epsilon=encoder.bn_epsilon,
+        what=f"EfficientNetEncoder({encoder.variant!r})",
+    )
 
 
 def init_encoder_from_keras(model: Any, variables: Mapping[str, Any], source: Any) -> Variables:
     """Loads Keras weights into the `encoder` (an `EfficientNetEncoder`) of a full model."""
     encoder = getattr(model, "encoder", None)
     if not isinstance(encoder, EfficientNetEncoder):
-        raise TypeError(f"{type(model).__name__}.encoder is {type(encoder).__name__}, "
-                        "not an EfficientNetEncoder")
+        raise TypeError(
+            f"{type(model).__name__}.encoder is {type(encoder).__name__}, "
+            "not an EfficientNetEncoder"
+        )
     return pretrained.merge_encoder_variables(
-        variables, load_keras_efficientnet(source, encoder=encoder), name="encoder")
+        variables, load_keras_efficientnet(source, encoder=encoder), name="encoder"
+    )
 
 
 def keras_input_normalization(model: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +111,11 @@ def _as_keras_model(source: Any, variant: str) -> Any:
     model = _build(variant, include_top)
     try:
         model.load_weights(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"could not load {path} into keras EfficientNet{variant.upper()} "
-                         f"(include_top={include_top}): {e}") from e
+    except Exception as e:
+        raise ValueError(
+            f"could not load {path} into keras EfficientNet{variant.upper()} "
+            f"(include_top={include_top}): {e}"
+        ) from e
     return model
 
 
@@ -114,6 +125,7 @@ def _legacy_h5_has_classifier(path: str) -> bool:
     with h5py.File(path, "r") as f:
         if "layer_names" not in f.attrs and "model_weights" in f:
             f = f["model_weights"]
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in f.attrs.get("layer_names", [])]
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs.get("layer_names", [])
+        ]
     return "predictions" in names

@@ -57,7 +57,9 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def dtype_of(name: str) -> Any:
     """The jnp dtype of a `train.compute_dtype` name ('float32' or 'bfloat16')."""
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}")
+        raise ValueError(
+            f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}"
+        )
     return COMPUTE_DTYPES[name]
 
 
@@ -66,7 +68,8 @@ def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
     if dtype == jnp.float32:
         return tree
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def params_in(variables: PyTree, dtype: Any) -> PyTree:
@@ -74,39 +77,64 @@ def params_in(variables: PyTree, dtype: Any) -> PyTree:
     return dict(variables, params=cast_floating(variables["params"], dtype))
 
 
-def create_train_state(params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params))
+def create_train_state(
+    params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+    )
 
 
-def render_targets(landmarks: jax.Array, image_size: int, heatmap_size: int, sigma: float) -> jax.Array:
+def render_targets(
+    landmarks: jax.Array, image_size: int, heatmap_size: int, sigma: float
+) -> jax.Array:
     """Gaussian targets [B, h, h, L] for crop-pixel landmarks [B, L, 2]."""
     stride = image_size / heatmap_size
-    return heatmaps.render_gaussians(heatmaps.to_heatmap_coords(landmarks, stride=stride),
-                                     size=heatmap_size, sigma=sigma)
+    return heatmaps.render_gaussians(
+        heatmaps.to_heatmap_coords(landmarks, stride=stride), size=heatmap_size, sigma=sigma
+    )
 
 
-def _student_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array,
-                     rng: jax.Array):
+def _student_forward(
+    model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array, rng: jax.Array
+):
     # Parameters are cast to the images' dtype (float32 master weights; gradients flow back
     # through the cast in float32). BN statistics stay float32.
     (hm, taps), new_vars = model.apply(
-        {"params": cast_floating(params, images.dtype), "batch_stats": batch_stats}, images,
+        {"params": cast_floating(params, images.dtype), "batch_stats": batch_stats},
+        images,
         train=True,
-        mutable=["batch_stats"], rngs={"dropout": rng})
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
     return hm, taps, new_vars["batch_stats"]
 
 
-def apply_gradients(state: TrainState, grads: PyTree, new_batch_stats: PyTree,
-                     tx: optax.GradientTransformation) -> TrainState:
+def apply_gradients(
+    state: TrainState, grads: PyTree, new_batch_stats: PyTree, tx: optax.GradientTransformation
+) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=new_batch_stats, opt_state=opt_state)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=new_batch_stats,
+        opt_state=opt_state,
+    )
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation, sigma: float = 1.0,
-               compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    sigma: float = 1.0,
+    compute_dtype: str = "float32",
+) -> tuple[TrainState, Metrics]:
     """One Adam step on the heatmap MSE; returns the new state and {'loss', 'heatmap'}."""
     images = prepare_images(batch["image"]).astype(dtype_of(compute_dtype))
     landmarks = batch["landmarks"]
@@ -115,8 +143,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-        hm, _, new_bs = _student_forward(model, params["student"], state.batch_stats["student"],
-                                         images, rng)
+        hm, _, new_bs = _student_forward(
+            model, params["student"], state.batch_stats["student"], images, rng
+        )
         targets = render_targets(landmarks, images.shape[1], hm.shape[1], sigma)
         loss = losses.heatmap_mse(hm, targets)
         return loss, ({"student": new_bs}, {"loss": loss, "heatmap": loss})
@@ -125,12 +154,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return apply_gradients(state, grads, new_bs, tx), metrics
 
 
-def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[str, jax.Array],
-                 rng: jax.Array, *, model: nn.Module, adapters: nn.Module | None, teacher: nn.Module,
-                 tx: optax.GradientTransformation, sigma: float = 1.0, lam: float = 1e-4,
-                 fa_layers: Sequence[bool] = (True, True, True),
-                 fs_layers: Sequence[bool] = (True, True, True), fs_form: str = "gram",
-                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
+def distill_step(
+    state: TrainState,
+    teacher_variables: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    adapters: nn.Module | None,
+    teacher: nn.Module,
+    tx: optax.GradientTransformation,
+    sigma: float = 1.0,
+    lam: float = 1e-4,
+    fa_layers: Sequence[bool] = (True, True, True),
+    fs_layers: Sequence[bool] = (True, True, True),
+    fs_form: str = "gram",
+    compute_dtype: str = "float32",
+) -> tuple[TrainState, Metrics]:
     """One step of L = L_hm + lam * sum_r (FA_r + FS_r) against a frozen teacher.
 
     The teacher runs in inference mode (running BN statistics) and its outputs pass
@@ -146,22 +186,30 @@ def distill_step(state: TrainState, teacher_variables: PyTree, batch: Mapping[st
     teacher_taps = jax.lax.stop_gradient(tuple(teacher_taps))
 
     def loss_fn(params):
-        hm, taps, new_bs = _student_forward(model, params["student"], state.batch_stats["student"],
-                                            images, rng)
+        hm, taps, new_bs = _student_forward(
+            model, params["student"], state.batch_stats["student"], images, rng
+        )
         new_batch_stats = {"student": new_bs}
         adapted = None
         if adapters is not None:
             adapter_vars = {"params": cast_floating(params["adapters"], dtype)}
             if "adapters" in state.batch_stats:  # only the conv_bn_relu kind has BN
                 adapter_vars["batch_stats"] = state.batch_stats["adapters"]
-            adapted, new_adapter_vars = adapters.apply(adapter_vars, taps, train=True,
-                                                       mutable=["batch_stats"])
+            adapted, new_adapter_vars = adapters.apply(
+                adapter_vars, taps, train=True, mutable=["batch_stats"]
+            )
             if "adapters" in state.batch_stats:
                 new_batch_stats["adapters"] = new_adapter_vars["batch_stats"]
         targets = render_targets(landmarks, images.shape[1], hm.shape[1], sigma)
         hm_loss = losses.heatmap_mse(hm, targets)
-        terms = losses.distillation_terms(taps, adapted, teacher_taps, fa_layers=tuple(fa_layers),
-                                          fs_layers=tuple(fs_layers), fs_form=fs_form)
+        terms = losses.distillation_terms(
+            taps,
+            adapted,
+            teacher_taps,
+            fa_layers=tuple(fa_layers),
+            fs_layers=tuple(fs_layers),
+            fs_form=fs_form,
+        )
         loss = losses.total_loss(hm_loss, terms, lam)
         return loss, (new_batch_stats, {"loss": loss, "heatmap": hm_loss, **terms})
 

@@ -53,14 +53,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{args.size}x{args.size} input, {args.num_landmarks} landmarks; FLOPs count a "
-          "multiply-add as 2 (MACs = FLOPs / 2)")
+    print(
+        f"{args.size}x{args.size} input, {args.num_landmarks} landmarks; FLOPs count a "
+        "multiply-add as 2 (MACs = FLOPs / 2)"
+    )
     print(f"{'model':<22}{'params (M)':>11}{'paper':>8}{'GFLOPs':>9}{'GMACs':>8}{'paper':>8}")
     for r in rows:
         p = PAPER[r["name"]]
         paper_flops = f"{p['flops'] / 1e9:.2f}" if p["flops"] else "-"
-        print(f"{p['label']:<22}{r['params'] / 1e6:>11.2f}{p['params'] / 1e6:>8.2f}"
-              f"{r['flops'] / 1e9:>9.2f}{r['flops'] / 2e9:>8.2f}{paper_flops:>8}")
+        print(
+            f"{p['label']:<22}{r['params'] / 1e6:>11.2f}{p['params'] / 1e6:>8.2f}"
+            f"{r['flops'] / 1e9:>9.2f}{r['flops'] / 2e9:>8.2f}{paper_flops:>8}"
+        )
 
 
 if __name__ == "__main__":

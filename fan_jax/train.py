@@ -42,8 +42,17 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fan_jax import (checkpoints, compiler, data, evaluate, input_pipeline, steps, tasks, validate,
-                     workdir_lock)
+from fan_jax import (
+    checkpoints,
+    compiler,
+    data,
+    evaluate,
+    input_pipeline,
+    steps,
+    tasks,
+    validate,
+    workdir_lock,
+)
 from fan_jax.errors import CheckpointMismatchError, CheckpointSaveError, NonFiniteLossError
 
 PyTree = Any
@@ -190,7 +199,8 @@ def _save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
         raise CheckpointSaveError(
             f"could not write a checkpoint to {mngr.directory}: {cause}. The last good "
             f"checkpoint ({'step ' + str(max(good)) if good else 'none'}) is intact; free space "
-            f"or fix the directory, then run the same command again to resume.") from None
+            f"or fix the directory, then run the same command again to resume."
+        ) from None
 
 
 def _os_error_text(error: BaseException) -> str:
@@ -198,8 +208,14 @@ def _os_error_text(error: BaseException) -> str:
     import errno as errno_mod
 
     text = str(error)
-    for code in (errno_mod.ENOSPC, errno_mod.EDQUOT, errno_mod.EFBIG, errno_mod.EROFS,
-                 errno_mod.EACCES, errno_mod.EIO):
+    for code in (
+        errno_mod.ENOSPC,
+        errno_mod.EDQUOT,
+        errno_mod.EFBIG,
+        errno_mod.EROFS,
+        errno_mod.EACCES,
+        errno_mod.EIO,
+    ):
         words = os.strerror(code)
         if words in text:
             return words
@@ -233,9 +249,13 @@ def _opt_item(state: steps.TrainState) -> dict:
     return {"step": state.step, "opt_state": state.opt_state}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       sources: Mapping[str, Source] | None = None,
-                       evaluate_at_end: bool = True) -> TrainResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    sources: Mapping[str, Source] | None = None,
+    evaluate_at_end: bool = True,
+) -> TrainResult:
     """Trains the config's task (resuming from `workdir` when it has checkpoints), then
     evaluates the test splits.
 
@@ -252,9 +272,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return _train_locked(config, workdir, sources, evaluate_at_end, preemption, mesh)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str,
-                  sources: Mapping[str, Source] | None, evaluate_at_end: bool,
-                  preemption: _Preemption, mesh: Mesh) -> TrainResult:
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    sources: Mapping[str, Source] | None,
+    evaluate_at_end: bool,
+    preemption: _Preemption,
+    mesh: Mesh,
+) -> TrainResult:
     t = config.train
     n_dev = mesh.devices.size
     changes = checkpoints.check_rerun(config, workdir)
@@ -275,17 +300,27 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     params, batch_stats = task.init(init_rng)
     state = jax.jit(functools.partial(steps.create_train_state, tx=task.tx), out_shardings=repl)(
-        params, batch_stats)
+        params, batch_stats
+    )
     train_iter = input_pipeline.train_iterator(
-        train_source, num_landmarks, seed=config.seed, global_batch_size=t.batch_size,
-        augment=augment_settings(config), num_workers=config.dataset.num_workers)
+        train_source,
+        num_landmarks,
+        seed=config.seed,
+        global_batch_size=t.batch_size,
+        augment=augment_settings(config),
+        num_workers=config.dataset.num_workers,
+    )
     mngr = checkpoints.manager(checkpoints.checkpoint_dir(workdir), keep=t.keep_checkpoints)
     state, train_iter = checkpoints.resume(mngr, state, train_iter, repl)
     checkpoints.commit_record(config, workdir, changes)  # the model is built and fits
 
-    jitted = jax.jit(task.step, in_shardings=(repl, repl, data_sharding, repl),
-                     out_shardings=(repl, repl), donate_argnums=(0,),
-                     compiler_options=compiler.compiler_options("train"))
+    jitted = jax.jit(
+        task.step,
+        in_shardings=(repl, repl, data_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+        compiler_options=compiler.compiler_options("train"),
+    )
     frozen = task.frozen
 
     val_source = sources.get(config.dataset.val_split)
@@ -301,9 +336,18 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
     preempted = False
     t_start = t_log = time.perf_counter()
     step_log = step
-    logging.info("Training %s (%s) on %s: %d steps (%d per epoch), global batch %d on %d "
-                 "device(s), %d host(s)", task.label, config.model.name, config.dataset.name,
-                 num_steps, epoch_steps, t.batch_size, n_dev, jax.process_count())
+    logging.info(
+        "Training %s (%s) on %s: %d steps (%d per epoch), global batch %d on %d "
+        "device(s), %d host(s)",
+        task.label,
+        config.model.name,
+        config.dataset.name,
+        num_steps,
+        epoch_steps,
+        t.batch_size,
+        n_dev,
+        jax.process_count(),
+    )
 
     def flush() -> None:
         """Fetches pending metrics: raises on NaN/Inf, else logs their mean."""
@@ -320,7 +364,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
                 raise NonFiniteLossError(
                     f"non-finite loss at step {s}: {bad}. Stopped; the last good checkpoint "
                     f"({'step ' + str(good) if good is not None else 'none'}) in "
-                    f"{mngr.directory} is intact.")
+                    f"{mngr.directory} is intact."
+                )
         now = time.perf_counter()
         rate = {}
         if step > step_log:
@@ -333,20 +378,34 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
         lr = float(task.schedule(step))
         terms = " ".join(f"{k} {v:.3g}" for k, v in means.items() if k != "loss")
         if jax.process_index() == 0:
-            logging.info("step %d/%d | loss %.5g (%s) | lr %.2g | %s", step, num_steps,
-                         means["loss"], terms, lr, speed)
-        writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()},
-                              "train/learning_rate": lr, **rate})
+            logging.info(
+                "step %d/%d | loss %.5g (%s) | lr %.2g | %s",
+                step,
+                num_steps,
+                means["loss"],
+                terms,
+                lr,
+                speed,
+            )
+        writer.scalars(
+            step, {**{f"train/{k}": v for k, v in means.items()}, "train/learning_rate": lr, **rate}
+        )
         t_log, step_log = now, step
 
     def save(metrics: dict | None) -> None:
         if step in mngr.all_steps():
             return
         with _save_errors(mngr, step):
-            mngr.save(step, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(_model_item(state)),
-                opt=ocp.args.StandardSave(_opt_item(state)),
-                data=grain.checkpoint.CheckpointSave(train_iter)), metrics=metrics, force=True)
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(_model_item(state)),
+                    opt=ocp.args.StandardSave(_opt_item(state)),
+                    data=grain.checkpoint.CheckpointSave(train_iter),
+                ),
+                metrics=metrics,
+                force=True,
+            )
 
     try:
         while step < num_steps:
@@ -360,16 +419,19 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
             local = {"image": batch["image"], "landmarks": batch["landmarks"]}
             if step + 1 == t.nan_at_step:
                 local["landmarks"] = np.full_like(local["landmarks"], np.nan)
-            global_batch = {k: jax.make_array_from_process_local_data(data_sharding, v)
-                            for k, v in local.items()}
+            global_batch = {
+                k: jax.make_array_from_process_local_data(data_sharding, v)
+                for k, v in local.items()
+            }
             state, metrics = jitted(state, frozen, global_batch, step_rng)
             step += 1
             if step == start_step + 1:
                 # Keep compilation out of the steps/s and ETA figures.
                 jax.block_until_ready(metrics)
                 if jax.process_index() == 0:
-                    logging.info("first step (with compilation) took %.1fs",
-                                 time.perf_counter() - t_log)
+                    logging.info(
+                        "first step (with compilation) took %.1fs", time.perf_counter() - t_log
+                    )
                 t_log, step_log = time.perf_counter(), step
             pending.append((step, metrics))
             is_last = step == num_steps
@@ -381,14 +443,19 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
             if do_eval:
                 t_eval = time.perf_counter()
                 last_val = evaluate.validation_nme(
-                    config, evaluator, checkpoints.student_variables(state), val_source)
+                    config, evaluator, checkpoints.student_variables(state), val_source
+                )
                 t_log += time.perf_counter() - t_eval  # keep validation out of steps/s
                 val_metrics = {"val_nme": last_val}
                 writer.scalars(step, {f"val/nme_{config.dataset.val_split}": last_val})
                 if jax.process_index() == 0:
-                    logging.info("step %d | val NME (%s, %s) %.3f%%", step,
-                                 config.dataset.val_split, config.eval.normalizer,
-                                 100 * last_val)
+                    logging.info(
+                        "step %d | val NME (%s, %s) %.3f%%",
+                        step,
+                        config.dataset.val_split,
+                        config.eval.normalizer,
+                        100 * last_val,
+                    )
             if do_ckpt:
                 save(val_metrics)
         else:
@@ -415,26 +482,46 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str,
         variables = checkpoints.student_variables(state)
         if config.eval.checkpoint != "latest":
             restored, which = checkpoints.restore_model(
-                workdir, config.eval.checkpoint, expected=_model_item(state), sharding=repl)
+                workdir, config.eval.checkpoint, expected=_model_item(state), sharding=repl
+            )
             logging.info("Evaluating the %s checkpoint (step %d)", config.eval.checkpoint, which)
             variables = checkpoints.student_variables(restored)
-        results = _evaluate(config, workdir, task.kind, task.model, variables, task.label,
-                            None if data.is_tfds(sources) else sources)
-    return TrainResult(state=state, step=step, preempted=preempted, val_nme=last_val,
-                       eval_results=results)
+        results = _evaluate(
+            config,
+            workdir,
+            task.kind,
+            task.model,
+            variables,
+            task.label,
+            None if data.is_tfds(sources) else sources,
+        )
+    return TrainResult(
+        state=state, step=step, preempted=preempted, val_nme=last_val, eval_results=results
+    )
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str, kind: str, model: Any,
-              variables: PyTree, label: str, sources: Mapping[str, Source] | None) -> dict:
+def _evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    kind: str,
+    model: Any,
+    variables: PyTree,
+    label: str,
+    sources: Mapping[str, Source] | None,
+) -> dict:
     """Every test split (of the TFDS dataset, or of the in-memory `sources`)."""
     if sources is None:
         sources = data.sources(config, data.test_splits(config))
     return evaluate.evaluate(config, workdir, kind, model, variables, sources, label)
 
 
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
-                     sources: Mapping[str, Source] | None = None,
-                     overrides: Mapping[str, Any] | None = None) -> dict:
+def evaluate_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    sources: Mapping[str, Source] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
     """Eval mode: restores `config.eval.checkpoint` of `workdir` and scores the test splits.
 
     The model and data settings come from the workdir's record, not from `config`; an entry
@@ -446,13 +533,22 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
         # Eval reads the data the run trained on; building it would write outside the workdir.
         data.require_built(config)
     with workdir_lock.hold(workdir, "evaluation", create=False):
-        loaded = checkpoints.load_model(workdir, config.eval.checkpoint,
-                                        default_record=config.to_dict())
+        loaded = checkpoints.load_model(
+            workdir, config.eval.checkpoint, default_record=config.to_dict()
+        )
         want = data.num_landmarks(config, sources)
         if loaded.num_landmarks != want:
             raise CheckpointMismatchError(
                 f"{workdir}: the checkpoint predicts {loaded.num_landmarks} landmarks, "
-                f"{config.dataset.name} has {want}")
+                f"{config.dataset.name} has {want}"
+            )
         logging.info("Evaluating %s, step %d", workdir, loaded.step)
-        return _evaluate(config, workdir, loaded.kind, loaded.model, loaded.variables,
-                         tasks.label(config), sources)
+        return _evaluate(
+            config,
+            workdir,
+            loaded.kind,
+            loaded.model,
+            loaded.variables,
+            tasks.label(config),
+            sources,
+        )

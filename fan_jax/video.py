@@ -59,8 +59,10 @@ class OneEuroFilter:
 
     def __init__(self, min_cutoff: float = 1.0, beta: float = 0.05, d_cutoff: float = 1.0):
         if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
-            raise ValueError(f"One-Euro needs min_cutoff > 0, d_cutoff > 0, beta >= 0; got "
-                             f"{min_cutoff}, {d_cutoff}, {beta}")
+            raise ValueError(
+                f"One-Euro needs min_cutoff > 0, d_cutoff > 0, beta >= 0; got "
+                f"{min_cutoff}, {d_cutoff}, {beta}"
+            )
         self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
         self.reset()
 
@@ -105,9 +107,13 @@ class TrackedFace:
         return float(np.mean(self.scores)) if len(self.scores) else 0.0
 
     def to_json(self) -> dict:
-        return {"id": self.id, "box": [round(float(v), 2) for v in self.box],
-                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
-                "scores": [round(float(s), 4) for s in self.scores], "detected": self.detected}
+        return {
+            "id": self.id,
+            "box": [round(float(v), 2) for v in self.box],
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+            "scores": [round(float(s), 4) for s in self.scores],
+            "detected": self.detected,
+        }
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,10 +131,20 @@ class FaceTracker:
     default is the tight landmark box, the training crop of the 300W / COFW configs.
     """
 
-    def __init__(self, predictor: Any, *, detect_every: int = 10, min_score: float = 0.2,
-                 max_faces: int = 8, match_iou: float = 0.3, smoothing: bool = True,
-                 min_cutoff: float = 1.0, beta: float = 0.05, d_cutoff: float = 1.0,
-                 box_from_landmarks: Callable[[np.ndarray], np.ndarray] | None = None):
+    def __init__(
+        self,
+        predictor: Any,
+        *,
+        detect_every: int = 10,
+        min_score: float = 0.2,
+        max_faces: int = 8,
+        match_iou: float = 0.3,
+        smoothing: bool = True,
+        min_cutoff: float = 1.0,
+        beta: float = 0.05,
+        d_cutoff: float = 1.0,
+        box_from_landmarks: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
         self.predictor = predictor
         self.detect_every = max(1, int(detect_every))
         self.min_score, self.max_faces, self.match_iou = float(min_score), int(max_faces), match_iou
@@ -143,8 +159,12 @@ class FaceTracker:
     def _new_track(self, box: np.ndarray) -> int:
         tid = self._next_id
         self._next_id += 1
-        self._tracks[tid] = {"box": np.asarray(box, np.float32), "detected_box": np.asarray(
-            box, np.float32), "filter": OneEuroFilter(**self._filter_args), "score": 1.0}
+        self._tracks[tid] = {
+            "box": np.asarray(box, np.float32),
+            "detected_box": np.asarray(box, np.float32),
+            "filter": OneEuroFilter(**self._filter_args),
+            "score": 1.0,
+        }
         return tid
 
     def _detect(self, frame: np.ndarray) -> None:
@@ -194,9 +214,16 @@ class FaceTracker:
         for tid, lm, sc in zip(ids, image_pts, scores):
             tr = self._tracks[tid]
             smoothed = tr["filter"](lm, t) if self.smoothing else lm
-            out.append(TrackedFace(id=tid, box=tr["box"].copy(), landmarks=smoothed.astype(np.float32),
-                                   raw_landmarks=lm.astype(np.float32), scores=np.asarray(sc),
-                                   detected=detected))
+            out.append(
+                TrackedFace(
+                    id=tid,
+                    box=tr["box"].copy(),
+                    landmarks=smoothed.astype(np.float32),
+                    raw_landmarks=lm.astype(np.float32),
+                    scores=np.asarray(sc),
+                    detected=detected,
+                )
+            )
             tr["score"] = float(np.mean(sc))
             # The next crop follows the raw landmarks: smoothing is for output, not for
             # where to look.
@@ -214,9 +241,14 @@ def open_capture(source: str | int) -> tuple[cv2.VideoCapture, float, int]:
         raise VideoError(f"{what}: no such file")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise VideoError(f"{what}: cannot be opened" + (
-            " (is a camera attached, and free?)" if isinstance(source, int) else
-            " (not a video, or a codec OpenCV lacks)"))
+        raise VideoError(
+            f"{what}: cannot be opened"
+            + (
+                " (is a camera attached, and free?)"
+                if isinstance(source, int)
+                else " (not a video, or a codec OpenCV lacks)"
+            )
+        )
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not isinstance(source, int) else 0
     return cap, (fps if fps > 0 else 30.0), max(count, 0)
@@ -229,8 +261,10 @@ def open_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWrit
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*_FOURCC[ext]), fps, (width, height))
     if not writer.isOpened():
-        raise VideoError(f"{path}: OpenCV has no {_FOURCC[ext]} encoder for {ext} here; try "
-                         f"--draw with another extension (.avi uses MJPG)")
+        raise VideoError(
+            f"{path}: OpenCV has no {_FOURCC[ext]} encoder for {ext} here; try "
+            f"--draw with another extension (.avi uses MJPG)"
+        )
     return writer
 
 
@@ -251,9 +285,15 @@ def _progress(i: int, total: int, t0: float, stream: TextIO) -> None:
     stream.flush()
 
 
-def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
-        jsonl: TextIO | str | None = None, max_frames: int | None = None,
-        progress: TextIO | None | str = "stderr") -> dict:
+def run(
+    tracker: FaceTracker,
+    source: str | int,
+    *,
+    draw: str | None = None,
+    jsonl: TextIO | str | None = None,
+    max_frames: int | None = None,
+    progress: TextIO | str | None = "stderr",
+) -> dict:
     """Tracks faces through a video file or camera; writes the annotated video (`draw`) and
     one JSON line per frame (`jsonl`: a stream, or a path). Returns a summary.
 
@@ -277,8 +317,7 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
                 break
             if n == 0:
                 if draw:
-                    writer = open_writer(outputs.prepare(draw), fps, frame.shape[1],
-                                         frame.shape[0])
+                    writer = open_writer(outputs.prepare(draw), fps, frame.shape[1], frame.shape[0])
                 if jsonl_path is not None:
                     stream = open(outputs.prepare(jsonl_path), "w")  # noqa: SIM115 (closed below)
             t = n / fps
@@ -286,12 +325,15 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
             faces_seen += len(faces)
             ids.update(f.id for f in faces)
             if stream is not None:
-                stream.write(json.dumps({"frame": n, "time_s": round(t, 4),
-                                         "faces": [f.to_json() for f in faces]}) + "\n")
+                stream.write(
+                    json.dumps(
+                        {"frame": n, "time_s": round(t, 4), "faces": [f.to_json() for f in faces]}
+                    )
+                    + "\n"
+                )
                 stream.flush()
             if writer is not None:
-                shown = [Face(box=f.box, landmarks=f.landmarks, scores=f.scores)
-                         for f in faces]
+                shown = [Face(box=f.box, landmarks=f.landmarks, scores=f.scores) for f in faces]
                 writer.write(cv2.cvtColor(draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
             n += 1
             if progress is not None and (n % 10 == 0 or n == total):
@@ -315,10 +357,18 @@ def run(tracker: FaceTracker, source: str | int, *, draw: str | None = None,
         progress.write("\n")
     if n == 0:
         raise VideoError(f"{what}: no frame could be read (empty, truncated or not a video)")
-    summary = {"frames": n, "expected_frames": total or None, "faces": faces_seen,
-               "track_ids": sorted(ids), "detector_calls": tracker.detections,
-               "seconds": round(elapsed, 3), "frames_per_s": round(n / max(elapsed, 1e-9), 2)}
+    summary = {
+        "frames": n,
+        "expected_frames": total or None,
+        "faces": faces_seen,
+        "track_ids": sorted(ids),
+        "detector_calls": tracker.detections,
+        "seconds": round(elapsed, 3),
+        "frames_per_s": round(n / max(elapsed, 1e-9), 2),
+    }
     if total and n < total and max_frames is None:
-        summary["warning"] = (f"{what}: the stream ended after {n} of {total} frames "
-                              "(truncated file?); the output covers the frames read")
+        summary["warning"] = (
+            f"{what}: the stream ended after {n} of {total} frames "
+            "(truncated file?); the output covers the frames read"
+        )
     return summary

@@ -39,8 +39,10 @@ def _holder(path: str) -> str:
     try:
         with open(path) as f:
             info = json.load(f)
-        return (f"pid {info.get('pid')} on host {info.get('host')}, {info.get('what', 'a run')} "
-                f"since {info.get('since')}")
+        return (
+            f"pid {info.get('pid')} on host {info.get('host')}, {info.get('what', 'a run')} "
+            f"since {info.get('since')}"
+        )
     except (OSError, ValueError):
         return "a process whose details could not be read"
 
@@ -52,8 +54,11 @@ def hold(workdir: str, what: str = "training", create: bool = True) -> Iterator[
     import jax
 
     if "://" in workdir:
-        logging.warning("%s is not on a local filesystem: it cannot be locked, so nothing stops "
-                        "a second run from writing into it at the same time.", workdir)
+        logging.warning(
+            "%s is not on a local filesystem: it cannot be locked, so nothing stops "
+            "a second run from writing into it at the same time.",
+            workdir,
+        )
         yield
         return
     if jax.process_index() != 0 or not (create or os.path.isdir(workdir)):
@@ -78,7 +83,8 @@ def hold(workdir: str, what: str = "training", create: bool = True) -> Iterator[
         except BlockingIOError:
             raise WorkdirLockedError(
                 f"{workdir} is in use by another run ({_holder(info)}). Wait for it to finish, "
-                f"or use another --workdir. Nothing was read or written.") from None
+                f"or use another --workdir. Nothing was read or written."
+            ) from None
         _write_holder(info, what)
         _HELD[key] = 1
         try:
@@ -94,8 +100,15 @@ def hold(workdir: str, what: str = "training", create: bool = True) -> Iterator[
 def _write_holder(path: str, what: str) -> None:
     try:
         with open(path + ".tmp", "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
-                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "what": what,
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+                f,
+            )
         os.replace(path + ".tmp", path)
     except OSError as e:  # a read-only workdir: still locked, only unnamed
         logging.warning("could not write %s (%s); the lock is held all the same", path, e)

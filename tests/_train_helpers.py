@@ -44,9 +44,11 @@ def tiny_fan(num_landmarks: int, decoder_channels: int = 8):
     from fan_jax.models import fan
     from fan_jax.models.decoder import DeconvDecoder, HeatmapHead
 
-    return fan.FAN(encoder=tiny_encoder_cls()(),
-                   decoder=DeconvDecoder(decoder_channels, kernel_size=2, num_layers=3),
-                   head=HeatmapHead(num_landmarks))
+    return fan.FAN(
+        encoder=tiny_encoder_cls()(),
+        decoder=DeconvDecoder(decoder_channels, kernel_size=2, num_layers=3),
+        head=HeatmapHead(num_landmarks),
+    )
 
 
 def register_tiny_models() -> None:
@@ -63,8 +65,9 @@ def tiny_regressor(num_landmarks: int, dropout_rate: float = 0.1):
     """The tiny encoder with the real regression head (KD-Loss roles)."""
     from fan_jax.models import regression
 
-    return regression.LandmarkRegressor(tiny_encoder_cls()(features=(8, 16)),
-                                        regression.RegressionHead(num_landmarks, dropout_rate))
+    return regression.LandmarkRegressor(
+        tiny_encoder_cls()(features=(8, 16)), regression.RegressionHead(num_landmarks, dropout_rate)
+    )
 
 
 def register_tiny_regressor() -> None:
@@ -80,22 +83,32 @@ def fake_source(n: int, num_landmarks: int = 68, size: int = 80, seed: int = 0) 
     out = []
     for i in range(n):
         lm = rng.uniform(0.25 * size, 0.75 * size, (num_landmarks, 2)).astype(np.float32)
-        out.append({
-            "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "landmarks": lm,
-            "box": np.array([lm[:, 0].min(), lm[:, 1].min(), lm[:, 0].max(), lm[:, 1].max()],
-                            np.float32),
-            "to_original": np.array([[1, 0, 0], [0, 1, 0]], np.float32),
-            "original_landmarks": lm.copy(),
-            "file_name": f"img_{i:04d}.png",
-        })
+        out.append(
+            {
+                "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                "landmarks": lm,
+                "box": np.array(
+                    [lm[:, 0].min(), lm[:, 1].min(), lm[:, 0].max(), lm[:, 1].max()], np.float32
+                ),
+                "to_original": np.array([[1, 0, 0], [0, 1, 0]], np.float32),
+                "original_landmarks": lm.copy(),
+                "file_name": f"img_{i:04d}.png",
+            }
+        )
     return out
 
 
-def fake_sources(num_train: int = 16, num_test: int = 4, num_landmarks: int = 68,
-                 seed: int = 0, test_split: str = "full") -> dict[str, list[dict]]:
-    return {"train": fake_source(num_train, num_landmarks, seed=seed),
-            test_split: fake_source(num_test, num_landmarks, seed=seed + 1000)}
+def fake_sources(
+    num_train: int = 16,
+    num_test: int = 4,
+    num_landmarks: int = 68,
+    seed: int = 0,
+    test_split: str = "full",
+) -> dict[str, list[dict]]:
+    return {
+        "train": fake_source(num_train, num_landmarks, seed=seed),
+        test_split: fake_source(num_test, num_landmarks, seed=seed + 1000),
+    }
 
 
 class SigtermOnRead:
@@ -127,8 +140,11 @@ def load_config(name: str):
 
 
 def config_names() -> list[str]:
-    return sorted(f[:-3] for f in os.listdir(os.path.join(REPO_ROOT, "configs"))
-                  if f.endswith(".py") and not f.startswith("_"))
+    return sorted(
+        f[:-3]
+        for f in os.listdir(os.path.join(REPO_ROOT, "configs"))
+        if f.endswith(".py") and not f.startswith("_")
+    )
 
 
 def tiny_config(name: str = "300w_mobilefan", **overrides):
@@ -176,15 +192,21 @@ def main(argv: list[str]) -> None:
         jax.config.update(k, v)
     dist = spec.get("distributed")
     if dist:
-        jax.distributed.initialize(f"localhost:{dist['port']}", num_processes=dist["num_processes"],
-                                   process_id=dist["process_id"])
+        jax.distributed.initialize(
+            f"localhost:{dist['port']}",
+            num_processes=dist["num_processes"],
+            process_id=dist["process_id"],
+        )
     from fan_jax import train
 
     register_tiny_models()
     config = tiny_config(spec["config"], **spec.get("overrides", {}))
-    result = train.train_and_evaluate(config, spec["workdir"],
-                                      sources=fake_sources(**spec.get("sources", {})),
-                                      evaluate_at_end=spec.get("evaluate", False))
+    result = train.train_and_evaluate(
+        config,
+        spec["workdir"],
+        sources=fake_sources(**spec.get("sources", {})),
+        evaluate_at_end=spec.get("evaluate", False),
+    )
     if spec.get("out"):
         np.savez(spec["out"], step=result.step, **params_npz(result.state))
     print(f"RESULT step={result.step} preempted={result.preempted}", flush=True)

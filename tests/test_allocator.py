@@ -16,15 +16,25 @@ from fan_jax import allocator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not allocator.applies(), reason="glibc malloc settings only")
 
+
 def test_reexec_sets_the_tunables_once_and_opts_out():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
-    code = ("import os; from fan_jax import allocator; allocator.reexec_tuned(); allocator.reexec_tuned();"
-            "print(os.environ.get('GLIBC_TUNABLES'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=120).stdout.strip()
+    code = (
+        "import os; from fan_jax import allocator; allocator.reexec_tuned(); allocator.reexec_tuned();"
+        "print(os.environ.get('GLIBC_TUNABLES'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    ).stdout.strip()
     assert out == allocator.TUNABLES  # set once, not appended again by the second call
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                         env={**env, allocator.OPT_OUT: "default"}).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**env, allocator.OPT_OUT: "default"},
+    ).stdout.strip()
     assert out == "None"
 
 
@@ -43,11 +53,17 @@ def test_cli_runs_under_the_tunables(tmp_path):
     config.write_text(
         "import json, os\n"
         f"json.dump({{'pid': os.getpid(), 'tunables': os.environ.get('GLIBC_TUNABLES')}}, open({str(seen)!r}, 'w'))\n"
-        "raise SystemExit(0)\n")
+        "raise SystemExit(0)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
-    proc = subprocess.Popen([sys.executable, "-m", "fan_jax.main", f"--config={config}",
-                             f"--workdir={tmp_path / 'w'}"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fan_jax.main", f"--config={config}", f"--workdir={tmp_path / 'w'}"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     got = json.loads(seen.read_text())

@@ -56,9 +56,11 @@ def test_coefficients_are_clipped():
     b = model.coefficients(far)
     assert b[0] == pytest.approx(model.limits[0])
     np.testing.assert_allclose(b[1:], 0, atol=1e-12)
-    np.testing.assert_allclose(model.project(far),
-                               model.reconstruct(np.eye(model.num_modes)[0] * model.limits[0]),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        model.project(far),
+        model.reconstruct(np.eye(model.num_modes)[0] * model.limits[0]),
+        atol=1e-12,
+    )
     assert np.all(np.abs(model.coefficients(far * -3)) <= model.limits + 1e-12)
     np.testing.assert_allclose(model.limits, 3 * np.sqrt(model.eigenvalues))
 
@@ -84,10 +86,11 @@ def test_matches_naive_pca():
     model = asm.fit(shapes, 100)
     x = shapes.reshape(50, -1)
     u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    np.testing.assert_allclose(model.eigenvalues, (s ** 2 / 49)[:model.num_modes], rtol=1e-9)
+    np.testing.assert_allclose(model.eigenvalues, (s**2 / 49)[: model.num_modes], rtol=1e-9)
     # Same subspaces mode by mode (up to sign).
-    np.testing.assert_allclose(np.abs(np.sum(model.components * vt[:model.num_modes], 1)), 1,
-                               atol=1e-8)
+    np.testing.assert_allclose(
+        np.abs(np.sum(model.components * vt[: model.num_modes], 1)), 1, atol=1e-8
+    )
 
 
 def test_deterministic():

@@ -12,13 +12,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import run as bench  # noqa: E402
-from benchmarks.sections import accelerator  # noqa: E402
-from benchmarks.sections import export  # noqa: E402
-from benchmarks import harness  # noqa: E402
-from benchmarks import jax_runners  # noqa: E402
-from benchmarks import torch_runners  # noqa: E402
-from benchmarks import xla_flags  # noqa: E402
+from benchmarks import (
+    harness,
+    jax_runners,
+    torch_runners,
+    xla_flags,
+)
+from benchmarks import run as bench
+from benchmarks.sections import (
+    accelerator,
+    export,
+)
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -57,7 +61,9 @@ def test_ratio_handles_missing():
 
 
 def test_format_table_aligns_columns():
-    table = bench.format_table([("x", "1", "2", "0.5x", "1% / 2%"), ("longer metric", "10", "-", "-", "")])
+    table = bench.format_table(
+        [("x", "1", "2", "0.5x", "1% / 2%"), ("longer metric", "10", "-", "-", "")]
+    )
     lines = table.splitlines()
     assert len(lines) == 4
     assert lines[0].startswith("metric") and set(lines[1]) <= {"-", " "}
@@ -71,7 +77,11 @@ def test_registry_hoists_summary_and_drops_rows(monkeypatch):
     @harness.section("dummy")
     def dummy(cfg):
         """A test section."""
-        return {"value": cfg.repeats, "summary": {"dummy_speedup": 2.0}, "rows": [("m", "1", "2", "3", "")]}
+        return {
+            "value": cfg.repeats,
+            "summary": {"dummy_speedup": 2.0},
+            "rows": [("m", "1", "2", "3", "")],
+        }
 
     @harness.section("off", default=False)
     def off(cfg):
@@ -82,7 +92,9 @@ def test_registry_hoists_summary_and_drops_rows(monkeypatch):
     report, rows = bench.run_sections(harness.Config(repeats=7), log=lambda s: None)
     assert report["dummy_speedup"] == 2.0
     assert report["sections"]["dummy"]["value"] == 7
-    assert "rows" not in report["sections"]["dummy"] and "summary" not in report["sections"]["dummy"]
+    assert (
+        "rows" not in report["sections"]["dummy"] and "summary" not in report["sections"]["dummy"]
+    )
     assert rows == [("m", "1", "2", "3", "")]
     json.dumps(report)
     with pytest.raises(ValueError, match="unknown sections"):
@@ -126,7 +138,9 @@ def test_quick_fs_loss_section(tmp_path):
 def test_quick_inference_with_and_without_torch(monkeypatch, tmp_path):
     with monkeypatch.context() as m:
         m.setattr(harness, "load_torch", lambda: None)
-        report = bench.main(["--quick", "--sections", "inference", "--json", str(tmp_path / "a.json")])
+        report = bench.main(
+            ["--quick", "--sections", "inference", "--json", str(tmp_path / "a.json")]
+        )
     assert report["inference_speedup_vs_torch"] is None
     section = report["sections"]["inference"]
     assert "skipped" in section["torch"]
@@ -219,9 +233,11 @@ def test_torch_runners_cover_every_thread_setting_in_one_format():
     assert set(runners) == set(cands) and 1 in cands
     assert info["torch_memory_format"] in ("contiguous", "channels_last")
     assert set(info["torch_format_probe_s"]) == {"contiguous", "channels_last"}
-    assert all(f == info["torch_memory_format"] for f, _ in made[-len(cands):])
+    assert all(f == info["torch_memory_format"] for f, _ in made[-len(cands) :])
     assert torch_runners.torch_thread_candidates(harness.Config(torch_threads=4)) == (4,)
-    assert torch_runners.best_torch({1: {"per_s": 5.0}, 2: {"per_s": 7.0}}, lambda s: s["per_s"]) == 2
+    assert (
+        torch_runners.best_torch({1: {"per_s": 5.0}, 2: {"per_s": 7.0}}, lambda s: s["per_s"]) == 2
+    )
 
 
 def test_quick_inference_reports_torch_at_both_thread_settings():
@@ -238,7 +254,7 @@ def test_quick_inference_reports_torch_at_both_thread_settings():
     # Fractions of the matmul peak measured by the machine section.
     assert report["machine"]["matmul_peak_xla"]["flops_per_s"] > 0
     assert 0 < sec["fan_jax"]["fraction_of_matmul_peak"] < 1.5
-    assert 0 < report["inference_fraction_of_matmul_peak"]
+    assert report["inference_fraction_of_matmul_peak"] > 0
 
 
 def _check_accelerator_report(report, dtypes):
@@ -246,12 +262,15 @@ def _check_accelerator_report(report, dtypes):
     assert set(accel["train"]) == set(dtypes) == set(accel["matmul_peak"])
     for d in dtypes:
         assert set(accel["train"][d]) == {"2"} and set(accel["inference"][d]) == {"1"}
-        assert all(s["per_s"] > 0 and np.isfinite(s.get("final_loss", 0.0))
-                   for s in [*accel["train"][d].values(), *accel["inference"][d].values()])
+        assert all(
+            s["per_s"] > 0 and np.isfinite(s.get("final_loss", 0.0))
+            for s in [*accel["train"][d].values(), *accel["inference"][d].values()]
+        )
         assert accel["distill"][d]["per_s"] > 0 and np.isfinite(accel["distill"][d]["final_loss"])
         assert accel["matmul_peak"][d]["flops_per_s"] > 0
-    assert set(accel["layer_forms"]) and all(r["faster"] in ("matmul", "lax")
-                                             for r in accel["layer_forms"].values())
+    assert set(accel["layer_forms"]) and all(
+        r["faster"] in ("matmul", "lax") for r in accel["layer_forms"].values()
+    )
     assert accel["train_step_forms"]["faster"] in ("matmul", "lax")
     assert report["accelerator_faster_conv_form"] == accel["train_step_forms"]["faster"]
     return accel
@@ -261,9 +280,14 @@ def test_quick_accelerator_section_on_cpu(monkeypatch, tmp_path):
     """The accelerator section, named, runs on the CPU in --quick mode, float32 only: the bf16
     steps are CI-tested in test_mixed_precision, and each bf16 compile costs ~30 s here."""
     quick = harness.Config.quick_config
-    monkeypatch.setattr(harness.Config, "quick_config",
-                        classmethod(lambda cls, **o: quick(**{"accel_dtypes": ("float32",), **o})))
-    report = bench.main(["--quick", "--sections", "accelerator", "--json", str(tmp_path / "a.json")])
+    monkeypatch.setattr(
+        harness.Config,
+        "quick_config",
+        classmethod(lambda cls, **o: quick(**{"accel_dtypes": ("float32",), **o})),
+    )
+    report = bench.main(
+        ["--quick", "--sections", "accelerator", "--json", str(tmp_path / "a.json")]
+    )
     _check_accelerator_report(report, ("float32",))
     assert "accelerator_train_images_per_s_float32" in report
 
@@ -271,10 +295,15 @@ def test_quick_accelerator_section_on_cpu(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_quick_accelerator_section_on_cpu_both_dtypes(tmp_path):
     """As CI's, in both dtypes: bf16 and float32 train the same first steps to nearby losses."""
-    report = bench.main(["--quick", "--sections", "accelerator", "--json", str(tmp_path / "a.json")])
+    report = bench.main(
+        ["--quick", "--sections", "accelerator", "--json", str(tmp_path / "a.json")]
+    )
     accel = _check_accelerator_report(report, ("float32", "bfloat16"))
-    np.testing.assert_allclose(accel["train"]["bfloat16"]["2"]["final_loss"],
-                               accel["train"]["float32"]["2"]["final_loss"], rtol=0.1)
+    np.testing.assert_allclose(
+        accel["train"]["bfloat16"]["2"]["final_loss"],
+        accel["train"]["float32"]["2"]["final_loss"],
+        rtol=0.1,
+    )
     assert "accelerator_train_images_per_s_bf16" in report
 
 
@@ -286,7 +315,11 @@ def test_torch_targets_match_fan_jax_targets():
     _, landmarks = jax_runners.random_batch(2, 64, 5, seed=1)
     ours = np.asarray(render_gaussians(to_heatmap_coords(landmarks), size=16, sigma=1.0))
     # The torch trainer maps crop -> heatmap coords inline with the same formula.
-    theirs = torch_render((torch.from_numpy(landmarks) + 0.5) / 4 - 0.5, 16, 1.0).permute(0, 2, 3, 1).numpy()
+    theirs = (
+        torch_render((torch.from_numpy(landmarks) + 0.5) / 4 - 0.5, 16, 1.0)
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     np.testing.assert_allclose(theirs, ours, atol=1e-6)
 
 
@@ -295,14 +328,29 @@ def test_torch_targets_match_fan_jax_targets():
 
 def test_quick_pipeline_section(monkeypatch):
     # Consumers measured by other sections of the same run; absent ones read "n/a".
-    monkeypatch.setattr(harness, "CONSUMERS", {"train": {"images_per_s": 4.0, "batch": 2, "image_size": 64,
-                                                       "step": "CPU student train step"}})
-    report, rows = bench.run_sections(harness.Config.quick_config(), ["machine", "pipeline"], log=lambda s: None)
+    monkeypatch.setattr(
+        harness,
+        "CONSUMERS",
+        {
+            "train": {
+                "images_per_s": 4.0,
+                "batch": 2,
+                "image_size": 64,
+                "step": "CPU student train step",
+            }
+        },
+    )
+    report, rows = bench.run_sections(
+        harness.Config.quick_config(), ["machine", "pipeline"], log=lambda s: None
+    )
     section = report["sections"]["pipeline"]
     assert set(section["workers"]) == {"0", "1"}
     for s in section["workers"].values():
         assert s["images_per_s"] > 0 and s["ms_core_per_image"] > 0 and s["cores_used"] >= 1
-    assert report["pipeline_images_per_s_in_process"] > 0 and report["pipeline_images_per_s_1_worker"] > 0
+    assert (
+        report["pipeline_images_per_s_in_process"] > 0
+        and report["pipeline_images_per_s_1_worker"] > 0
+    )
     assert section["num_landmarks"] == 68 and section["image_size"] == 64
     assert section["consumers"]["train"]["pipeline_cores_needed"] > 0
     assert section["consumers"]["distill"].startswith("n/a")
@@ -315,7 +363,9 @@ def test_quick_distill_section():
     import _train_helpers as helpers
 
     helpers.register_tiny_models()  # MobileFAN + a ResNet teacher compile for minutes on a small CPU
-    cfg = harness.Config.quick_config(distill_student="tiny_student", distill_teacher="tiny_teacher")
+    cfg = harness.Config.quick_config(
+        distill_student="tiny_student", distill_teacher="tiny_teacher"
+    )
     report, rows = bench.run_sections(cfg, ["machine", "distill"], log=lambda s: None)
     section = report["sections"]["distill"]
     for name in ("plain", "distill_gram", "distill_direct"):
@@ -331,7 +381,9 @@ def test_quick_distill_section():
 
 
 def test_quick_export_section():
-    report, rows = bench.run_sections(harness.Config.quick_config(), ["machine", "export"], log=lambda s: None)
+    report, rows = bench.run_sections(
+        harness.Config.quick_config(), ["machine", "export"], log=lambda s: None
+    )
     section = report["sections"]["export"]
     if "skipped" in section:
         pytest.skip(section["skipped"])
@@ -345,7 +397,9 @@ def test_quick_export_section():
 
 
 def test_export_section_notes_missing_dependencies(monkeypatch):
-    monkeypatch.setattr(export, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats})
+    monkeypatch.setattr(
+        export, "_missing_export_modules", lambda formats: {f: ["onnxruntime"] for f in formats}
+    )
     out = export.export_section(harness.Config.quick_config())
     assert "skipped" in out and "onnxruntime" in out["formats"]["onnx"]
 
@@ -360,20 +414,31 @@ def test_layer_units_follow_the_student_and_count_its_flops():
     from benchmarks.sections import layers as layer_section
     from fan_jax.models import layers
 
-    units = layer_section.student_units(jax_runners.build_student(5), jax_runners.init_variables(5, 64),
-                                        (1, 64, 64, 3))
+    units = layer_section.student_units(
+        jax_runners.build_student(5), jax_runners.init_variables(5, 64), (1, 64, 64, 3)
+    )
     kinds = [u.kind for u in units]
     # MobileNetV2 to block_16: stem, 16 expand + 17 depthwise + 17 project; 3 deconvs; the head.
     assert len(units) == 1 + 16 + 17 + 17 + 3 + 1
     assert kinds.count("DepthwiseConv") == 17 and kinds.count("ConvTranspose") == 3
-    assert units[0].name == "Conv1" and units[0].kind == "PatchConv" and units[0].in_shape == (64, 64, 3)
-    assert units[-1].kind == "PointwiseConv" and units[-1].out_shape[-1] == 5 and len(units[-1].modules) == 1
+    assert (
+        units[0].name == "Conv1"
+        and units[0].kind == "PatchConv"
+        and units[0].in_shape == (64, 64, 3)
+    )
+    assert (
+        units[-1].kind == "PointwiseConv"
+        and units[-1].out_shape[-1] == 5
+        and len(units[-1].modules) == 1
+    )
     assert all(len(u.modules) == 2 for u in units[:-1])  # conv + BatchNorm everywhere but the head
     for u in (units[0], units[1], units[2], units[5]):  # stem, depthwise s1, project, depthwise s2
         conv = u.modules[0]
         x = jnp.zeros((1, *u.in_shape), jnp.float32)
         with layers.use_conv_impl("lax"):
-            exe = jax.jit(lambda v, x, conv=conv: conv.apply(v, x)).lower(u.variables[0], x).compile()
+            exe = (
+                jax.jit(lambda v, x, conv=conv: conv.apply(v, x)).lower(u.variables[0], x).compile()
+            )
         assert jax_runners.flops_of(exe) == pytest.approx(u.conv_flops_per_image, rel=0.05), u.name
 
 
@@ -383,27 +448,49 @@ def test_quick_layers_section(tmp_path):
     assert sec["call_overhead_ms"] > 0 and all(r["bytes_per_s"] > 0 for r in sec["streaming_rates"])
     for mode in ("inference", "train"):
         m = sec[mode]
-        assert {r["kind"] for r in m["layers"]} == {"PatchConv", "PointwiseConv", "DepthwiseConv", "ConvTranspose"}
+        assert {r["kind"] for r in m["layers"]} == {
+            "PatchConv",
+            "PointwiseConv",
+            "DepthwiseConv",
+            "ConvTranspose",
+        }
         for r in m["layers"]:
             assert r["net_ms"] > 0 and r["compute_bound_ms"] > 0 and r["memory_bound_ms"] > 0
             assert r["fraction_of_bound"] == pytest.approx(
-                max(r["compute_bound_ms"], r["memory_bound_ms"]) / r["net_ms"])
+                max(r["compute_bound_ms"], r["memory_bound_ms"]) / r["net_ms"]
+            )
         assert m["total"]["net_ms"] == pytest.approx(sum(r["net_ms"] for r in m["layers"]))
         assert m["num_layers"] == len(m["layers"])
     # Training moves more bytes and does 2-3x the FLOPs of inference, per image.
     inf, tr = sec["inference"]["layers"][1], sec["train"]["layers"][1]
-    assert tr["flops"] / tr["in_shape"][0] == pytest.approx(3 * inf["flops"] / inf["in_shape"][0], rel=0.05)
+    assert tr["flops"] / tr["in_shape"][0] == pytest.approx(
+        3 * inf["flops"] / inf["in_shape"][0], rel=0.05
+    )
     assert report["layers_inference_fraction_of_bound"] > 0
 
 
 def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):
-    out = xla_flags.main(["--quick", "--rounds", "1", "--repeats", "2", "--candidates",
-                          "default,no_xnnpack", "--json", str(tmp_path / "f.json")])
+    out = xla_flags.main(
+        [
+            "--quick",
+            "--rounds",
+            "1",
+            "--repeats",
+            "2",
+            "--candidates",
+            "default,no_xnnpack",
+            "--json",
+            str(tmp_path / "f.json"),
+        ]
+    )
     assert set(out) == {"default", "no_xnnpack"}
     for s in out.values():
         assert s["train_ms"] > 0 and s["infer_ms"] > 0 and np.isfinite(s["rounds"][0]["final_loss"])
     assert out["default"]["train_ratio_vs_default"] == 1.0
-    assert json.load(open(tmp_path / "f.json"))["candidates"]["no_xnnpack"]["flags"] == "--xla_cpu_use_xnnpack=false"
+    assert (
+        json.load(open(tmp_path / "f.json"))["candidates"]["no_xnnpack"]["flags"]
+        == "--xla_cpu_use_xnnpack=false"
+    )
     with pytest.raises(ValueError, match="--candidates: unknown"):
         xla_flags.main(["--candidates", "default,nonsense"])
     # The flags reach the worker's XLA: one it does not know fails that candidate, by name.
@@ -414,9 +501,23 @@ def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):
 
 def test_xla_flags_per_jit_applies_each_candidate_to_its_own_function(monkeypatch, tmp_path):
     assert xla_flags.flag_options("--a=b --c=true --d=false --e=") == (
-        ("a", "b"), ("c", True), ("d", False), ("e", ""))
-    out = xla_flags.main(["--per-jit", "--quick", "--repeats", "2", "--candidates", "default,no_ynn",
-                          "--json", str(tmp_path / "p.json")])
+        ("a", "b"),
+        ("c", True),
+        ("d", False),
+        ("e", ""),
+    )
+    out = xla_flags.main(
+        [
+            "--per-jit",
+            "--quick",
+            "--repeats",
+            "2",
+            "--candidates",
+            "default,no_ynn",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
     assert set(out) == {"default", "no_ynn"}
     assert out["no_ynn"]["infer_ms_b1"] > 0 and out["default"]["ratio_vs_default_b2"] == 1.0
     assert json.load(open(tmp_path / "p.json"))["per_jit"] is True

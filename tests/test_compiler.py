@@ -37,10 +37,14 @@ def test_evaluator_compiles_with_the_predict_options_and_agrees(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     model = fan.mobilefan(num_landmarks=5, decoder_channels=16, width=0.35)
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images.astype(np.float32))
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), images.astype(np.float32)
+    )
     ev = evaluate.Evaluator("heatmap", model)
     ours = ev._fn.lower(variables, images).compile()
-    plain_fn = jax.jit(functools.partial(landmarks.landmarks_with_flip, "heatmap", model, flip_perm=None))
+    plain_fn = jax.jit(
+        functools.partial(landmarks.landmarks_with_flip, "heatmap", model, flip_perm=None)
+    )
     plain = plain_fn.lower(variables, images).compile()
     # XLA's default sends the 1x1-conv matmuls to YNNPACK; the predict role turns that off.
     assert "__ynn_fusion" in plain.as_text()

@@ -83,7 +83,11 @@ def _check_geometry(ex: dict, num_landmarks: int) -> None:
     box_side = max(box[2] - box[0], box[3] - box[1])
     s = ex["to_original"][0, 0]  # original pixels per stored pixel
     window = side * s
-    assert common.CROP_MARGIN * box_side * s - 1e-3 <= window < common.CROP_MARGIN * box_side * s + 1 + 1e-3
+    assert (
+        common.CROP_MARGIN * box_side * s - 1e-3
+        <= window
+        < common.CROP_MARGIN * box_side * s + 1 + 1e-3
+    )
     assert side == min(round(window), 512)
     centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
     np.testing.assert_allclose(centre, (side - 1) / 2, atol=0.51)
@@ -126,7 +130,7 @@ def test_crop_with_margin_downscales_by_area_average():
             for j0 in range(0, 1024, 256):
                 xs = np.arange(int(left) + j0, int(left) + j0 + 256)
                 ok = (xs >= 0) & (xs < 700)
-                window[i, j0:j0 + 256][ok] = image[yy, xs[ok]]
+                window[i, j0 : j0 + 256][ok] = image[yy, xs[ok]]
     want = window.reshape(512, 2, 512, 2, 3).mean(axis=(1, 3))
     assert np.abs(crop - want).max() <= 1.0
     centre = common.apply_affine(to_original, np.array([255.5, 255.5]))
@@ -149,7 +153,7 @@ def wflw_built(tmp_path_factory):
     return fixture, root / "data"
 
 
-WFLW_SPLITS = ("train", "test") + wflw_builder.SUBSET_SPLITS
+WFLW_SPLITS = ("train", "test", *wflw_builder.SUBSET_SPLITS)
 
 
 def test_wflw_splits_and_features(wflw_built):
@@ -161,19 +165,28 @@ def test_wflw_splits_and_features(wflw_built):
         assert len(got) == len(want), split
         for ex in got:
             _check_geometry(ex, 98)
-            matches = [f for f in want if f.image_path == ex["file_name"]
-                       and np.allclose(f.landmarks, ex["original_landmarks"], atol=1e-4)]
+            matches = [
+                f
+                for f in want
+                if f.image_path == ex["file_name"]
+                and np.allclose(f.landmarks, ex["original_landmarks"], atol=1e-4)
+            ]
             assert len(matches) == 1, (split, ex["file_name"])
             face = matches[0]
             np.testing.assert_array_equal(ex["attributes"], face.attributes)
-            np.testing.assert_allclose(common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
-                                       face.box.reshape(2, 2), atol=1e-3)
+            np.testing.assert_allclose(
+                common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
+                face.box.reshape(2, 2),
+                atol=1e-3,
+            )
             _check_crop_pixels(ex, fixture.images[face.image_path])
 
 
 def test_wflw_subsets_are_flagged_test_faces(wflw_built):
     fixture, data_dir = wflw_built
-    test_keys = {(ex["file_name"], ex["landmarks"].tobytes()) for ex in _read_split("wflw", "test", data_dir)}
+    test_keys = {
+        (ex["file_name"], ex["landmarks"].tobytes()) for ex in _read_split("wflw", "test", data_dir)
+    }
     for i, split in enumerate(wflw_builder.SUBSET_SPLITS):
         got = _read_split("wflw", split, data_dir)
         assert all(ex["attributes"][i] for ex in got), split
@@ -187,7 +200,9 @@ def test_wflw_from_extracted_folders(tmp_path, wflw_built):
     _build("wflw", tmp_path / "data", tmp_path / "manual")
     _, archive_data = wflw_built
     for split in ("train", "test_blur"):
-        a = sorted(_read_split("wflw", split, tmp_path / "data"), key=lambda e: e["landmarks"].sum())
+        a = sorted(
+            _read_split("wflw", split, tmp_path / "data"), key=lambda e: e["landmarks"].sum()
+        )
         b = sorted(_read_split("wflw", split, archive_data), key=lambda e: e["landmarks"].sum())
         assert len(a) == len(fixture.split(split)) == len(b)
         for x, y in zip(a, b):
@@ -211,7 +226,9 @@ def test_wflw_malformed_line_names_file_and_line(tmp_path):
         path.write_text("\n".join(lines) + "\n")
 
     manual = _wflw_mutated(tmp_path, drop_a_field)
-    with pytest.raises(common.DatasetFormatError, match=r"list_98pt_rect_attr_train\.txt:2: expected 207"):
+    with pytest.raises(
+        common.DatasetFormatError, match=r"list_98pt_rect_attr_train\.txt:2: expected 207"
+    ):
         _build("wflw", tmp_path / "data", manual)
 
 
@@ -225,7 +242,8 @@ def test_wflw_missing_image_is_named(tmp_path):
 def test_wflw_corrupt_image_is_named(tmp_path):
     name = "37--Soccer/37_Soccer_soccer_ball_37_45.jpg"
     manual = _wflw_mutated(
-        tmp_path, lambda tree: (tree / "WFLW_images" / name).write_bytes(b"\xff\xd8 truncated"))
+        tmp_path, lambda tree: (tree / "WFLW_images" / name).write_bytes(b"\xff\xd8 truncated")
+    )
     with pytest.raises(common.DatasetFormatError, match=name):
         _build("wflw", tmp_path / "data", manual)
 
@@ -250,7 +268,9 @@ def test_wflw_truncated_archive_is_named(tmp_path):
     wflw_fixtures.write_fixture(str(tmp_path / "manual"))
     archive = tmp_path / "manual" / "WFLW_images.tar.gz"
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    with pytest.raises(common.DatasetFormatError, match=r"WFLW_images\.tar\.gz: cannot read the archive"):
+    with pytest.raises(
+        common.DatasetFormatError, match=r"WFLW_images\.tar\.gz: cannot read the archive"
+    ):
         _build("wflw", tmp_path / "data", tmp_path / "manual")
 
 
@@ -279,8 +299,11 @@ def test_300w_splits_and_features(w300_built):
             assert ex["subset"] == face.subset
             # .pts is 1-based; stored original_landmarks are the fixture's 0-based points.
             np.testing.assert_allclose(ex["original_landmarks"], face.landmarks, atol=1e-4)
-            np.testing.assert_allclose(common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
-                                       common.landmark_box(face.landmarks).reshape(2, 2), atol=1e-3)
+            np.testing.assert_allclose(
+                common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
+                common.landmark_box(face.landmarks).reshape(2, 2),
+                atol=1e-3,
+            )
             _check_crop_pixels(ex, fixture.images[face.file_name])
     names = {ex["file_name"] for ex in _read_split("the300w", "challenging", data_dir)}
     assert "ibug/image_092 _01.jpg" in names
@@ -317,7 +340,9 @@ def test_300w_wrong_point_count_names_file(tmp_path):
     lines = pts.read_text().splitlines()
     del lines[5]
     pts.write_text("\n".join(lines).replace("n_points:  68", "n_points:  67") + "\n")
-    with pytest.raises(common.DatasetFormatError, match=r"image_092 _01\.pts: 67 points, expected 68"):
+    with pytest.raises(
+        common.DatasetFormatError, match=r"image_092 _01\.pts: 67 points, expected 68"
+    ):
         _build("300w", tmp_path / "data", tmp_path / "manual")
 
 
@@ -385,10 +410,15 @@ def test_cofw_splits_and_features(cofw_built):
             # MATLAB 1-based -> 0-based, exactly.
             np.testing.assert_array_equal(ex["original_landmarks"], face.landmarks)
             np.testing.assert_array_equal(ex["occluded"], face.occluded)
-            np.testing.assert_allclose(common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
-                                       face.box.reshape(2, 2), atol=1e-3)
+            np.testing.assert_allclose(
+                common.apply_affine(ex["to_original"], ex["box"].reshape(2, 2)),
+                face.box.reshape(2, 2),
+                atol=1e-3,
+            )
             assert ex["image"].shape[-1] == 3
-            original = face.image if face.image.ndim == 3 else np.repeat(face.image[..., None], 3, -1)
+            original = (
+                face.image if face.image.ndim == 3 else np.repeat(face.image[..., None], 3, -1)
+            )
             _check_crop_pixels(ex, original)
             if face.image.ndim == 2:  # greyscale -> three equal channels
                 spread = ex["image"].astype(int).max(-1) - ex["image"].astype(int).min(-1)
@@ -403,7 +433,9 @@ def test_cofw_missing_file_and_bad_file(tmp_path):
     assert "Missing:\n  COFW_test_color.mat" in str(err.value)
     assert "https://data.caltech.edu/records/bc0bf-nc666" in str(err.value)
     (tmp_path / "manual" / "COFW_test_color.mat").write_bytes(b"MATLAB 5.0 MAT-file" + bytes(200))
-    with pytest.raises(common.DatasetFormatError, match=r"COFW_test_color\.mat: not a readable MATLAB v7\.3"):
+    with pytest.raises(
+        common.DatasetFormatError, match=r"COFW_test_color\.mat: not a readable MATLAB v7\.3"
+    ):
         _build("cofw", tmp_path / "data", tmp_path / "manual")
 
 
@@ -432,7 +464,11 @@ def test_cofw_reads_matlab_layout(tmp_path):
 
 def test_registry():
     assert set(data.DATASETS) == {"wflw", "300w", "cofw"}
-    assert {k: s.num_landmarks for k, s in data.DATASETS.items()} == {"wflw": 98, "300w": 68, "cofw": 29}
+    assert {k: s.num_landmarks for k, s in data.DATASETS.items()} == {
+        "wflw": 98,
+        "300w": 68,
+        "cofw": 29,
+    }
     assert data.get("the300w") is data.DATASETS["300w"]
     assert data.DATASETS["300w"].tfds_name == "the300w"
     assert set(data.DATASETS["wflw"].test_splits) == set(WFLW_SPLITS) - {"train"}
@@ -456,4 +492,8 @@ def test_cli_reports_missing_files(tmp_path, capsys):
     argv = ["300w", "--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "none")]
     assert data.main(argv) == 1
     err = capsys.readouterr().err
-    assert "does not exist or is empty" in err and "helen/trainset/" in err and str(tmp_path / "none") in err
+    assert (
+        "does not exist or is empty" in err
+        and "helen/trainset/" in err
+        and str(tmp_path / "none") in err
+    )

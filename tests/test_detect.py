@@ -24,7 +24,8 @@ NAMES = sorted(detect.DETECTORS)
 
 def _bench():
     spec = importlib.util.spec_from_file_location(
-        "_detector_bench", os.path.join(REPO_ROOT, "benchmarks", "detectors.py"))
+        "_detector_bench", os.path.join(REPO_ROOT, "benchmarks", "detectors.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -102,7 +103,9 @@ def test_an_uncalibrated_box_fails_the_crop_check(reference, bench):
         if pairs:
             want = geometry.box_from_landmarks(lm)
             b = boxes[pairs[0][0]]
-            errs.append((0.5 * (b[1] + b[3]) - 0.5 * (want[1] + want[3])) / (1.25 * (want[3] - want[1])))
+            errs.append(
+                (0.5 * (b[1] + b[3]) - 0.5 * (want[1] + want[3])) / (1.25 * (want[3] - want[1]))
+            )
     assert abs(np.median(errs)) > 0.05  # the crop is off by more than the 2% allowed above
 
 
@@ -127,10 +130,13 @@ def test_auto_is_dlib_when_installed_and_unknown_names_are_errors():
 
 
 def test_suppress_overlaps_keeps_the_largest_of_each_cluster():
-    boxes = np.array([[0, 0, 10, 10], [1, 1, 12, 12], [50, 50, 60, 60], [2, 2, 6, 6],
-                      [40, 40, 70, 70]], np.float32)
-    np.testing.assert_array_equal(detect.suppress_overlaps(boxes),
-                                  [[40, 40, 70, 70], [1, 1, 12, 12]])
+    boxes = np.array(
+        [[0, 0, 10, 10], [1, 1, 12, 12], [50, 50, 60, 60], [2, 2, 6, 6], [40, 40, 70, 70]],
+        np.float32,
+    )
+    np.testing.assert_array_equal(
+        detect.suppress_overlaps(boxes), [[40, 40, 70, 70], [1, 1, 12, 12]]
+    )
     assert detect.suppress_overlaps(np.zeros((0, 4))).shape == (0, 4)
 
 

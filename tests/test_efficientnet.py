@@ -34,11 +34,16 @@ def randomize(model: keras.Model, seed: int) -> keras.Model:
         kind = type(layer).__name__
         if kind == "BatchNormalization":
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
-                               rng.normal(0.0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
         elif kind == "Normalization":
-            layer.set_weights([rng.uniform(0.3, 0.6, 3), rng.uniform(0.03, 0.09, 3),
-                               np.asarray(0)])
+            layer.set_weights([rng.uniform(0.3, 0.6, 3), rng.uniform(0.03, 0.09, 3), np.asarray(0)])
         elif layer.weights:
             new = []
             for w in layer.weights:
@@ -54,8 +59,9 @@ def randomize(model: keras.Model, seed: int) -> keras.Model:
 
 @functools.cache
 def keras_b3() -> keras.Model:
-    model = keras.applications.EfficientNetB3(weights=None, include_top=False,
-                                              input_shape=(SIZE, SIZE, 3))
+    model = keras.applications.EfficientNetB3(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+    )
     return randomize(model, seed=3)
 
 
@@ -91,16 +97,20 @@ def test_matches_keras_inference():
     # exactly these factors before the stem.
     scale = np.float32(en.KERAS_IMAGENET_INPUT_SCALE)
     enc = en.EfficientNetEncoder("b3", input_scale=tuple(float(s) for s in scale))
-    got = np.asarray(jax.jit(lambda v, a: enc.apply(v, a, train=False))(
-        converted(), ours_in / scale))
+    got = np.asarray(
+        jax.jit(lambda v, a: enc.apply(v, a, train=False))(converted(), ours_in / scale)
+    )
     assert got.shape == want.shape == (2, 3, 3, 1536)
     assert np.abs(want).max() > 0.1  # a real signal, not a collapsed network
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
 def test_conversion_fills_every_variable():
-    target = jax.eval_shape(lambda: en.EfficientNetEncoder("b3").init(
-        jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    target = jax.eval_shape(
+        lambda: en.EfficientNetEncoder("b3").init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False
+        )
+    )
     flat_t = traverse_util.flatten_dict({k: dict(v) for k, v in target.items()})
     flat_c = traverse_util.flatten_dict(converted())
     assert flat_t.keys() == flat_c.keys()
@@ -109,10 +119,12 @@ def test_conversion_fills_every_variable():
     layer = keras_b3().get_layer("block4a_dwconv")
     np.testing.assert_array_equal(
         np.asarray(converted()["params"]["block4a_dwconv"]["kernel"]),
-        np.asarray(layer.kernel).transpose(0, 1, 3, 2))
+        np.asarray(layer.kernel).transpose(0, 1, 3, 2),
+    )
     bn = keras_b3().get_layer("top_bn")
-    np.testing.assert_array_equal(np.asarray(converted()["batch_stats"]["top_bn"]["var"]),
-                                  np.asarray(bn.moving_variance))
+    np.testing.assert_array_equal(
+        np.asarray(converted()["batch_stats"]["top_bn"]["var"]), np.asarray(bn.moving_variance)
+    )
 
 
 def test_wrong_variant_is_rejected():
@@ -124,16 +136,18 @@ def test_train_mode_updates_stats_and_drops_branches():
     enc = en.EfficientNetEncoder("b0")
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
     v = jax.jit(lambda x: enc.init(jax.random.key(0), x, train=False))(x)
-    f = jax.jit(lambda v, x, r: enc.apply(v, x, train=True, mutable=["batch_stats"],
-                                          rngs={"dropout": r}))
+    f = jax.jit(
+        lambda v, x, r: enc.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": r})
+    )
     y1, s1 = f(v, x, jax.random.key(1))
     y2, _ = f(v, x, jax.random.key(2))
     y1b, _ = f(v, x, jax.random.key(1))
     assert np.all(np.isfinite(y1))
     np.testing.assert_array_equal(y1, y1b)
     assert not np.allclose(y1, y2)  # drop-connect is active in training
-    assert not np.allclose(s1["batch_stats"]["stem_bn"]["mean"],
-                           v["batch_stats"]["stem_bn"]["mean"])
+    assert not np.allclose(
+        s1["batch_stats"]["stem_bn"]["mean"], v["batch_stats"]["stem_bn"]["mean"]
+    )
 
 
 def test_weight_file_round_trip(tmp_path):

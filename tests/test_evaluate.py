@@ -38,12 +38,16 @@ def _batches(crop_pts, num_images, batch_size, rng):
         to_orig = np.stack(to_orig)
         images = np.zeros((batch_size, SIZE, SIZE, 3), np.uint8)
         images[:, :, 0, 0] = 255  # marks the unmirrored image: the fake model sees the mirror
-        out.append({
-            "image": images,
-            "crop_to_original": to_orig,
-            "original_landmarks": geometry.apply_affine(to_orig, np.broadcast_to(crop_pts, (batch_size,) + crop_pts.shape)),
-            "valid": np.arange(batch_size) < n,
-        })
+        out.append(
+            {
+                "image": images,
+                "crop_to_original": to_orig,
+                "original_landmarks": geometry.apply_affine(
+                    to_orig, np.broadcast_to(crop_pts, (batch_size, *crop_pts.shape))
+                ),
+                "valid": np.arange(batch_size) < n,
+            }
+        )
     return out
 
 
@@ -70,8 +74,9 @@ def _fake_model(crop_pts, shift_hm=(0.0, 0.0), mirror_shift_hm=None, flip=True):
     perm = geometry.flip_permutation(len(crop_pts)) if flip else None
 
     def predict(images):
-        plain, flipped = landmarks.landmarks_with_flip("heatmap", model, None,
-                                                       jnp.asarray(images), perm)
+        plain, flipped = landmarks.landmarks_with_flip(
+            "heatmap", model, None, jnp.asarray(images), perm
+        )
         return np.asarray(plain), None if flipped is None else np.asarray(flipped)
 
     return predict
@@ -82,8 +87,8 @@ def test_perfect_model_scores_zero_with_and_without_flip(tmp_path):
     pts = _crop_points(68, rng)
     batches = _batches(pts, num_images=5, batch_size=2, rng=rng)
     res = evaluate.evaluate_splits(
-        _fake_model(pts), {"common": lambda: batches}, "300w", "inter_ocular",
-        out_dir=str(tmp_path))
+        _fake_model(pts), {"common": lambda: batches}, "300w", "inter_ocular", out_dir=str(tmp_path)
+    )
     for setting in ("no_flip", "flip"):
         m = res["common"][setting]
         assert m["num_images"] == 5  # the padded sixth image is dropped
@@ -103,8 +108,11 @@ def test_known_offset_gives_hand_computed_nme():
     # One heatmap pixel right = 4 crop pixels; the crop's eye corners are 9 heatmap px apart,
     # so NME = 4 / 36 whatever similarity maps the crop to the original.
     res = evaluate.evaluate_splits(
-        _fake_model(pts, shift_hm=(1.0, 0.0), flip=False), {"s": lambda: batches}, "300w",
-        "inter_ocular")
+        _fake_model(pts, shift_hm=(1.0, 0.0), flip=False),
+        {"s": lambda: batches},
+        "300w",
+        "inter_ocular",
+    )
     assert res["s"]["no_flip"]["nme"] == pytest.approx(4 / 36, rel=1e-4)
     assert res["s"]["no_flip"]["fr"] == 1.0
     assert "flip" not in res["s"]

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from fan_jax import checkpoints, export, heatmaps, landmarks, predict
 from test_predict import trained_student_workdir
 
+from fan_jax import checkpoints, export, heatmaps, landmarks, predict
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.sections import export as export_bench  # noqa: E402
+from benchmarks.sections import export as export_bench
 
 HM_STRIDE = 4
 
@@ -52,11 +52,13 @@ def exported(workdir, tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     out = root / "fan_jax_exported"
-    specs = (("onnx", "onnx", "none", "m.onnx"),
-             ("tflite", "tflite", "none", "m.tflite"),
-             ("tflite_float16", "tflite", "float16", "m16.tflite"),
-             ("tflite_int8", "tflite", "int8", "m8.tflite"),
-             ("savedmodel", "savedmodel", "none", "sm"))
+    specs = (
+        ("onnx", "onnx", "none", "m.onnx"),
+        ("tflite", "tflite", "none", "m.tflite"),
+        ("tflite_float16", "tflite", "float16", "m16.tflite"),
+        ("tflite_int8", "tflite", "int8", "m8.tflite"),
+        ("savedmodel", "savedmodel", "none", "sm"),
+    )
     with open(str(out) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "done.json").exists():
@@ -122,7 +124,8 @@ def test_exported_inputs_are_raw_rgb_pixels(exported, jax_fn, student):
     hm, _ = jax_fn(crops.astype(np.float32))
     np.testing.assert_allclose(got["heatmaps"], np.asarray(hm), atol=1e-4)
     hm_norm, _ = jax.jit(lambda x: student.model.apply(student.variables, x, train=False))(
-        landmarks.normalize_np(crops))
+        landmarks.normalize_np(crops)
+    )
     np.testing.assert_allclose(got["heatmaps"], np.asarray(hm_norm), atol=1e-4)
 
 
@@ -168,7 +171,8 @@ def test_sidecar_describes_the_interface(exported, student):
         assert info["outputs"]["heatmaps"]["shape"][1:] == [16, 16, 68]
         assert info["source"]["model"] == "mobilefan" and info["source"]["step"] == 250
         assert info["quantize"] == {"tflite_float16": "float16", "tflite_int8": "int8"}.get(
-            name, "none")
+            name, "none"
+        )
         batch = info["input"]["shape"][0]
         assert batch == (1 if name.startswith("tflite") else "batch")
 
@@ -189,8 +193,9 @@ def test_native_convs_match_the_training_layers(student):
     images = _random_images(2, student.input_size, seed=3)
     native = jax.jit(export.inference_fn(student.model, student.variables, native_convs=True))
     plain = jax.jit(export.inference_fn(student.model, student.variables, native_convs=False))
-    np.testing.assert_allclose(np.asarray(native(images)[0]), np.asarray(plain(images)[0]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(native(images)[0]), np.asarray(plain(images)[0]), atol=1e-5
+    )
     # ... and the exported graph really holds (grouped) convolutions, not slices and dots.
     hlo = native.lower(images).as_text()
     # MobileNetV2: 1 stem + 17 depthwise + 33 pointwise (16 expand, 17 project), + the 1x1
@@ -201,20 +206,43 @@ def test_native_convs_match_the_training_layers(student):
 
 
 def test_student_variables_drop_the_adapters():
-    item = {"params": {"student": {"head": 1}, "adapters": {"adapter_0": 2}},
-            "batch_stats": {"student": {"bn": 3}, "adapters": {"bn": 4}}}
+    item = {
+        "params": {"student": {"head": 1}, "adapters": {"adapter_0": 2}},
+        "batch_stats": {"student": {"bn": 3}, "adapters": {"bn": 4}},
+    }
     assert checkpoints.student_variables(item) == {"params": {"head": 1}, "batch_stats": {"bn": 3}}
     plain = {"params": {"head": 1}, "batch_stats": {"bn": 3}}
     assert checkpoints.student_variables(plain) == plain
 
 
 def test_cli_errors(tmp_path, capsys, workdir):
-    assert export.main(["--workdir", str(tmp_path / "none"), "--format", "onnx",
-                        "--out", str(tmp_path / "m.onnx")]) == 2
+    assert (
+        export.main(
+            [
+                "--workdir",
+                str(tmp_path / "none"),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        export.main(["--workdir", workdir, "--format", "onnx", "--quantize", "int8",
-                     "--out", str(tmp_path / "m.onnx")])
+        export.main(
+            [
+                "--workdir",
+                workdir,
+                "--format",
+                "onnx",
+                "--quantize",
+                "int8",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
     assert e.value.code == 2
     assert "tflite only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -228,8 +256,11 @@ def test_cli_verifies_against_jax(exported):
     line = [ln for ln in lines if ln.startswith("Check against JAX")][0]
     check = json.loads(line.split(":", 1)[1])
     assert check["max_abs_heatmap_diff"] < 1e-4 and check["max_landmark_diff_px"] == 0.0
-    assert not any("Check against JAX" in exported[k] for k in exported
-                   if k.endswith(":stdout") and k != "tflite:stdout")
+    assert not any(
+        "Check against JAX" in exported[k]
+        for k in exported
+        if k.endswith(":stdout") and k != "tflite:stdout"
+    )
 
 
 def test_detect_format(tmp_path):
@@ -248,5 +279,8 @@ def test_benchmark_exports_reports_latency_and_size(workdir):
     assert res["tflite"]["size_mib"] > 1
     metric, ours, baseline, speed, spread = res["rows"][0]
     assert "tflite" in metric and float(ours) > 0 and float(baseline) > 0
-    assert set(res["summary"]) >= {"export_tflite_latency_ms", "export_tflite_size_mib",
-                                   "export_jax_latency_ms"}
+    assert set(res["summary"]) >= {
+        "export_tflite_latency_ms",
+        "export_tflite_size_mib",
+        "export_jax_latency_ms",
+    }

@@ -19,13 +19,67 @@ def test_flip_permutation_is_involutive_permutation(num):
 # (a, b) means a <-> b; (a, a) means a stays on the midline. Semantic pairs from the layouts:
 # outer/inner eye corners, brow ends, mouth corners, contour ends, nose and lip midline points.
 HAND_PAIRS = {
-    68: [(36, 45), (39, 42), (0, 16), (8, 8), (17, 26), (27, 27), (30, 30), (31, 35), (33, 33),
-         (37, 44), (41, 46), (48, 54), (51, 51), (57, 57), (60, 64), (62, 62), (65, 67), (66, 66)],
-    98: [(60, 72), (64, 68), (96, 97), (0, 32), (16, 16), (33, 46), (38, 50), (37, 42),
-         (51, 51), (54, 54), (55, 59), (57, 57), (61, 71), (65, 75), (76, 82), (79, 79),
-         (83, 87), (85, 85), (88, 92), (90, 90), (93, 95), (94, 94)],
-    29: [(8, 9), (0, 1), (2, 3), (4, 6), (5, 7), (10, 11), (12, 14), (13, 15), (16, 17),
-         (18, 19), (20, 20), (21, 21), (22, 23), (24, 24), (28, 28)],
+    68: [
+        (36, 45),
+        (39, 42),
+        (0, 16),
+        (8, 8),
+        (17, 26),
+        (27, 27),
+        (30, 30),
+        (31, 35),
+        (33, 33),
+        (37, 44),
+        (41, 46),
+        (48, 54),
+        (51, 51),
+        (57, 57),
+        (60, 64),
+        (62, 62),
+        (65, 67),
+        (66, 66),
+    ],
+    98: [
+        (60, 72),
+        (64, 68),
+        (96, 97),
+        (0, 32),
+        (16, 16),
+        (33, 46),
+        (38, 50),
+        (37, 42),
+        (51, 51),
+        (54, 54),
+        (55, 59),
+        (57, 57),
+        (61, 71),
+        (65, 75),
+        (76, 82),
+        (79, 79),
+        (83, 87),
+        (85, 85),
+        (88, 92),
+        (90, 90),
+        (93, 95),
+        (94, 94),
+    ],
+    29: [
+        (8, 9),
+        (0, 1),
+        (2, 3),
+        (4, 6),
+        (5, 7),
+        (10, 11),
+        (12, 14),
+        (13, 15),
+        (16, 17),
+        (18, 19),
+        (20, 20),
+        (21, 21),
+        (22, 23),
+        (24, 24),
+        (28, 28),
+    ],
 }
 
 
@@ -60,8 +114,9 @@ def test_crop_box_corners_land_on_crop_edges():
     box = np.array([10.0, 20.0, 110.0, 120.0])
     m = g.crop_transform(box, output_size=256, box_scale=1.0)
     out = g.apply_affine(m, np.array([[10.0, 20.0], [110.0, 120.0], [60.0, 70.0], [110.0, 20.0]]))
-    np.testing.assert_allclose(out, [[-0.5, -0.5], [255.5, 255.5], [127.5, 127.5], [255.5, -0.5]],
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        out, [[-0.5, -0.5], [255.5, 255.5], [127.5, 127.5], [255.5, -0.5]], atol=1e-9
+    )
 
 
 def test_crop_side_uses_long_edge_box_scale_and_zoom():
@@ -79,8 +134,9 @@ def test_rotation_sign_matches_cv2_and_is_counter_clockwise():
     np.testing.assert_allclose(m[:, :2], ref[:, :2], atol=1e-12)
     # A point right of the centre moves up on screen (smaller y) for a positive angle.
     m90 = g.crop_transform(box, output_size=100, box_scale=1.0, rotation_deg=90.0)
-    np.testing.assert_allclose(g.apply_affine(m90, np.array([[110.0, 110.0]])), [[49.5, 39.5]],
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        g.apply_affine(m90, np.array([[110.0, 110.0]])), [[49.5, 39.5]], atol=1e-9
+    )
 
 
 def test_flip_maps_x_to_out_minus_1_minus_x():
@@ -97,8 +153,14 @@ def test_round_trip_points_to_crop_and_back():
     for _ in range(20):
         x0, y0 = rng.uniform(0, 200, 2)
         box = np.array([x0, y0, x0 + rng.uniform(20, 150), y0 + rng.uniform(20, 150)])
-        m = g.crop_transform(box, 256, box_scale=rng.uniform(1, 1.5), rotation_deg=rng.uniform(-30, 30),
-                             scale=rng.uniform(0.75, 1.25), flip=bool(rng.integers(2)))
+        m = g.crop_transform(
+            box,
+            256,
+            box_scale=rng.uniform(1, 1.5),
+            rotation_deg=rng.uniform(-30, 30),
+            scale=rng.uniform(0.75, 1.25),
+            flip=bool(rng.integers(2)),
+        )
         pts = rng.uniform(-50, 400, size=(7, 2))
         back = g.apply_affine(g.invert_affine(m), g.apply_affine(m, pts))
         np.testing.assert_allclose(back, pts, atol=1e-9)
@@ -106,8 +168,12 @@ def test_round_trip_points_to_crop_and_back():
 
 def test_apply_and_invert_broadcast_over_batch():
     rng = np.random.default_rng(2)
-    ms = np.stack([g.crop_transform(np.array([0, 0, 50.0 + i, 60.0]), 64, rotation_deg=10.0 * i)
-                   for i in range(3)])
+    ms = np.stack(
+        [
+            g.crop_transform(np.array([0, 0, 50.0 + i, 60.0]), 64, rotation_deg=10.0 * i)
+            for i in range(3)
+        ]
+    )
     pts = rng.uniform(0, 60, size=(3, 5, 2)).astype(np.float32)
     out = g.apply_affine(ms, pts)
     assert out.shape == (3, 5, 2) and out.dtype == np.float32
@@ -121,14 +187,14 @@ def test_apply_and_invert_broadcast_over_batch():
 
 def _blob(h, w, cx, cy, sigma, channels):
     yy, xx = np.mgrid[0:h, 0:w]
-    img = 255.0 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))
+    img = 255.0 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
     return np.repeat(np.round(img).astype(np.uint8)[..., None], channels, axis=-1)
 
 
 def _centroid(img):
     w = img.astype(np.float64)
     w[w < 8] = 0  # ignore quantisation dust far from the dot
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
     return np.array([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
 
 
@@ -164,5 +230,6 @@ def test_flip_landmarks():
     # Flipping in the crop equals cropping with flip=True and permuting.
     box = np.array([10.0, 10.0, 200.0, 220.0])
     m, mf = g.crop_transform(box, 256), g.crop_transform(box, 256, flip=True)
-    np.testing.assert_allclose(g.flip_landmarks(g.apply_affine(m, pts), 256),
-                               g.apply_affine(mf, pts)[p], atol=1e-9)
+    np.testing.assert_allclose(
+        g.flip_landmarks(g.apply_affine(m, pts), 256), g.apply_affine(mf, pts)[p], atol=1e-9
+    )

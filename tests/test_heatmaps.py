@@ -25,7 +25,7 @@ def _render_reference(points, size, sigma):
     for i in range(b):
         for k in range(l):
             x, y = points[i, k]
-            out[i, :, :, k] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2))
+            out[i, :, :, k] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
     return out
 
 
@@ -113,8 +113,12 @@ def test_decode_border_rules_differ_where_documented():
 def test_round_trip_through_crop_coordinates():
     rng = np.random.default_rng(3)
     pts = rng.uniform(60, 140, size=(4, 10, 2))
-    ms = np.stack([g.crop_transform(g.box_from_landmarks(p), 256, rotation_deg=a, flip=f)
-                   for p, a, f in zip(pts, [0, 15, -20, 30], [False, True, False, True])])
+    ms = np.stack(
+        [
+            g.crop_transform(g.box_from_landmarks(p), 256, rotation_deg=a, flip=f)
+            for p, a, f in zip(pts, [0, 15, -20, 30], [False, True, False, True])
+        ]
+    )
     crop = g.apply_affine(ms, pts)
 
     @jax.jit
@@ -138,5 +142,6 @@ def test_flip_heatmaps_matches_rendering_flipped_points():
     np.testing.assert_allclose(np.asarray(flipped), np.asarray(expected), atol=1e-5)
     # Flip-test round trip: flip twice is the identity.
     heat = jnp.asarray(rng.normal(size=(1, 8, 8, 29)), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(hm.flip_heatmaps(hm.flip_heatmaps(heat, perm), perm)),
-                                  np.asarray(heat))
+    np.testing.assert_array_equal(
+        np.asarray(hm.flip_heatmaps(hm.flip_heatmaps(heat, perm), perm)), np.asarray(heat)
+    )

@@ -20,11 +20,11 @@ import pytest
 from flax import traverse_util
 
 from fan_jax import checkpoints, pretrained, synthetic_300w
-from fan_jax.tasks import heatmap as heatmap_task
 from fan_jax.models import fan
+from fan_jax.tasks import heatmap as heatmap_task
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 
 def _randomized(model, seed):
@@ -32,17 +32,27 @@ def _randomized(model, seed):
     for layer in model.layers:
         ws = layer.get_weights()
         if ws:
-            layer.set_weights([rng.normal(0.0, 0.1, w.shape).astype(np.float32)
-                               if "variance" not in v.path else
-                               rng.uniform(0.5, 1.5, w.shape).astype(np.float32)
-                               for w, v in zip(ws, layer.weights)])
+            layer.set_weights(
+                [
+                    rng.normal(0.0, 0.1, w.shape).astype(np.float32)
+                    if "variance" not in v.path
+                    else rng.uniform(0.5, 1.5, w.shape).astype(np.float32)
+                    for w, v in zip(ws, layer.weights)
+                ]
+            )
     return model
 
 
 def _mobilenet(alpha, include_top=False):
-    return _randomized(keras.applications.MobileNetV2(
-        weights=None, include_top=include_top, input_shape=(96, 96, 3) if not include_top
-        else (224, 224, 3), alpha=alpha), seed=int(alpha * 10))
+    return _randomized(
+        keras.applications.MobileNetV2(
+            weights=None,
+            include_top=include_top,
+            input_shape=(96, 96, 3) if not include_top else (224, 224, 3),
+            alpha=alpha,
+        ),
+        seed=int(alpha * 10),
+    )
 
 
 def _save_legacy_h5(model, path):
@@ -62,8 +72,10 @@ def weight_files(tmp_path_factory):
     files["mobilenet_v2_0.5.keras"] = str(d / "mobilenet_v2_0.5.keras")
     m05.save_weights(d / "mobilenet_v2_0.5.weights.h5")
     files["mobilenet_v2_0.5.weights.h5"] = str(d / "mobilenet_v2_0.5.weights.h5")
-    r50 = _randomized(keras.applications.ResNet50(weights=None, include_top=False,
-                                                  input_shape=(64, 64, 3)), seed=50)
+    r50 = _randomized(
+        keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3)),
+        seed=50,
+    )
     files["resnet50.h5"] = _save_legacy_h5(r50, d / "resnet50_notop.h5")
     return files
 
@@ -76,18 +88,22 @@ def _file_encoder_params(model, path):
     return traverse_util.flatten_dict(pretrained._load_encoder(model.encoder, path)["params"])
 
 
-@pytest.mark.parametrize("name,model_name,key", [
-    ("300w_mobilefan", "mobilefan", "mobilenet_v2_1.0.h5"),
-    ("300w_mobilefan_0.5", "mobilefan_0.5", "mobilenet_v2_1.0.h5"),
-    ("300w_mobilefan", "mobilefan_w0.5", "mobilenet_v2_0.5.keras"),
-    ("300w_mobilefan", "mobilefan_w0.5", "mobilenet_v2_0.5.weights.h5"),
-    ("300w_teacher", "teacher", "resnet50.h5"),
-])
+@pytest.mark.parametrize(
+    "name,model_name,key",
+    [
+        ("300w_mobilefan", "mobilefan", "mobilenet_v2_1.0.h5"),
+        ("300w_mobilefan_0.5", "mobilefan_0.5", "mobilenet_v2_1.0.h5"),
+        ("300w_mobilefan", "mobilefan_w0.5", "mobilenet_v2_0.5.keras"),
+        ("300w_mobilefan", "mobilefan_w0.5", "mobilenet_v2_0.5.weights.h5"),
+        ("300w_teacher", "teacher", "resnet50.h5"),
+    ],
+)
 def test_init_variables_loads_the_file(weight_files, name, model_name, key):
     """The code path `main` takes (train.init_variables) puts the file's weights in the encoder
     and leaves the decoder and head to their random init."""
-    config = helpers.tiny_config(name, **{"model.pretrained": weight_files[key],
-                                          "model.name": model_name})
+    config = helpers.tiny_config(
+        name, **{"model.pretrained": weight_files[key], "model.name": model_name}
+    )
     model = fan.build_model(config.model.name, 68)
     params, batch_stats = heatmap_task.init_variables(config, model, None, jax.random.key(0))
     got = _encoder_params({"params": params["student"]})
@@ -97,19 +113,29 @@ def test_init_variables_loads_the_file(weight_files, name, model_name, key):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
     stats = traverse_util.flatten_dict(batch_stats["student"]["encoder"])
     file_stats = traverse_util.flatten_dict(
-        pretrained._load_encoder(model.encoder, weight_files[key])["batch_stats"])
+        pretrained._load_encoder(model.encoder, weight_files[key])["batch_stats"]
+    )
     for k in file_stats:
         np.testing.assert_array_equal(np.asarray(stats[k]), np.asarray(file_stats[k]))
-    scratch, _ = heatmap_task.init_variables(helpers.tiny_config(name, **{"model.name": model_name}), model, None, jax.random.key(0))
-    assert not np.array_equal(np.asarray(got[next(iter(want))]),
-                              np.asarray(_encoder_params({"params": scratch["student"]})[
-                                  next(iter(want))]))
+    scratch, _ = heatmap_task.init_variables(
+        helpers.tiny_config(name, **{"model.name": model_name}), model, None, jax.random.key(0)
+    )
+    assert not np.array_equal(
+        np.asarray(got[next(iter(want))]),
+        np.asarray(_encoder_params({"params": scratch["student"]})[next(iter(want))]),
+    )
 
 
 def _main(*args, timeout=900):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "fan_jax.main", *args], capture_output=True,
-                          text=True, cwd=helpers.REPO_ROOT, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fan_jax.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=helpers.REPO_ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +146,20 @@ def tiny_300w(tmp_path_factory):
 
 
 def _cli_args(config, manual, tfds_dir, workdir, weights, **extra):
-    args = [f"--config=configs/{config}.py", f"--workdir={workdir}",
-            f"--config.model.pretrained={weights}",
-            f"--config.dataset.manual_dir={manual}", f"--config.dataset.data_dir={tfds_dir}",
-            "--config.input_size=64", "--config.train.batch_size=2",
-            "--config.train.num_train_steps=1", "--config.train.eval_every_steps=-1",
-            "--config.train.checkpoint_every_steps=1", "--config.eval.flip_test=False",
-            "--config.eval.splits=('common',)"]
+    args = [
+        f"--config=configs/{config}.py",
+        f"--workdir={workdir}",
+        f"--config.model.pretrained={weights}",
+        f"--config.dataset.manual_dir={manual}",
+        f"--config.dataset.data_dir={tfds_dir}",
+        "--config.input_size=64",
+        "--config.train.batch_size=2",
+        "--config.train.num_train_steps=1",
+        "--config.train.eval_every_steps=-1",
+        "--config.train.checkpoint_every_steps=1",
+        "--config.eval.flip_test=False",
+        "--config.eval.splits=('common',)",
+    ]
     return args + [f"--config.{k}={v}" for k, v in extra.items()]
 
 
@@ -137,8 +170,11 @@ def test_cli_trains_from_a_keras_weight_file(weight_files, tiny_300w, tmp_path):
     manual, tfds_dir = tiny_300w
     workdir = tmp_path / "run"
     weights = weight_files["mobilenet_v2_1.0.h5"]
-    r = _main(*_cli_args("300w_mobilefan_0.5", manual, tfds_dir, workdir, weights,
-                         **{"train.learning_rate": 0.0}))
+    r = _main(
+        *_cli_args(
+            "300w_mobilefan_0.5", manual, tfds_dir, workdir, weights, **{"train.learning_rate": 0.0}
+        )
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     restored, step = checkpoints.restore_model(str(workdir), "latest")
     assert step == 1
@@ -182,9 +218,19 @@ def _bad_file(kind, weight_files, tmp_path):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "garbage_keras", "wrong_width",
-                                  "wrong_width_h5", "wrong_architecture", "with_top",
-                                  "with_top_keras"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "corrupt",
+        "garbage_keras",
+        "wrong_width",
+        "wrong_width_h5",
+        "wrong_architecture",
+        "with_top",
+        "with_top_keras",
+    ],
+)
 def test_bad_weight_file_is_named(weight_files, tmp_path, kind):
     path, expected = _bad_file(kind, weight_files, tmp_path)
     config = helpers.tiny_config("300w_mobilefan", **{"model.pretrained": path})
@@ -197,7 +243,9 @@ def test_bad_weight_file_is_named(weight_files, tmp_path, kind):
 
 
 def test_resnet_file_into_a_torchvision_style_teacher_is_named(weight_files):
-    config = helpers.tiny_config("300w_teacher", **{"model.pretrained": weight_files["resnet50.h5"]})
+    config = helpers.tiny_config(
+        "300w_teacher", **{"model.pretrained": weight_files["resnet50.h5"]}
+    )
     model = fan.build_model("resnet18_fan", 68)
     with pytest.raises(pretrained.WeightFileError, match="resnet50_notop.h5.*ResNet"):
         heatmap_task.init_variables(config, model, None, jax.random.key(0))

@@ -64,7 +64,7 @@ def imports_of(module: str, path: str, modules: dict[str, str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 pkg = module.split(".") if is_pkg else module.split(".")[:-1]
-                pkg = pkg[:len(pkg) - (node.level - 1)]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
                 base = ".".join(pkg + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
@@ -152,7 +152,8 @@ def test_graph_sees_lazy_and_relative_imports(tmp_path):
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles among fan_jax modules: " + "; ".join(
-        " <-> ".join(c) for c in found)
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_no_module_over_500_lines():

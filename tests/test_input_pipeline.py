@@ -12,15 +12,21 @@ from fan_jax import geometry, landmarks
 from fan_jax import input_pipeline as ip
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.sections.pipeline import measure_throughput  # noqa: E402
+from benchmarks.sections.pipeline import measure_throughput
 
 S = 256
 
 
 def _palette(n: int) -> np.ndarray:
     """n well-separated saturated colours (none black, which is the warp border)."""
-    hsv = np.stack([np.linspace(0, 179, n, endpoint=False),
-                    np.full(n, 255), np.where(np.arange(n) % 2, 255, 160)], -1)
+    hsv = np.stack(
+        [
+            np.linspace(0, 179, n, endpoint=False),
+            np.full(n, 255),
+            np.where(np.arange(n) % 2, 255, 160),
+        ],
+        -1,
+    )
     return cv2.cvtColor(hsv[None].astype(np.uint8), cv2.COLOR_HSV2RGB)[0].astype(np.int32)
 
 
@@ -48,8 +54,10 @@ def _check_dots(out, pal, flipped):
         assert nearest == perm[i], (i, pts[i], colour)
 
 
-@pytest.mark.parametrize("rotation,scale,flip", [
-    (0.0, 1.0, False), (30.0, 0.75, False), (-30.0, 1.25, True), (17.0, 0.9, True)])
+@pytest.mark.parametrize(
+    "rotation,scale,flip",
+    [(0.0, 1.0, False), (30.0, 0.75, False), (-30.0, 1.25, True), (17.0, 0.9, True)],
+)
 def test_warped_dots_at_transformed_landmarks(rotation, scale, flip):
     ex, pal = _dot_example()
     t = ip.TrainTransform(29, ip.AugmentConfig())
@@ -59,8 +67,9 @@ def test_warped_dots_at_transformed_landmarks(rotation, scale, flip):
 def test_warped_dots_through_random_pipeline():
     ex, pal = _dot_example()
     cfg = ip.AugmentConfig(p_rotate=1.0)
-    it = ip.train_iterator([ex] * 4, 29, seed=3, global_batch_size=4, augment=cfg,
-                           shard_index=0, shard_count=1)
+    it = ip.train_iterator(
+        [ex] * 4, 29, seed=3, global_batch_size=4, augment=cfg, shard_index=0, shard_count=1
+    )
     flips = set()
     for _ in range(3):
         batch = next(it)
@@ -105,8 +114,9 @@ def test_flip_keeps_subject_right_eye_on_image_left():
     # cv2's fixed-point bilinear weights may round the mirrored pixels 1 level apart.
     diff = np.abs(flipped["image"].astype(int) - plain["image"][:, ::-1].astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01
-    np.testing.assert_allclose(flipped["landmarks"],
-                               geometry.flip_landmarks(plain["landmarks"], S), atol=1e-3)
+    np.testing.assert_allclose(
+        flipped["landmarks"], geometry.flip_landmarks(plain["landmarks"], S), atol=1e-3
+    )
 
 
 def test_sample_params_distribution():
@@ -129,8 +139,9 @@ def test_photometric_off_by_default_and_geometry_unchanged():
     jitter = ip.TrainTransform(29, ip.AugmentConfig(photometric=True, brightness=0.4))
     a = plain.random_map(ex, np.random.default_rng(rng_seed))
     b = jitter.random_map(ex, np.random.default_rng(rng_seed))
-    np.testing.assert_array_equal(a["image"], plain.apply(ex, *plain.sample_params(
-        np.random.default_rng(rng_seed)))["image"])
+    np.testing.assert_array_equal(
+        a["image"], plain.apply(ex, *plain.sample_params(np.random.default_rng(rng_seed)))["image"]
+    )
     np.testing.assert_array_equal(a["landmarks"], b["landmarks"])
     assert not np.array_equal(a["image"], b["image"])
     assert b["image"].dtype == np.uint8
@@ -141,15 +152,17 @@ def test_box_source_dataset_uses_stored_box():
     ex = dict(ex, box=np.float32([50, 50, 250, 250]))
     out = ip.TrainTransform(29, ip.AugmentConfig(box_source="dataset")).apply(ex, 0, 1, False)
     m = geometry.crop_transform(ex["box"], S, 1.25)
-    np.testing.assert_allclose(out["landmarks"], geometry.apply_affine(m, ex["landmarks"]),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        out["landmarks"], geometry.apply_affine(m, ex["landmarks"]), atol=1e-4
+    )
     with pytest.raises(ValueError):
         ip.AugmentConfig(box_source="detector")
 
 
 def test_augment_config_from_mapping():
-    cfg = ip.AugmentConfig.from_mapping({"p_rotate": 1.0, "scale_range": [0.9, 1.1],
-                                         "learning_rate": 1e-3})
+    cfg = ip.AugmentConfig.from_mapping(
+        {"p_rotate": 1.0, "scale_range": [0.9, 1.1], "learning_rate": 1e-3}
+    )
     assert cfg.p_rotate == 1.0 and cfg.scale_range == (0.9, 1.1)
 
 
@@ -160,8 +173,9 @@ def test_decode_image_bytes_and_greyscale():
     np.testing.assert_array_equal(ip.decode_image(png.tobytes()), rgb)
     grey = rgb[..., 0]
     np.testing.assert_array_equal(ip.decode_image(grey), np.repeat(grey[..., None], 3, -1))
-    np.testing.assert_array_equal(ip.decode_image(grey[..., None]),
-                                  np.repeat(grey[..., None], 3, -1))
+    np.testing.assert_array_equal(
+        ip.decode_image(grey[..., None]), np.repeat(grey[..., None], 3, -1)
+    )
 
 
 def test_normalize_device_matches_numpy():
@@ -182,12 +196,17 @@ def _random_source(n, num_landmarks=68, seed=0, jpeg_every=0):
         to_orig = np.array([[2.5, 0.3, 40.0], [-0.3, 2.5, 17.0]], np.float32)
         if jpeg_every and i % jpeg_every == 0:
             img = cv2.imencode(".jpg", img)[1].tobytes()
-        out.append({
-            "image": img, "landmarks": lm, "box": geometry.box_from_landmarks(lm),
-            "to_original": to_orig,
-            "original_landmarks": geometry.apply_affine(to_orig, lm).astype(np.float32),
-            "file_name": f"img_{i}.jpg", "attributes": np.arange(6) % 2 == i % 2,
-        })
+        out.append(
+            {
+                "image": img,
+                "landmarks": lm,
+                "box": geometry.box_from_landmarks(lm),
+                "to_original": to_orig,
+                "original_landmarks": geometry.apply_affine(to_orig, lm).astype(np.float32),
+                "file_name": f"img_{i}.jpg",
+                "attributes": np.arange(6) % 2 == i % 2,
+            }
+        )
     return out
 
 
@@ -261,8 +280,9 @@ def test_shards_are_disjoint_and_cover_the_source():
     src = _tag_source(n)
     seen = []
     for shard in range(2):
-        it = ip.train_iterator(src, 29, seed=0, global_batch_size=global_batch,
-                               shard_index=shard, shard_count=2)
+        it = ip.train_iterator(
+            src, 29, seed=0, global_batch_size=global_batch, shard_index=shard, shard_count=2
+        )
         ids = []
         for _ in range(5):  # 5 batches of 2 = two epochs of a 5-example shard
             batch = next(it)
@@ -297,8 +317,11 @@ def test_eval_batches_map_back_to_original_and_pad():
     np.testing.assert_array_equal(batches[1]["image"][1], plain["image"])
     np.testing.assert_allclose(batches[1]["landmarks"][1], plain["landmarks"], atol=1e-4)
     # The crop-space points really are on the crop: the map is not just to_original.
-    assert not np.allclose(geometry.apply_affine(src[0]["to_original"], batches[0]["landmarks"][0]),
-                           src[0]["original_landmarks"], atol=1.0)
+    assert not np.allclose(
+        geometry.apply_affine(src[0]["to_original"], batches[0]["landmarks"][0]),
+        src[0]["original_landmarks"],
+        atol=1.0,
+    )
 
 
 def test_eval_shards_have_equal_length_and_partition():
@@ -310,8 +333,7 @@ def test_eval_shards_have_equal_length_and_partition():
 
 
 def test_measure_throughput_runs():
-    ips = measure_throughput(_random_source(4), 0, batch_size=2, num_batches=2,
-                             warmup_batches=1)
+    ips = measure_throughput(_random_source(4), 0, batch_size=2, num_batches=2, warmup_batches=1)
     assert np.isfinite(ips) and ips > 0
 
 
@@ -332,6 +354,7 @@ def test_tfds_data_source_end_to_end(tmp_path):
         assert b["occluded"].shape == (2, 29) and b["file_name"].dtype.kind == "S"
         back = geometry.apply_affine(b["crop_to_original"], b["landmarks"])
         np.testing.assert_allclose(back, b["original_landmarks"], atol=1e-3)
-    batch = next(ip.train_iterator(src, 29, seed=0, global_batch_size=2, shard_index=0,
-                                   shard_count=1))
+    batch = next(
+        ip.train_iterator(src, 29, seed=0, global_batch_size=2, shard_index=0, shard_count=1)
+    )
     assert batch["image"].shape == (2, S, S, 3) and batch["landmarks"].shape == (2, 29, 2)

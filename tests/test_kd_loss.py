@@ -30,12 +30,12 @@ def public_code_aloss(p, g, t, alpha, alpha_neg, beta):
 
 def public_code_main(p, g, tol, c=3.0):
     e, tau = np.abs(g - p), np.abs(g - tol)
-    return np.mean(np.where(e > tau, e ** 2 + c * tau - tau ** 2, 0.0)) + np.mean(
-        np.where(e <= tau, c * e, 0.0))
+    return np.mean(np.where(e > tau, e**2 + c * tau - tau**2, 0.0)) + np.mean(
+        np.where(e <= tau, c * e, 0.0)
+    )
 
 
 class AssistiveLossTest(chex.TestCase, parameterized.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
         # (g, T, p, expected weight, expected |T' - p|)
@@ -54,9 +54,11 @@ class AssistiveLossTest(chex.TestCase, parameterized.TestCase):
     )
     def test_regions(self, g, t, p, weight, dist):
         w = self.variant(kd.assistive_weights, static_argnums=(3, 4, 5))(
-            f32(p), f32(g), f32(t), A, AN, BETA)
+            f32(p), f32(g), f32(t), A, AN, BETA
+        )
         loss = self.variant(kd.assistive_loss, static_argnums=(3, 4, 5))(
-            f32(p), f32(g), f32(t), A, AN, BETA)
+            f32(p), f32(g), f32(t), A, AN, BETA
+        )
         chex.assert_trees_all_close(w, f32(weight))
         chex.assert_trees_all_close(loss, jnp.float32(weight * dist), atol=1e-7)
 
@@ -71,26 +73,26 @@ class AssistiveLossTest(chex.TestCase, parameterized.TestCase):
         p, g, t = (rng.normal(size=(4, 98, 2)).astype(np.float32) for _ in range(3))
         for alpha, alpha_neg, beta in ((1.9, -0.45, 0.15), (1.8, -0.4, 0.15), (1.0, -0.5, 0.4)):
             want = public_code_aloss(p, g, t, alpha, alpha_neg, beta)
-            got = kd.assistive_loss(jnp.asarray(p), jnp.asarray(g), jnp.asarray(t), alpha,
-                                    alpha_neg, beta)
+            got = kd.assistive_loss(
+                jnp.asarray(p), jnp.asarray(g), jnp.asarray(t), alpha, alpha_neg, beta
+            )
             np.testing.assert_allclose(got, want, rtol=1e-5)
 
     def test_gradient_pulls_towards_ground_truth(self):
         g, t = f32(0.0), f32(0.5)
         grad = jax.grad(lambda p: kd.assistive_loss(p, g, t, A, AN, BETA).sum())
-        assert grad(f32(0.75))[0] == pytest.approx(A)      # beyond T': descent lowers p
-        assert grad(f32(-0.75))[0] == pytest.approx(-A)    # mirrored
-        assert grad(f32(0.25))[0] == pytest.approx(-AN)    # negative weight: away from T'
+        assert grad(f32(0.75))[0] == pytest.approx(A)  # beyond T': descent lowers p
+        assert grad(f32(-0.75))[0] == pytest.approx(-A)  # mirrored
+        assert grad(f32(0.25))[0] == pytest.approx(-AN)  # negative weight: away from T'
         assert grad(f32(0.0625))[0] == 0.0
 
 
 class MainLossTest(chex.TestCase, parameterized.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
-        ("linear", 0.25, 0.75),               # 3 e
-        ("quadratic", 1.0, 2.25),             # e^2 + 3 tau - tau^2 = 1 + 1.5 - 0.25
-        ("at_switch", 0.5, 1.5),              # both branches: 3 tau
+        ("linear", 0.25, 0.75),  # 3 e
+        ("quadratic", 1.0, 2.25),  # e^2 + 3 tau - tau^2 = 1 + 1.5 - 0.25
+        ("at_switch", 0.5, 1.5),  # both branches: 3 tau
         ("zero", 0.0, 0.0),
     )
     def test_branches(self, e, want):
@@ -117,19 +119,19 @@ class MainLossTest(chex.TestCase, parameterized.TestCase):
 
 
 class TotalLossTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_total_is_weighted_sum(self):
         rng = np.random.default_rng(2)
-        p, g, tough, tol = (jnp.asarray(rng.uniform(size=(2, 5, 2)), jnp.float32)
-                            for _ in range(4))
+        p, g, tough, tol = (jnp.asarray(rng.uniform(size=(2, 5, 2)), jnp.float32) for _ in range(4))
         cfg = kd.KDLossConfig()
         total, terms = self.variant(kd.kd_loss, static_argnums=4)(p, g, tough, tol, cfg)
         chex.assert_trees_all_close(terms["main"], 2.0 * kd.main_loss(p, g, tol, 3.0))
-        chex.assert_trees_all_close(terms["tough"],
-                                    kd.assistive_loss(p, g, tough, 1.9, -0.45, 0.15))
-        chex.assert_trees_all_close(terms["tolerant"],
-                                    kd.assistive_loss(p, g, tol, 1.8, -0.4, 0.15))
+        chex.assert_trees_all_close(
+            terms["tough"], kd.assistive_loss(p, g, tough, 1.9, -0.45, 0.15)
+        )
+        chex.assert_trees_all_close(
+            terms["tolerant"], kd.assistive_loss(p, g, tol, 1.8, -0.4, 0.15)
+        )
         chex.assert_trees_all_close(total, terms["main"] + terms["tough"] + terms["tolerant"])
 
     def test_config_from_mapping(self):
@@ -153,7 +155,8 @@ class TotalLossTest(chex.TestCase):
         chex.assert_tree_all_finite((val, grad))
         # Teachers and ground truth get no gradient.
         grads = jax.grad(lambda g, t1, t2: kd.kd_loss(p, g, t1, t2, cfg)[0], argnums=(0, 1, 2))(
-            g, tough, tol)
+            g, tough, tol
+        )
         chex.assert_trees_all_close(grads, tuple(jnp.zeros_like(x) for x in (g, tough, tol)))
 
     def test_mse(self):

@@ -14,17 +14,26 @@ import os
 import signal
 import sys
 
+import _train_helpers as helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fan_jax import (asm, errors, geometry, input_pipeline, landmarks, optim, steps, synthetic,
-                     tasks, train)
-from fan_jax.tasks import kdloss as kdloss_task
+from fan_jax import (
+    asm,
+    errors,
+    geometry,
+    input_pipeline,
+    landmarks,
+    optim,
+    steps,
+    synthetic,
+    tasks,
+    train,
+)
 from fan_jax.models import regression
-
-import _train_helpers as helpers  # noqa: E402
+from fan_jax.tasks import kdloss as kdloss_task
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -81,12 +90,19 @@ def test_normalized_coordinates_and_flip():
 
 def test_augmented_shapes_match_the_train_pipeline():
     src = sources()["train"][:3]
-    aug = dict(box_source="landmarks", box_scale=1.25, p_rotate=0.6, max_rotation_deg=30.0,
-               scale_range=(0.75, 1.25), p_flip=0.5)
+    aug = dict(
+        box_source="landmarks",
+        box_scale=1.25,
+        p_rotate=0.6,
+        max_rotation_deg=30.0,
+        scale_range=(0.75, 1.25),
+        p_flip=0.5,
+    )
     shapes = kdloss_task.collect_augmented_shapes(src, 68, aug, 64, seed=5, augmentations=2)
     assert shapes.shape == (6, 68, 2)
     np.testing.assert_array_equal(
-        shapes, kdloss_task.collect_augmented_shapes(src, 68, aug, 64, seed=5, augmentations=2))
+        shapes, kdloss_task.collect_augmented_shapes(src, 68, aug, 64, seed=5, augmentations=2)
+    )
     # Same crops as TrainTransform with the same parameters (images warped there, not here).
     tt = input_pipeline.TrainTransform(68, input_pipeline.AugmentConfig(output_size=64, **aug))
     rng = np.random.default_rng([5, 0xA5])
@@ -110,6 +126,7 @@ def test_configs_build(dataset, role):
     assert os.path.exists(c.kd.tolerant_config)
     optim.make_optimizer(c, 100)
     from fan_jax import kd_loss
+
     assert kd_loss.KDLossConfig.from_mapping(c.kd.loss.to_dict()) == kd_loss.KDLossConfig()
 
 
@@ -134,23 +151,31 @@ def test_real_model_steps_trace(role):
     tx, _ = optim.make_optimizer(c, 10)
     x = jnp.zeros((1, s, s, 3), jnp.float32)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-    state = jax.eval_shape(functools.partial(steps.create_train_state, tx=tx),
-                           {"student": shapes["params"]}, {"student": shapes["batch_stats"]})
-    batch = {"image": jax.ShapeDtypeStruct((2, s, s, 3), jnp.uint8),
-             "landmarks": jax.ShapeDtypeStruct((2, n_lm, 2), jnp.float32)}
+    state = jax.eval_shape(
+        functools.partial(steps.create_train_state, tx=tx),
+        {"student": shapes["params"]},
+        {"student": shapes["batch_stats"]},
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((2, s, s, 3), jnp.uint8),
+        "landmarks": jax.ShapeDtypeStruct((2, n_lm, 2), jnp.float32),
+    }
     rng = jax.random.key(1)
     if role == "student":
         teacher = regression.build_regressor(c.kd.teacher_model, n_lm)
         tvars = jax.eval_shape(functools.partial(teacher.init, train=False), jax.random.key(0), x)
-        fn = functools.partial(kdloss_task.student_step, model=model, tough=teacher,
-                               tolerant=teacher, tx=tx)
+        fn = functools.partial(
+            kdloss_task.student_step, model=model, tough=teacher, tolerant=teacher, tx=tx
+        )
         new_state, metrics = jax.eval_shape(fn, state, (tvars, tvars), batch, rng)
         assert {"main", "tough", "tolerant", "loss"} <= set(metrics)
     else:
         shape_model = None
         if role == "teacher_tolerant":
             shape_model = asm.fit(np.random.default_rng(0).uniform(size=(20, n_lm, 2)), 97)
-        fn = functools.partial(kdloss_task.teacher_step, model=model, tx=tx, shape_model=shape_model)
+        fn = functools.partial(
+            kdloss_task.teacher_step, model=model, tx=tx, shape_model=shape_model
+        )
         new_state, metrics = jax.eval_shape(fn, state, (), batch, rng)
     assert metrics["loss"].shape == ()
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -179,8 +204,9 @@ def test_three_roles_end_to_end(tiny, tmp_path):
     # Resume: the student's run continues from its last checkpoint.
     c = tiny_config("student", root, steps_=3)
     c.train.allow_changes = True  # extending the run changes its record
-    res = train.train_and_evaluate(c, os.path.join(root, "student"), sources=src,
-                                   evaluate_at_end=False)
+    res = train.train_and_evaluate(
+        c, os.path.join(root, "student"), sources=src, evaluate_at_end=False
+    )
     assert res.step == 3
 
     # Eval mode restores and scores the same numbers as the end of training (latest ckpt).
@@ -188,7 +214,8 @@ def test_three_roles_end_to_end(tiny, tmp_path):
     c.eval.checkpoint = "latest"
     again = train.evaluate_workdir(c, os.path.join(root, "tough"), sources=src)
     assert again["test"]["no_flip"]["nme"] == pytest.approx(
-        results["teacher_tough"]["test"]["no_flip"]["nme"], rel=1e-5)
+        results["teacher_tough"]["test"]["no_flip"]["nme"], rel=1e-5
+    )
 
     # Teacher errors name what to run.
     c = tiny_config("student", root)
@@ -234,14 +261,28 @@ def test_kdloss_workdir_serves_predict_and_export_like_a_heatmap_one(tiny, tmp_p
     loaded = predict.load_student(workdir=workdir, which="latest")
     assert loaded.kind == "regression" and loaded.num_landmarks == 68
 
-    batch = next(iter(input_pipeline.eval_batches(
-        sources()["test"], 3, output_size=64, box_source="landmarks", box_scale=1.25,
-        shard_index=0, shard_count=1)))
+    batch = next(
+        iter(
+            input_pipeline.eval_batches(
+                sources()["test"],
+                3,
+                output_size=64,
+                box_source="landmarks",
+                box_scale=1.25,
+                shard_index=0,
+                shard_count=1,
+            )
+        )
+    )
     crops = np.asarray(batch["image"])
     p = predict.Predictor.from_loaded(loaded)
     pts, scores = p.predict_crops(crops)
-    want = landmarks.from_normalized(np.asarray(loaded.model.apply(
-        loaded.variables, landmarks.normalize_np(crops), train=False)), 64)
+    want = landmarks.from_normalized(
+        np.asarray(
+            loaded.model.apply(loaded.variables, landmarks.normalize_np(crops), train=False)
+        ),
+        64,
+    )
     np.testing.assert_allclose(pts, want, atol=1e-4)
     assert pts.shape == (3, 68, 2) and np.all(scores == 1)
 
@@ -255,11 +296,14 @@ def test_kdloss_workdir_serves_predict_and_export_like_a_heatmap_one(tiny, tmp_p
 
 
 def test_inference_imports_no_training_module():
-    code = ("import sys, fan_jax.predict, fan_jax.export; "
-            "bad = [m for m in ('fan_jax.train', 'fan_jax.tasks', 'fan_jax.input_pipeline', "
-            "'optax', 'grain') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, fan_jax.predict, fan_jax.export; "
+        "bad = [m for m in ('fan_jax.train', 'fan_jax.tasks', 'fan_jax.input_pipeline', "
+        "'optax', 'grain') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO_ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fan_jax.models.layers import (BatchNorm, ConvTranspose, DepthwiseConv, PatchConv, PointwiseConv,
-                                   conv_transpose_torch, conv_transpose_torch_reference,
-                                   depthwise_conv, same_padding)
+from fan_jax.models.layers import (
+    BatchNorm,
+    ConvTranspose,
+    DepthwiseConv,
+    PatchConv,
+    PointwiseConv,
+    conv_transpose_torch,
+    conv_transpose_torch_reference,
+    depthwise_conv,
+    same_padding,
+)
 
 HI = jax.lax.Precision.HIGHEST
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -41,8 +49,14 @@ def _check_value_and_grads(fast, ref, x, kernel):
 
 def _lax_conv(x, kernel, strides=1, padding="SAME", groups=1):
     return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups, precision=HI)
+        x,
+        kernel,
+        (strides, strides),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=HI,
+    )
 
 
 def test_same_padding_matches_keras_correct_pad():
@@ -72,41 +86,61 @@ def test_pointwise_conv_grads():
     _check_value_and_grads(fast, _lax_conv, _rand(0, (2, 5, 7, 6)), _rand(1, (1, 1, 6, 4)))
 
 
-@pytest.mark.parametrize("strides,size,padding", [
-    (1, (6, 6), "SAME"), (1, (5, 7), "SAME"), (2, (8, 8), "SAME"), (2, (7, 9), "SAME"),
-    (2, (8, 6), ((1, 1), (1, 1))), (1, (6, 5), "VALID"), (2, (9, 8), "VALID"),
-])
+@pytest.mark.parametrize(
+    "strides,size,padding",
+    [
+        (1, (6, 6), "SAME"),
+        (1, (5, 7), "SAME"),
+        (2, (8, 8), "SAME"),
+        (2, (7, 9), "SAME"),
+        (2, (8, 6), ((1, 1), (1, 1))),
+        (1, (6, 5), "VALID"),
+        (2, (9, 8), "VALID"),
+    ],
+)
 def test_depthwise_conv_matches_grouped_conv(strides, size, padding):
     c = 5
     x = _rand(0, (2, *size, c))
     kernel = _rand(1, (3, 3, 1, c))
     _check_value_and_grads(
         lambda x, k: depthwise_conv(x, k, strides, padding),
-        lambda x, k: _lax_conv(x, k, strides, padding, groups=c), x, kernel)
+        lambda x, k: _lax_conv(x, k, strides, padding, groups=c),
+        x,
+        kernel,
+    )
 
 
 def test_depthwise_module_params_match_nn_conv():
     x = _rand(0, (1, 8, 8, 6))
     v = DepthwiseConv(3, strides=2).init(jax.random.key(0), x)
     v_ref = nn.Conv(6, (3, 3), strides=2, feature_group_count=6, use_bias=False).init(
-        jax.random.key(0), x)
+        jax.random.key(0), x
+    )
     assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
-    ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", feature_group_count=6, use_bias=False,
-                  precision=HI)
+    ref = nn.Conv(
+        6, (3, 3), strides=2, padding="SAME", feature_group_count=6, use_bias=False, precision=HI
+    )
     np.testing.assert_allclose(DepthwiseConv(3, strides=2).apply(v, x), ref.apply(v, x), **TOL)
 
 
-@pytest.mark.parametrize("k,strides,size,padding", [
-    (3, 2, (8, 8), "SAME"), (3, 2, (7, 9), "SAME"), (3, 1, (6, 5), "SAME"), (5, 2, (9, 8), "VALID"),
-    (1, 1, (4, 4), "SAME"),
-])
+@pytest.mark.parametrize(
+    "k,strides,size,padding",
+    [
+        (3, 2, (8, 8), "SAME"),
+        (3, 2, (7, 9), "SAME"),
+        (3, 1, (6, 5), "SAME"),
+        (5, 2, (9, 8), "VALID"),
+        (1, 1, (4, 4), "SAME"),
+    ],
+)
 def test_patch_conv_matches_lax_conv(k, strides, size, padding):
     cin, cout = 3, 4
     x, kernel = _rand(0, (2, *size, cin)), _rand(1, (k, k, cin, cout))
 
     def fast(x, kernel):
         return PatchConv(cout, k, strides=strides, padding=padding, precision=HI).apply(
-            {"params": {"kernel": kernel}}, x)
+            {"params": {"kernel": kernel}}, x
+        )
 
     _check_value_and_grads(fast, lambda x, kern: _lax_conv(x, kern, strides, padding), x, kernel)
 
@@ -118,8 +152,9 @@ def test_patch_conv_params_match_nn_conv():
     assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_ref)
     v = {"params": {**v["params"], "bias": _rand(3, (6,))}}
     ref = nn.Conv(6, (3, 3), strides=2, padding="SAME", precision=HI)
-    np.testing.assert_allclose(PatchConv(6, 3, strides=2, use_bias=True, precision=HI).apply(v, x),
-                               ref.apply(v, x), **TOL)
+    np.testing.assert_allclose(
+        PatchConv(6, 3, strides=2, use_bias=True, precision=HI).apply(v, x), ref.apply(v, x), **TOL
+    )
 
 
 def _torch_conv_transpose_loop(x, kernel, s, p, op=0):
@@ -132,17 +167,19 @@ def _torch_conv_transpose_loop(x, kernel, s, p, op=0):
     full = np.zeros((n, hf + p, wf + p, cout))
     for i, j, a, b in itertools.product(range(h), range(w), range(k), range(k)):
         full[:, i * s + a, j * s + b] += x[:, i, j] @ kernel[a, b]
-    return full[:, p:p + (h - 1) * s - 2 * p + k + op, p:p + (w - 1) * s - 2 * p + k + op]
+    return full[:, p : p + (h - 1) * s - 2 * p + k + op, p : p + (w - 1) * s - 2 * p + k + op]
 
 
-@pytest.mark.parametrize("k,s,p,op", [(2, 2, 0, 0), (4, 2, 1, 0), (3, 2, 1, 1), (4, 2, 0, 0),
-                                      (6, 3, 2, 0)])
+@pytest.mark.parametrize(
+    "k,s,p,op", [(2, 2, 0, 0), (4, 2, 1, 0), (3, 2, 1, 1), (4, 2, 0, 0), (6, 3, 2, 0)]
+)
 def test_conv_transpose_matches_torch_definition(k, s, p, op):
     x = _rand(0, (2, 3, 4, 5))
     kernel = _rand(1, (k, k, 5, 3))
     expected = _torch_conv_transpose_loop(x, kernel, s, p, op)
-    np.testing.assert_allclose(conv_transpose_torch_reference(x, kernel, s, p, op, HI), expected,
-                               **TOL)
+    np.testing.assert_allclose(
+        conv_transpose_torch_reference(x, kernel, s, p, op, HI), expected, **TOL
+    )
     np.testing.assert_allclose(conv_transpose_torch(x, kernel, s, p, op, HI), expected, **TOL)
 
 
@@ -151,7 +188,9 @@ def test_conv_transpose_grads(k, p):
     _check_value_and_grads(
         lambda x, w: conv_transpose_torch(x, w, 2, p, precision=HI),
         lambda x, w: conv_transpose_torch_reference(x, w, 2, p, precision=HI),
-        _rand(0, (2, 4, 3, 6)), _rand(1, (k, k, 6, 5)))
+        _rand(0, (2, 4, 3, 6)),
+        _rand(1, (k, k, 6, 5)),
+    )
 
 
 def test_conv_transpose_matches_pytorch():
@@ -161,10 +200,13 @@ def test_conv_transpose_matches_pytorch():
         layer = torch.nn.ConvTranspose2d(6, 3, k, 2, p, bias=True)
         with torch.no_grad():
             expected = layer(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        params = {"kernel": layer.weight.detach().numpy().transpose(2, 3, 0, 1),
-                  "bias": layer.bias.detach().numpy()}
+        params = {
+            "kernel": layer.weight.detach().numpy().transpose(2, 3, 0, 1),
+            "bias": layer.bias.detach().numpy(),
+        }
         ours = ConvTranspose(3, k, 2, torch_padding=p, use_bias=True, precision=HI).apply(
-            {"params": params}, x)
+            {"params": params}, x
+        )
         np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -186,8 +228,9 @@ def test_batch_norm_matches_flax(activation):
     ours = BatchNorm(momentum=0.9, epsilon=1e-3, activation=activation)
     ref = nn.BatchNorm(momentum=0.9, epsilon=1e-3)
     variables = ref.init(jax.random.key(1), x, use_running_average=False)
-    assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False))
-            == jax.tree.map(jnp.shape, variables))
+    assert jax.tree.map(
+        jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False)
+    ) == jax.tree.map(jnp.shape, variables)
     params = {"scale": _rand(2, (7,)) + 2, "bias": _rand(3, (7,))}
     stats = {"mean": _rand(5, (7,)), "var": jnp.exp(_rand(6, (7,)))}
 
@@ -195,13 +238,20 @@ def test_batch_norm_matches_flax(activation):
     def run(params, x):
         outs = []
         for module, f in ((ours, lambda y: y), (ref, act)):
+
             def loss(params, x):
-                y, upd = module.apply({"params": params, "batch_stats": stats}, x,
-                                      use_running_average=False, mutable=["batch_stats"])
+                y, upd = module.apply(
+                    {"params": params, "batch_stats": stats},
+                    x,
+                    use_running_average=False,
+                    mutable=["batch_stats"],
+                )
                 return jnp.sum(f(y) * cot), upd
+
             (_, upd), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-            y_eval = module.apply({"params": params, "batch_stats": stats}, x,
-                                  use_running_average=True)
+            y_eval = module.apply(
+                {"params": params, "batch_stats": stats}, x, use_running_average=True
+            )
             outs.append((upd, grads, f(y_eval)))
         return outs
 
@@ -231,7 +281,7 @@ def test_lax_form_equals_the_matmul_form(monkeypatch):
     def loss(p, impl):
         with layers.use_conv_impl(impl):
             y = model.apply(p, x)
-        return jnp.sum(y ** 2), y
+        return jnp.sum(y**2), y
 
     (l_m, y_m), g_m = jax.value_and_grad(loss, has_aux=True)(params, "matmul")
     (l_l, y_l), g_l = jax.value_and_grad(loss, has_aux=True)(params, "lax")

@@ -21,12 +21,14 @@ def _taps(seed, b, size, cs, ct=256):
 
 def _fs_numpy(student, teacher, eps=1e-9):
     """Float64 N x N reference with the module's row normalisation f / (|f| + eps)."""
+
     def cos(tap):
         f = np.asarray(tap, np.float64).reshape(tap.shape[0], -1, tap.shape[-1])
         f = f / (np.linalg.norm(f, axis=-1, keepdims=True) + eps)
         return f @ f.transpose(0, 2, 1)
+
     n = student.shape[1] * student.shape[2]
-    return float(np.mean(np.sum((cos(student) - cos(teacher)) ** 2, axis=(1, 2)) / n ** 2))
+    return float(np.mean(np.sum((cos(student) - cos(teacher)) ** 2, axis=(1, 2)) / n**2))
 
 
 def _value_and_grad(fn):
@@ -39,7 +41,6 @@ def _max_rel(a, b):
 
 
 class FeatureSimilarityTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(
         ("16x16_128v256", 2, 16, 128),
@@ -76,8 +77,11 @@ class FeatureSimilarityTest(chex.TestCase):
         # N = 2. Student rows orthogonal -> A_s = I; teacher rows equal -> A_t = ones.
         s = jnp.array([[[[2.0, 0.0], [0.0, 3.0]]]])  # [1, 1, 2, 2]
         t = jnp.array([[[[1.0, 0.0, 0.0], [4.0, 0.0, 0.0]]]])
-        for fn in (losses.feature_similarity_direct, losses.feature_similarity_gram,
-                   losses.feature_similarity_public):
+        for fn in (
+            losses.feature_similarity_direct,
+            losses.feature_similarity_gram,
+            losses.feature_similarity_public,
+        ):
             np.testing.assert_allclose(float(self.variant(fn)(s, t)), 2.0 / 4.0, rtol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -90,7 +94,9 @@ class FeatureSimilarityTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_invariant_to_positive_scaling_of_positions(self):
         s, t = _taps(2, 2, 8, 32, 48)
-        scale = jnp.asarray(np.exp(np.random.default_rng(3).uniform(-4, 4, (2, 8, 8, 1))), jnp.float32)
+        scale = jnp.asarray(
+            np.exp(np.random.default_rng(3).uniform(-4, 4, (2, 8, 8, 1))), jnp.float32
+        )
         for fn in (losses.feature_similarity_direct, losses.feature_similarity_gram):
             f = self.variant(fn)
             np.testing.assert_allclose(float(f(s * scale, t)), float(f(s, t)), rtol=1e-5)
@@ -127,8 +133,11 @@ class FeatureSimilarityTest(chex.TestCase):
     def test_no_gradient_reaches_teacher(self):
         s, t = _taps(6, 2, 8, 32, 48)
         adapted = jnp.asarray(np.random.default_rng(7).standard_normal(t.shape), jnp.float32)
-        fns = [losses.feature_similarity_direct, losses.feature_similarity_gram,
-               losses.feature_similarity_public]
+        fns = [
+            losses.feature_similarity_direct,
+            losses.feature_similarity_gram,
+            losses.feature_similarity_public,
+        ]
         for fn in fns:
             g_t = self.variant(jax.grad(fn, argnums=1))(s, t)
             chex.assert_shape(g_t, t.shape)
@@ -168,7 +177,6 @@ def test_every_matmul_runs_at_highest_precision(fn):
 
 
 class SimpleLossesTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     def test_heatmap_mse(self):
         pred = jnp.array([[[[1.0, 2.0], [3.0, 4.0]]]])
@@ -196,7 +204,6 @@ class SimpleLossesTest(chex.TestCase):
 
 
 class DistillationTermsTest(chex.TestCase):
-
     def _taps(self):
         sizes = (4, 8, 8)
         rng = np.random.default_rng(0)
@@ -213,25 +220,31 @@ class DistillationTermsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_terms_and_total(self):
         s, a, t = self._taps()
-        terms = self.variant(losses.distillation_terms, static_argnames=("fs_form",))(s, a, t, fs_form="gram")
+        terms = self.variant(losses.distillation_terms, static_argnames=("fs_form",))(
+            s, a, t, fs_form="gram"
+        )
         assert set(terms) == {"fa1", "fa2", "fa3", "fs1", "fs2", "fs3"}
         for r in range(3):
             fa_ref = np.mean((np.asarray(a[r], np.float64) - np.asarray(t[r], np.float64)) ** 2)
             np.testing.assert_allclose(float(terms[f"fa{r + 1}"]), fa_ref, rtol=1e-5)
             np.testing.assert_allclose(float(terms[f"fs{r + 1}"]), _fs_numpy(s[r], t[r]), rtol=2e-5)
         total = losses.total_loss(jnp.float32(0.5), terms, 1e-2)
-        np.testing.assert_allclose(float(total), 0.5 + 1e-2 * sum(float(v) for v in terms.values()), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(total), 0.5 + 1e-2 * sum(float(v) for v in terms.values()), rtol=1e-6
+        )
 
     def test_layer_selection_and_forms(self):
         s, a, t = self._taps()
         terms = jax.jit(losses.distillation_terms, static_argnums=(3, 4, 5))(
-            s, None, t, (False,) * 3, (False, True, True), "direct")
+            s, None, t, (False,) * 3, (False, True, True), "direct"
+        )
         assert set(terms) == {"fs2", "fs3"}
         for k in terms:
             r = int(k[-1]) - 1
             np.testing.assert_allclose(float(terms[k]), _fs_numpy(s[r], t[r]), rtol=2e-5)
         terms = jax.jit(losses.distillation_terms, static_argnums=(3, 4, 5))(
-            s, a, t, (True, False, False), (False,) * 3, "gram")
+            s, a, t, (True, False, False), (False,) * 3, "gram"
+        )
         assert set(terms) == {"fa1"}
         assert losses.distillation_terms(s, a, t, (False,) * 3, (False,) * 3) == {}
         np.testing.assert_allclose(float(losses.total_loss(jnp.float32(0.25), {}, 1e-4)), 0.25)

@@ -6,11 +6,16 @@ import pytest
 from fan_jax import metrics as m
 
 
-@pytest.mark.parametrize("dataset,num,kind,a,b", [
-    ("wflw", 98, "inter_ocular", 60, 72), ("wflw", 98, "inter_pupil", 96, 97),
-    ("300w", 68, "inter_ocular", 36, 45), ("cofw", 29, "inter_ocular", 8, 9),
-    ("cofw", 29, "inter_pupil", 16, 17),
-])
+@pytest.mark.parametrize(
+    "dataset,num,kind,a,b",
+    [
+        ("wflw", 98, "inter_ocular", 60, 72),
+        ("wflw", 98, "inter_pupil", 96, 97),
+        ("300w", 68, "inter_ocular", 36, 45),
+        ("cofw", 29, "inter_ocular", 8, 9),
+        ("cofw", 29, "inter_pupil", 16, 17),
+    ],
+)
 def test_normalizer_point_pairs(dataset, num, kind, a, b):
     gt = np.zeros((2, num, 2))
     gt[0, a], gt[0, b] = (10, 20), (13, 24)  # 3-4-5 triangle
@@ -40,8 +45,8 @@ def test_unknown_normaliser():
 def test_nme_three_images():
     gt = np.random.default_rng(0).uniform(0, 100, size=(3, 4, 2))
     pred = gt.copy()
-    pred[0] += (3.0, 4.0)        # every point off by 5 px (25 if it were squared)
-    pred[1, :2] += (0.0, 2.0)    # half the points off by 2 px: mean 1 px
+    pred[0] += (3.0, 4.0)  # every point off by 5 px (25 if it were squared)
+    pred[1, :2] += (0.0, 2.0)  # half the points off by 2 px: mean 1 px
     norm = np.array([50.0, 20.0, 7.0])
     np.testing.assert_allclose(m.nme(pred, gt, norm), [0.1, 0.05, 0.0], atol=1e-12)
 
@@ -75,7 +80,9 @@ def test_auc_against_closed_form():
     nmes = np.random.default_rng(1).gamma(2.0, 0.025, size=500)
     exact = np.mean(np.clip(0.1 - nmes, 0, None)) / 0.1
     assert abs(m.auc(nmes) - exact) <= 1e-3
-    assert abs(m.auc(nmes, threshold=0.08) - np.mean(np.clip(0.08 - nmes, 0, None)) / 0.08) <= 1.25e-3
+    assert (
+        abs(m.auc(nmes, threshold=0.08) - np.mean(np.clip(0.08 - nmes, 0, None)) / 0.08) <= 1.25e-3
+    )
 
 
 def test_summarize():

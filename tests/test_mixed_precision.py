@@ -24,7 +24,7 @@ from fan_jax import losses, steps
 from fan_jax.models import fan
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 L = 5
 
@@ -34,8 +34,9 @@ def _batches(n, size=64, batch=2, seed=0):
     out = []
     for _ in range(n):
         lm = rng.uniform(8, size - 8, (batch, L, 2)).astype(np.float32)
-        out.append({"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-                    "landmarks": lm})
+        out.append(
+            {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "landmarks": lm}
+        )
     return out
 
 
@@ -55,8 +56,9 @@ def test_bf16_training_tracks_float32_and_keeps_the_state_float32():
     batches = _batches(6)
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, sigma=1.5,
-                                         compute_dtype=dtype))
+        step = jax.jit(
+            functools.partial(steps.train_step, model=model, tx=tx, sigma=1.5, compute_dtype=dtype)
+        )
         state, curve = state0, []
         for b in batches:
             state, m = step(state, b, jax.random.key(0))
@@ -89,8 +91,9 @@ def test_bf16_runs_the_convolutions_and_matmuls_in_bf16():
     batch = _batches(1)[0]
     kinds = {}
     for dtype in ("float32", "bfloat16"):
-        step = functools.partial(steps.train_step, model=model, tx=tx, sigma=1.5,
-                                 compute_dtype=dtype)
+        step = functools.partial(
+            steps.train_step, model=model, tx=tx, sigma=1.5, compute_dtype=dtype
+        )
         kinds[dtype] = _eqn_dtypes(jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr)
     assert kinds["float32"] and set(kinds["float32"]) == {"float32"}
     # All but the depthwise kernel-gradient reductions (float32 accumulation on purpose).
@@ -103,15 +106,26 @@ def test_bf16_distillation_step_tracks_float32():
     state, tx = _state(student)
     tv = teacher.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)), train=False)
     adapters = fan.Adapters(features=fan.teacher_channels(teacher))
-    _, taps = student.apply({"params": state.params["student"],
-                             "batch_stats": state.batch_stats["student"]}, jnp.zeros((1, 64, 64, 3)))
+    _, taps = student.apply(
+        {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
+        jnp.zeros((1, 64, 64, 3)),
+    )
     params = dict(state.params, adapters=adapters.init(jax.random.key(2), taps)["params"])
     state = steps.create_train_state(params, state.batch_stats, tx)
     batch = _batches(1)[0]
     out = {}
     for dtype in ("float32", "bfloat16"):
-        step = jax.jit(functools.partial(steps.distill_step, model=student, adapters=adapters,
-                                         teacher=teacher, tx=tx, lam=0.5, compute_dtype=dtype))
+        step = jax.jit(
+            functools.partial(
+                steps.distill_step,
+                model=student,
+                adapters=adapters,
+                teacher=teacher,
+                tx=tx,
+                lam=0.5,
+                compute_dtype=dtype,
+            )
+        )
         new_state, m = step(state, tv, batch, jax.random.key(0))
         out[dtype] = {k: float(v) for k, v in m.items()}
         assert _dtypes(new_state.params) == {"float32"}

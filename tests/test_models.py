@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fan_jax.models import (Adapters, DeconvDecoder, HeatmapHead, MobileNetV2Encoder,
-                            build_model, mobilefan, teacher_channels)
-from fan_jax.models import mobilenet_v2
+from fan_jax.models import (
+    Adapters,
+    DeconvDecoder,
+    HeatmapHead,
+    MobileNetV2Encoder,
+    build_model,
+    mobilefan,
+    mobilenet_v2,
+    teacher_channels,
+)
 from fan_jax.models.mobilenet_v2 import block_configs, make_divisible
 
 
@@ -44,12 +51,15 @@ def _abstract_init(model, size=256):
 
 # --------------------------------------------------------------------------- structure
 
+
 def test_keras_channel_rounding():
     # keras.applications.MobileNetV2 block output channels for alpha 1.0 and 0.5.
     assert [c["filters"] for c in block_configs(1.0)] == (
-        [16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320])
+        [16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320]
+    )
     assert [c["filters"] for c in block_configs(0.5)] == (
-        [8, 16, 16, 16, 16, 16, 32, 32, 32, 32, 48, 48, 48, 80, 80, 80, 160])
+        [8, 16, 16, 16, 16, 16, 32, 32, 32, 32, 48, 48, 48, 80, 80, 80, 160]
+    )
     assert make_divisible(32 * 0.5) == 16 and make_divisible(32 * 0.35) == 16
 
 
@@ -57,8 +67,15 @@ def test_encoder_names_mirror_keras():
     variables, out = _abstract_init(MobileNetV2Encoder(), size=64)
     params = variables["params"]
     assert out.shape == (1, 2, 2, 320)
-    assert {"Conv1", "bn_Conv1", "expanded_conv_depthwise", "expanded_conv_depthwise_BN",
-            "expanded_conv_project", "expanded_conv_project_BN", "block_16_project_BN"} <= set(params)
+    assert {
+        "Conv1",
+        "bn_Conv1",
+        "expanded_conv_depthwise",
+        "expanded_conv_depthwise_BN",
+        "expanded_conv_project",
+        "expanded_conv_project_BN",
+        "block_16_project_BN",
+    } <= set(params)
     assert "expanded_conv_expand" not in params and "Conv_1" not in params
     for b in range(1, 17):
         for suffix in ("expand", "expand_BN", "depthwise", "depthwise_BN", "project", "project_BN"):
@@ -71,18 +88,24 @@ def test_encoder_names_mirror_keras():
     assert _count(variables) == 2_257_984 - 320 * 1280 - 4 * 1280
 
 
-@pytest.mark.parametrize("name,channels,params_range", [
-    ("mobilefan", 128, (1.9e6, 2.2e6)),
-    ("mobilefan_0.5", 64, (1.75e6, 2.0e6)),
-    ("teacher", 256, (33e6, 36e6)),
-    ("resnet18_fan", 256, (14e6, 17e6)),
-])
+@pytest.mark.parametrize(
+    "name,channels,params_range",
+    [
+        ("mobilefan", 128, (1.9e6, 2.2e6)),
+        ("mobilefan_0.5", 64, (1.75e6, 2.0e6)),
+        ("teacher", 256, (33e6, 36e6)),
+        ("resnet18_fan", 256, (14e6, 17e6)),
+    ],
+)
 def test_model_shapes_taps_and_params(name, channels, params_range):
     model = build_model(name, 98)
     variables, (heatmaps, taps) = _abstract_init(model)
     assert heatmaps.shape == (1, 64, 64, 98)
-    assert [t.shape for t in taps] == [(1, 16, 16, channels), (1, 32, 32, channels),
-                                       (1, 64, 64, channels)]
+    assert [t.shape for t in taps] == [
+        (1, 16, 16, channels),
+        (1, 32, 32, channels),
+        (1, 64, 64, channels),
+    ]
     assert teacher_channels(model) == (channels,) * 3
     assert params_range[0] <= _count(variables["params"]) <= params_range[1]
     assert set(variables["params"]) == {"encoder", "decoder", "head"}
@@ -128,11 +151,15 @@ def test_adapters(kind, has_bn):
 
 # --------------------------------------------------------------------------- behaviour
 
+
 def test_forward_and_batchnorm_train_vs_eval(monkeypatch):
     # A 5-block encoder with the real stride (32) and width (320): the BN behaviour does not
     # need all 17 blocks, and compiling them would dominate the test's time.
-    monkeypatch.setattr(mobilenet_v2, "INVERTED_RESIDUAL_SETTING",
-                        ((1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 1, 2), (6, 64, 1, 2), (6, 320, 1, 2)))
+    monkeypatch.setattr(
+        mobilenet_v2,
+        "INVERTED_RESIDUAL_SETTING",
+        ((1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 1, 2), (6, 64, 1, 2), (6, 320, 1, 2)),
+    )
     model = mobilefan(5, decoder_channels=16)
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1, maxval=1)
     variables = _random_variables(model, images)
@@ -155,12 +182,20 @@ def test_forward_and_batchnorm_train_vs_eval(monkeypatch):
     assert all(jax.tree.leaves(changed))  # every running statistic moved in train mode
     # Running averages with momentum 0.9: new = 0.9 * old + 0.1 * batch statistic (biased var).
     conv1 = jax.lax.conv_general_dilated(
-        images, variables["params"]["encoder"]["Conv1"]["kernel"], (2, 2), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+        images,
+        variables["params"]["encoder"]["Conv1"]["kernel"],
+        (2, 2),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     for stat, batch_value in (("mean", conv1.mean((0, 1, 2))), ("var", conv1.var((0, 1, 2)))):
         np.testing.assert_allclose(
             new["encoder"]["bn_Conv1"][stat],
-            0.9 * old["encoder"]["bn_Conv1"][stat] + 0.1 * batch_value, rtol=1e-4, atol=1e-5)
+            0.9 * old["encoder"]["bn_Conv1"][stat] + 0.1 * batch_value,
+            rtol=1e-4,
+            atol=1e-5,
+        )
     # Eval mode uses running statistics: each image's output ignores the rest of the batch.
     np.testing.assert_allclose(hm_eval[:1], hm_eval_one, rtol=1e-4, atol=1e-6)
     # Train mode uses batch statistics: it does not, and it differs from eval mode.
@@ -170,6 +205,7 @@ def test_forward_and_batchnorm_train_vs_eval(monkeypatch):
 
 # --------------------------------------------------------------------------- reference
 
+
 class _ReferenceMobileNetV2(nn.Module):
     """MobileNetV2 with plain flax layers, the obviously-correct slow version."""
 
@@ -178,25 +214,47 @@ class _ReferenceMobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         def bn(name):
-            return nn.BatchNorm(use_running_average=not train, epsilon=1e-3, momentum=0.9,
-                                name=name)
+            return nn.BatchNorm(
+                use_running_average=not train, epsilon=1e-3, momentum=0.9, name=name
+            )
 
         hi = jax.lax.Precision.HIGHEST
-        x = nn.Conv(make_divisible(32 * self.width), (3, 3), 2, padding="SAME", use_bias=False,
-                    precision=hi, name="Conv1")(x)
+        x = nn.Conv(
+            make_divisible(32 * self.width),
+            (3, 3),
+            2,
+            padding="SAME",
+            use_bias=False,
+            precision=hi,
+            name="Conv1",
+        )(x)
         x = nn.relu6(bn("bn_Conv1")(x))
         for b, cfg in enumerate(block_configs(self.width)):
             inputs, cin = x, x.shape[-1]
             prefix = f"block_{b}_" if b else "expanded_conv_"
             if b:
-                x = nn.Conv(cin * cfg["expansion"], (1, 1), use_bias=False, precision=hi,
-                            name=prefix + "expand")(x)
+                x = nn.Conv(
+                    cin * cfg["expansion"],
+                    (1, 1),
+                    use_bias=False,
+                    precision=hi,
+                    name=prefix + "expand",
+                )(x)
                 x = nn.relu6(bn(prefix + "expand_BN")(x))
-            x = nn.Conv(x.shape[-1], (3, 3), cfg["stride"], padding="SAME", use_bias=False,
-                        feature_group_count=x.shape[-1], precision=hi, name=prefix + "depthwise")(x)
+            x = nn.Conv(
+                x.shape[-1],
+                (3, 3),
+                cfg["stride"],
+                padding="SAME",
+                use_bias=False,
+                feature_group_count=x.shape[-1],
+                precision=hi,
+                name=prefix + "depthwise",
+            )(x)
             x = nn.relu6(bn(prefix + "depthwise_BN")(x))
-            x = nn.Conv(cfg["filters"], (1, 1), use_bias=False, precision=hi,
-                        name=prefix + "project")(x)
+            x = nn.Conv(
+                cfg["filters"], (1, 1), use_bias=False, precision=hi, name=prefix + "project"
+            )(x)
             x = bn(prefix + "project_BN")(x)
             if cin == cfg["filters"] and cfg["stride"] == 1:
                 x = x + inputs
@@ -206,24 +264,33 @@ class _ReferenceMobileNetV2(nn.Module):
 def test_encoder_matches_plain_flax_reference(monkeypatch):
     # The first blocks cover every block kind (no expansion; stride 2; residual; stride 2 on
     # an odd size); the full 17-block stack is checked against Keras in test_pretrained.
-    monkeypatch.setattr(mobilenet_v2, "INVERTED_RESIDUAL_SETTING",
-                        ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2)))
+    monkeypatch.setattr(
+        mobilenet_v2, "INVERTED_RESIDUAL_SETTING", ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
+    )
     x = jax.random.uniform(jax.random.key(1), (2, 24, 20, 3), minval=-1, maxval=1)
     fast, ref = MobileNetV2Encoder(width=1.0), _ReferenceMobileNetV2(width=1.0)
     variables = _random_variables(fast, x)
-    assert (jax.tree.structure(jax.eval_shape(lambda: ref.init(jax.random.key(0), x)))
-            == jax.tree.structure(variables))
+    assert jax.tree.structure(
+        jax.eval_shape(lambda: ref.init(jax.random.key(0), x))
+    ) == jax.tree.structure(variables)
 
     @jax.jit
     def run(variables, x):
         outs = []
         for m in (fast, ref):
+
             def loss(params, x):
-                y, upd = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                 train=True, mutable=["batch_stats"])
+                y, upd = m.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
                 return jnp.sum(jnp.sin(3 * y)), (y, upd["batch_stats"])
-            (_, (y_train, stats)), grads = jax.value_and_grad(
-                loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+            (_, (y_train, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+                variables["params"], x
+            )
             outs.append((m.apply(variables, x, train=False), y_train, stats, grads))
         return outs
 

@@ -23,8 +23,9 @@ def _load(name):
 
 def python_source(cell_source: str) -> str:
     """A code cell without its IPython lines (shell `!` and magic `%` commands)."""
-    return "\n".join(ln for ln in cell_source.splitlines()
-                     if not ln.lstrip().startswith(("!", "%")))
+    return "\n".join(
+        ln for ln in cell_source.splitlines() if not ln.lstrip().startswith(("!", "%"))
+    )
 
 
 def test_python_source_strips_shell_and_magics():
@@ -49,30 +50,42 @@ def test_quickstart_runs_end_to_end(tmp_path):
     from nbclient import NotebookClient
 
     nb = _load("quickstart.ipynb")
-    env_before = {k: os.environ.get(k) for k in ("FAN_JAX_NOTEBOOK_SMALL",
-                                                 "FAN_JAX_NOTEBOOK_WORKDIR")}
+    env_before = {
+        k: os.environ.get(k) for k in ("FAN_JAX_NOTEBOOK_SMALL", "FAN_JAX_NOTEBOOK_WORKDIR")
+    }
     os.environ["FAN_JAX_NOTEBOOK_SMALL"] = "1"
     os.environ["FAN_JAX_NOTEBOOK_WORKDIR"] = str(tmp_path / "workdir")
     try:
         # The kernel inherits this environment: same interpreter, small switch on.
-        NotebookClient(nb, timeout=1200, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                     for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    text = "\n".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
     assert "small run" in text
     assert "trained 10 steps" in text
     assert "TFLite vs JAX" in text
     wd = tmp_path / "workdir"
     assert (wd / "config.json").exists() and (wd / "mobilefan.tflite").exists()
     assert json.loads((wd / "mobilefan.tflite.json").read_text())["num_landmarks"] == 68
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 3  # faces, predictions, the astronaut
 
 
@@ -120,16 +133,30 @@ def test_tpu_notebook_configuration_runs_one_step_on_fake_devices(tmp_path):
     src = python_source(cells[0].source)
     # Only the definitions: the notebook's own call needs its Drive folders.
     tree = ast.parse(src)
-    tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
-                 or (isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant))]
-    script = _TPU_CONFIG_RUN.format(repo=REPO_ROOT, cell=ast.unparse(tree),
-                                    data=str(tmp_path / "tfds"), root=str(tmp_path / "wd"))
+    tree.body = [
+        n
+        for n in tree.body
+        if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+        or (isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant))
+    ]
+    script = _TPU_CONFIG_RUN.format(
+        repo=REPO_ROOT,
+        cell=ast.unparse(tree),
+        data=str(tmp_path / "tfds"),
+        root=str(tmp_path / "wd"),
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, env=env, cwd=str(tmp_path), timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")][-1]
-    s = json.loads(line[len("SUMMARY "):])
+    s = json.loads(line[len("SUMMARY ") :])
     assert s["step"] == 1
     assert s["distill"] and s["model"] == "mobilefan" and s["dataset"] == "wflw"
     assert s["teacher_model"] == "teacher"  # the notebook's config: ResNet-50

@@ -31,7 +31,8 @@ NUM_TRAIN_FACES = 32
 
 def _load_default_config():
     spec = importlib.util.spec_from_file_location(
-        "_fan_jax_default_config", os.path.join(REPO_ROOT, "configs", "default.py"))
+        "_fan_jax_default_config", os.path.join(REPO_ROOT, "configs", "default.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
@@ -58,8 +59,10 @@ def _train_student(workdir: str, steps: int = 250) -> None:
     c.train.log_every_steps = 50
     c.train.eval_every_steps = -1
     c.train.checkpoint_every_steps = 10 * steps  # only the final checkpoint
-    source = [{"image": img, "landmarks": lm, "box": geometry.box_from_landmarks(lm)}
-              for img, lm in train_faces(range(NUM_TRAIN_FACES))]
+    source = [
+        {"image": img, "landmarks": lm, "box": geometry.box_from_landmarks(lm)}
+        for img, lm in train_faces(range(NUM_TRAIN_FACES))
+    ]
     train.train_and_evaluate(c, workdir, sources={"train": source}, evaluate_at_end=False)
 
 
@@ -125,15 +128,25 @@ def _dot_image(h, w, red_xy, green_xy):
 
 
 def test_bucket_size():
-    assert [predict.bucket_size(n, (1, 2, 4, 8)) for n in (1, 2, 3, 4, 5, 8, 9)] == \
-        [1, 2, 4, 4, 8, 8, 8]
+    assert [predict.bucket_size(n, (1, 2, 4, 8)) for n in (1, 2, 3, 4, 5, 8, 9)] == [
+        1,
+        2,
+        4,
+        4,
+        8,
+        8,
+        8,
+    ]
 
 
-@pytest.mark.parametrize("box", [
-    (40, 30, 140, 130),     # square, centred on the dots
-    (20, 50, 160, 110),     # wide: the crop side follows the longer edge
-    (-30, -20, 120, 150),   # partly outside the image (zero padding)
-])
+@pytest.mark.parametrize(
+    "box",
+    [
+        (40, 30, 140, 130),  # square, centred on the dots
+        (20, 50, 160, 110),  # wide: the crop side follows the longer edge
+        (-30, -20, 120, 150),  # partly outside the image (zero padding)
+    ],
+)
 def test_landmarks_come_back_in_image_coordinates(box):
     red, green = (70.3, 60.8), (112.6, 101.2)
     img = _dot_image(160, 200, red, green)
@@ -210,8 +223,13 @@ def _box_frame(points, box):
 
 def test_trained_model_finds_landmarks_of_synthetic_faces(trained):
     faces = train_faces(range(8))
-    mean_shape = np.mean([_box_frame(lm, geometry.box_from_landmarks(lm))
-                          for _, lm in train_faces(range(NUM_TRAIN_FACES))], axis=0)
+    mean_shape = np.mean(
+        [
+            _box_frame(lm, geometry.box_from_landmarks(lm))
+            for _, lm in train_faces(range(NUM_TRAIN_FACES))
+        ],
+        axis=0,
+    )
     boxes = [geometry.box_from_landmarks(lm) for _, lm in faces]
     res = trained.predict_many([img for img, _ in faces], [b[None] for b in boxes])
     errors, baseline = [], []
@@ -228,8 +246,9 @@ def test_trained_model_finds_landmarks_of_synthetic_faces(trained):
 
 
 def test_flip_test_agrees_with_the_plain_prediction(trained):
-    flip = predict.Predictor(trained.variables, trained.model, 68, trained.input_size,
-                             flip_test=True)
+    flip = predict.Predictor(
+        trained.variables, trained.model, 68, trained.input_size, flip_test=True
+    )
     faces = train_faces(range(4, 8))
     boxes = [geometry.box_from_landmarks(lm)[None] for _, lm in faces]
     plain = trained.predict_many([f[0] for f in faces], boxes)
@@ -243,12 +262,15 @@ def test_flip_test_agrees_with_the_plain_prediction(trained):
 
 
 def test_from_checkpoint_equals_from_workdir(workdir, trained):
-    step_dir = os.path.join(workdir, "checkpoints", os.listdir(os.path.join(workdir, "checkpoints"))[0])
+    step_dir = os.path.join(
+        workdir, "checkpoints", os.listdir(os.path.join(workdir, "checkpoints"))[0]
+    )
     other = predict.Predictor.from_checkpoint(step_dir)
     img, lm = synthetic.render_face(3, size=TRAIN_IMAGE_SIZE)
     box = geometry.box_from_landmarks(lm)
-    np.testing.assert_array_equal(other.predict(img, [box])[0].landmarks,
-                                  trained.predict(img, [box])[0].landmarks)
+    np.testing.assert_array_equal(
+        other.predict(img, [box])[0].landmarks, trained.predict(img, [box])[0].landmarks
+    )
     assert other.info["step"] == trained.info["step"] == 250
     assert other.info["num_landmarks"] == 68 and other.input_size == 64
 
@@ -272,8 +294,11 @@ def test_trained_model_on_the_astronaut(trained):
 def test_read_image_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
-    for name, msg in (("notes.txt", "not an image"), ("empty.png", "not an image"),
-                      ("missing.jpg", "no such file")):
+    for name, msg in (
+        ("notes.txt", "not an image"),
+        ("empty.png", "not an image"),
+        ("missing.jpg", "no such file"),
+    ):
         with pytest.raises(predict.ImageReadError, match=msg):
             predict.read_image(str(tmp_path / name))
     with pytest.raises(predict.ImageReadError, match="directory"):
@@ -292,9 +317,11 @@ def test_parse_box():
 
 def test_draw_faces_marks_the_landmarks():
     img = np.zeros((100, 120, 3), np.uint8)
-    face = predict.Face(box=np.array([10, 10, 90, 90], np.float32),
-                        landmarks=np.array([[30, 40], [70.5, 60.25]], np.float32),
-                        scores=np.ones(2, np.float32))
+    face = predict.Face(
+        box=np.array([10, 10, 90, 90], np.float32),
+        landmarks=np.array([[30, 40], [70.5, 60.25]], np.float32),
+        scores=np.ones(2, np.float32),
+    )
     out = predict.draw_faces(img, [face])
     assert img.sum() == 0 and out.shape == img.shape
     assert out[40, 30, 1] > 200 and out[60, 70, 1] > 100
@@ -313,8 +340,21 @@ def test_cli_reports_every_image_and_fails_on_bad_ones(workdir, tmp_path, capsys
     text.write_text("hello")
     box = ",".join(str(float(v)) for v in geometry.box_from_landmarks(lm))
     out_json = tmp_path / "out.json"
-    code = predict.main(["--workdir", workdir, good, str(text), str(tmp_path / "nope.png"),
-                         "--box", box, "--draw", str(tmp_path / "drawn"), "-o", str(out_json)])
+    code = predict.main(
+        [
+            "--workdir",
+            workdir,
+            good,
+            str(text),
+            str(tmp_path / "nope.png"),
+            "--box",
+            box,
+            "--draw",
+            str(tmp_path / "drawn"),
+            "-o",
+            str(out_json),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "readme.jpg: not an image" in err and "nope.png: no such file" in err
@@ -326,7 +366,8 @@ def test_cli_reports_every_image_and_fails_on_bad_ones(workdir, tmp_path, capsys
     assert len(face["landmarks"]) == 68 and len(face["scores"]) == 68
     np.testing.assert_allclose(face["box"], [float(v) for v in box.split(",")], atol=0.01)
     assert np.linalg.norm(np.array(face["landmarks"]) - lm, axis=-1).mean() < 0.15 * (
-        face["box"][2] - face["box"][0])
+        face["box"][2] - face["box"][0]
+    )
     assert report["images"][1]["faces"] == [] and "error" in report["images"][1]
     drawn = tmp_path / "drawn" / "face.png"
     assert drawn.exists() and first["drawn"] == str(drawn)

@@ -43,15 +43,22 @@ def randomize(model: keras.Model, seed: int) -> keras.Model:
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
-                               rng.normal(0.0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
         elif layer.weights:
             new = []
             for w in layer.weights:
                 shape = tuple(w.shape)
                 if len(shape) == 4:  # conv kernels: keep activations O(1) through the stack
                     fan_in = np.prod(shape[:2]) * (
-                        1 if isinstance(layer, keras.layers.DepthwiseConv2D) else shape[2])
+                        1 if isinstance(layer, keras.layers.DepthwiseConv2D) else shape[2]
+                    )
                     new.append(rng.normal(0.0, np.sqrt(1.0 / fan_in), shape))
                 else:
                     new.append(rng.normal(0.0, 0.1, shape))
@@ -61,15 +68,17 @@ def randomize(model: keras.Model, seed: int) -> keras.Model:
 
 @functools.cache
 def keras_mobilenet_v2(alpha: float) -> keras.Model:
-    model = keras.applications.MobileNetV2(weights=None, include_top=False,
-                                           input_shape=(SIZE, SIZE, 3), alpha=alpha)
+    model = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3), alpha=alpha
+    )
     return randomize(model, seed=int(alpha * 10))
 
 
 @functools.cache
 def keras_resnet50() -> keras.Model:
-    model = keras.applications.ResNet50(weights=None, include_top=False,
-                                        input_shape=(SIZE, SIZE, 3))
+    model = keras.applications.ResNet50(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+    )
     return randomize(model, seed=50)
 
 
@@ -136,8 +145,9 @@ def test_resnet50_weights_h5_round_trip(tmp_path):
     model = keras_resnet50()
     path = tmp_path / "resnet50.weights.h5"
     model.save_weights(path)
-    assert_variables_equal(pretrained.load_keras_resnet50(str(path)),
-                           pretrained.load_keras_resnet50(model))
+    assert_variables_equal(
+        pretrained.load_keras_resnet50(str(path)), pretrained.load_keras_resnet50(model)
+    )
 
 
 def test_mobilenet_v2_weight_files_round_trip(tmp_path):
@@ -153,8 +163,9 @@ def test_mobilenet_v2_weight_files_round_trip(tmp_path):
     with h5py.File(tmp_path / "no_top.h5", "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     # A with-classifier model saved as a legacy full model (weights under 'model_weights').
-    top = keras.applications.MobileNetV2(weights=None, include_top=True,
-                                         input_shape=(96, 96, 3), alpha=0.5)
+    top = keras.applications.MobileNetV2(
+        weights=None, include_top=True, input_shape=(96, 96, 3), alpha=0.5
+    )
     for layer in model.layers:
         if layer.weights:
             top.get_layer(layer.name).set_weights(layer.get_weights())
@@ -197,8 +208,10 @@ def test_nested_keras_model_is_searched():
     base = keras_mobilenet_v2(0.5)
     inputs = keras.Input((SIZE, SIZE, 3))
     wrapper = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(base(inputs)))
-    assert_variables_equal(pretrained.load_keras_mobilenet_v2(wrapper, width=0.5),
-                           pretrained.load_keras_mobilenet_v2(base, width=0.5))
+    assert_variables_equal(
+        pretrained.load_keras_mobilenet_v2(wrapper, width=0.5),
+        pretrained.load_keras_mobilenet_v2(base, width=0.5),
+    )
 
 
 def test_ambiguous_layer_names_are_refused():
@@ -246,6 +259,7 @@ def test_teacher_takes_keras_resnet50():
     model = teacher_resnet50(num_landmarks=5)
     variables = abstract_init(model, images(0))
     merged = pretrained.init_encoder_from_keras(model, variables, source)
-    assert_variables_equal(merged["params"]["encoder"],
-                           pretrained.load_keras_resnet50(source)["params"])
+    assert_variables_equal(
+        merged["params"]["encoder"], pretrained.load_keras_resnet50(source)["params"]
+    )
     assert_variables_equal(merged["params"]["decoder"], variables["params"]["decoder"])

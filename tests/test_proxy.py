@@ -6,10 +6,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
-from benchmarks import proxy  # noqa: E402
-from configs import proxy as proxy_config  # noqa: E402
+from benchmarks import proxy
+from configs import proxy as proxy_config
 
 helpers.register_tiny_models()
 
@@ -24,13 +24,23 @@ def _tiny_models():
 def test_rows_cover_tables_5_and_6():
     c = proxy_config.get_config()
     labels = [r.label for r in proxy.rows(c)]
-    assert labels[:5] == ["ResNet-50 teacher", "MobileFAN", "MobileFAN + FA", "MobileFAN + FS",
-                          "MobileFAN + FA + FS"]
+    assert labels[:5] == [
+        "ResNet-50 teacher",
+        "MobileFAN",
+        "MobileFAN + FA",
+        "MobileFAN + FS",
+        "MobileFAN + FA + FS",
+    ]
     assert "MobileFAN (0.5) + FA + FS" in labels and "MobileFAN + FS3" not in labels
     c.proxy.ablation = True
     assert [r.key for r in proxy.rows(c)][-6:] == [
-        "mobilefan_fa1", "mobilefan_fa2", "mobilefan_fa3", "mobilefan_fs1", "mobilefan_fs2",
-        "mobilefan_fs3"]
+        "mobilefan_fa1",
+        "mobilefan_fa2",
+        "mobilefan_fa3",
+        "mobilefan_fs1",
+        "mobilefan_fs2",
+        "mobilefan_fs3",
+    ]
     cfg = proxy.run_config(c, proxy.rows(c)[-1], 2, "/o", c.proxy.num_train)
     assert cfg.distill.fs_layers == (False, False, True) and cfg.distill.fa_layers == (False,) * 3
     assert cfg.model.name == "mobilefan" and cfg.seed == 2
@@ -44,12 +54,22 @@ def test_format_table_verdicts():
     c = proxy_config.get_config()
 
     def res(*nmes):
-        return [{"seconds": 60.0, "metrics": {s: {"nme": n, "fr": 0.1, "auc": 0.5}
-                                              for s in proxy.SPLITS}} for n in nmes]
+        return [
+            {
+                "seconds": 60.0,
+                "metrics": {s: {"nme": n, "fr": 0.1, "auc": 0.5} for s in proxy.SPLITS},
+            }
+            for n in nmes
+        ]
 
-    table = proxy.format_table(c, {"mobilefan": res(0.070, 0.072, 0.074),
-                                   "mobilefan_fa": res(0.060, 0.061, 0.062),
-                                   "mobilefan_fs": res(0.071, 0.073, 0.072)})
+    table = proxy.format_table(
+        c,
+        {
+            "mobilefan": res(0.070, 0.072, 0.074),
+            "mobilefan_fa": res(0.060, 0.061, 0.062),
+            "mobilefan_fs": res(0.071, 0.073, 0.072),
+        },
+    )
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "7.20 ± 0.20" in lines["MobileFAN"]
     assert "-1.10 (better" in lines["MobileFAN + FA"]

@@ -26,8 +26,14 @@ def _randomize(model, seed):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0.0, 0.2, c),
-                               rng.normal(0.0, 0.2, c), rng.uniform(0.5, 2.0, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.normal(0.0, 0.2, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
         elif layer.weights:
             new = []
             for w in layer.weights:
@@ -43,8 +49,9 @@ def _randomize(model, seed):
 def keras_mobilenet_v2():
     import keras
 
-    model = keras.applications.MobileNetV2(weights=None, include_top=False,
-                                           input_shape=(SIZE, SIZE, 3), alpha=1.0)
+    model = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=(SIZE, SIZE, 3), alpha=1.0
+    )
     return _randomize(model, seed=11)
 
 
@@ -63,8 +70,9 @@ def test_student_encoder_matches_keras_full_stack():
     out = jax.jit(lambda v, a: student.apply(v, a, train=False))(variables, x)
     w = np.asarray(variables["params"]["head"]["out"]["kernel"])
     b = np.asarray(variables["params"]["head"]["out"]["bias"])
-    np.testing.assert_allclose(np.asarray(out), (want.mean((1, 2)) @ w + b).reshape(2, L, 2),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out), (want.mean((1, 2)) @ w + b).reshape(2, L, 2), atol=1e-4
+    )
 
 
 def test_head_layout_and_dropout():
@@ -103,8 +111,12 @@ def test_student_train_mode_collections():
     student = reg.build_regressor("mobilenet_v2_reg", L)
     x = jnp.zeros((2, 32, 32, 3), jnp.float32)
     v = jax.eval_shape(lambda: student.init(jax.random.key(0), x, train=False))
-    out, new = jax.eval_shape(lambda v: student.apply(
-        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}), v)
+    out, new = jax.eval_shape(
+        lambda v: student.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}
+        ),
+        v,
+    )
     assert out.shape == (2, L, 2)
     assert jax.tree.structure(new["batch_stats"]) == jax.tree.structure(v["batch_stats"])
     assert "Conv_1_bn" in new["batch_stats"]["encoder"]

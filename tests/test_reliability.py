@@ -22,7 +22,7 @@ import pytest
 from fan_jax import checkpoints, data, errors, predict, synthetic_300w, workdir_lock
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 helpers.register_tiny_models()
 
@@ -34,8 +34,14 @@ def _env(**extra):
 
 
 def _main(*args, timeout=600, **env):
-    return subprocess.run([sys.executable, "-m", "fan_jax.main", *args], capture_output=True,
-                          text=True, cwd=helpers.REPO_ROOT, env=_env(**env), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fan_jax.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=helpers.REPO_ROOT,
+        env=_env(**env),
+        timeout=timeout,
+    )
 
 
 def _assert_one_error_line(returncode, stderr, *needles, status=errors.EXIT_ERROR):
@@ -43,7 +49,7 @@ def _assert_one_error_line(returncode, stderr, *needles, status=errors.EXIT_ERRO
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = [ln for ln in stderr.splitlines() if ln.startswith("ERROR: ")]
     assert len(lines) == 1, stderr[-3000:]
-    tail = stderr[stderr.index("ERROR: "):]
+    tail = stderr[stderr.index("ERROR: ") :]
     for n in needles:
         assert n in tail, tail
 
@@ -57,16 +63,28 @@ def tree(tmp_path_factory):
 
 
 def _train_args(tree, workdir, *extra):
-    return ["--config=configs/300w_mobilefan_0.5.py", f"--config.dataset.manual_dir={tree / 'manual'}",
-            f"--config.dataset.data_dir={tree / 'tfds'}", "--config.input_size=64",
-            "--config.train.batch_size=2", "--config.train.log_every_steps=1",
-            "--config.train.eval_every_steps=-1", f"--workdir={workdir}", *extra]
+    return [
+        "--config=configs/300w_mobilefan_0.5.py",
+        f"--config.dataset.manual_dir={tree / 'manual'}",
+        f"--config.dataset.data_dir={tree / 'tfds'}",
+        "--config.input_size=64",
+        "--config.train.batch_size=2",
+        "--config.train.log_every_steps=1",
+        "--config.train.eval_every_steps=-1",
+        f"--workdir={workdir}",
+        *extra,
+    ]
 
 
 def _start(args):
-    return subprocess.Popen([sys.executable, "-m", "fan_jax.main", *args], cwd=helpers.REPO_ROOT,
-                            env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fan_jax.main", *args],
+        cwd=helpers.REPO_ROOT,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def _read_until(proc, needle, timeout=500):
@@ -87,8 +105,12 @@ def test_second_run_eval_and_rerun_after_kill_9(tree, tmp_path):
     """A run holds the workdir: a second run and an eval started while it trains fail at once
     naming its pid and host; after kill -9 the same command runs again (no stale lock)."""
     workdir = tmp_path / "w"
-    args = _train_args(tree, workdir, "--config.train.num_train_steps=100000",
-                       "--config.train.checkpoint_every_steps=100000")
+    args = _train_args(
+        tree,
+        workdir,
+        "--config.train.num_train_steps=100000",
+        "--config.train.checkpoint_every_steps=100000",
+    )
     first = _start(args)
     try:
         _read_until(first, "first step (with compilation)")
@@ -96,11 +118,17 @@ def test_second_run_eval_and_rerun_after_kill_9(tree, tmp_path):
         t0 = time.perf_counter()
         second = _main(*args)
         fast = time.perf_counter() - t0
-        _assert_one_error_line(second.returncode, second.stderr, str(workdir),
-                               f"pid {first.pid}", "in use by another run")
+        _assert_one_error_line(
+            second.returncode,
+            second.stderr,
+            str(workdir),
+            f"pid {first.pid}",
+            "in use by another run",
+        )
         assert "Training" not in second.stderr and "Resumed" not in second.stderr
-        evaluation = _main("--config=configs/300w_mobilefan_0.5.py", "--mode=eval",
-                           f"--workdir={workdir}")
+        evaluation = _main(
+            "--config=configs/300w_mobilefan_0.5.py", "--mode=eval", f"--workdir={workdir}"
+        )
         _assert_one_error_line(evaluation.returncode, evaluation.stderr, f"pid {first.pid}")
         assert not (workdir / "eval").exists()
         print(f"second run refused after {fast:.1f}s")
@@ -123,8 +151,9 @@ def test_second_run_eval_and_rerun_after_kill_9(tree, tmp_path):
 
 def test_two_runs_started_together(tree, tmp_path):
     workdir = tmp_path / "w"
-    args = _train_args(tree, workdir, "--config.train.num_train_steps=4",
-                       "--config.train.checkpoint_every_steps=2")
+    args = _train_args(
+        tree, workdir, "--config.train.num_train_steps=4", "--config.train.checkpoint_every_steps=2"
+    )
     # The dataset is built first so both runs race for the workdir, not for the build.
     data.prepare("300w", str(tree / "tfds"), str(tree / "manual"))
     procs = [_start(args) for _ in range(2)]
@@ -146,11 +175,14 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
     with workdir_lock.hold(workdir):
         with workdir_lock.hold(workdir, "evaluation"):
             pass
-        code = ("import sys; from fan_jax import workdir_lock\n"
-                "try:\n with workdir_lock.hold(sys.argv[1]): pass\n"
-                "except workdir_lock.WorkdirLockedError as e: print(e); sys.exit(3)")
-        r = subprocess.run([sys.executable, "-c", code, workdir], capture_output=True, text=True,
-                           env=_env())
+        code = (
+            "import sys; from fan_jax import workdir_lock\n"
+            "try:\n with workdir_lock.hold(sys.argv[1]): pass\n"
+            "except workdir_lock.WorkdirLockedError as e: print(e); sys.exit(3)"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, workdir], capture_output=True, text=True, env=_env()
+        )
         assert r.returncode == 3 and f"pid {os.getpid()}" in r.stdout, r.stdout + r.stderr
         assert workdir_lock.holder(workdir) is None  # this process's own lock
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
@@ -169,13 +201,18 @@ def test_zero_byte_image_is_named_by_both_clis(tmp_path, capsys):
     manual = tmp_path / "manual"
     synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
     image = _zero_byte_first_image(manual)
-    assert data.main(["300w", "--data_dir", str(tmp_path / "tfds"),
-                      "--manual_dir", str(manual)]) == 1
+    assert (
+        data.main(["300w", "--data_dir", str(tmp_path / "tfds"), "--manual_dir", str(manual)]) == 1
+    )
     err = capsys.readouterr().err
     _assert_one_error_line(1, err, image.name, "empty (0 bytes)")
-    r = _main("--config=configs/300w_mobilefan_0.5.py", f"--config.dataset.manual_dir={manual}",
-              f"--config.dataset.data_dir={tmp_path / 'tfds2'}", "--config.input_size=64",
-              f"--workdir={tmp_path / 'w'}")
+    r = _main(
+        "--config=configs/300w_mobilefan_0.5.py",
+        f"--config.dataset.manual_dir={manual}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds2'}",
+        "--config.input_size=64",
+        f"--workdir={tmp_path / 'w'}",
+    )
     _assert_one_error_line(r.returncode, r.stderr, image.name, "empty (0 bytes)")
 
 
@@ -187,8 +224,12 @@ def test_zero_byte_and_empty_images_in_wflw_and_cofw(tmp_path, capsys):
     wflw_fixtures.write_fixture(str(tmp_path / "wflw"), extracted=True)
     image = sorted((tmp_path / "wflw").rglob("*.jpg"))[0]
     image.write_bytes(b"")
-    assert data.main(["wflw", "--data_dir", str(tmp_path / "d1"),
-                      "--manual_dir", str(tmp_path / "wflw")]) == 1
+    assert (
+        data.main(
+            ["wflw", "--data_dir", str(tmp_path / "d1"), "--manual_dir", str(tmp_path / "wflw")]
+        )
+        == 1
+    )
     _assert_one_error_line(1, capsys.readouterr().err, image.name, "0 bytes")
 
     manual = tmp_path / "cofw"
@@ -197,22 +238,35 @@ def test_zero_byte_and_empty_images_in_wflw_and_cofw(tmp_path, capsys):
     mat = cofw.MatFile(str(manual / file_name), images_var, phis_var, boxes_var)
     n = len(mat.refs)
     images = [mat.image(i) for i in range(n)]
-    phis = np.stack([np.concatenate([mat.landmarks(i)[:, 0] + 1, mat.landmarks(i)[:, 1] + 1,
-                                     mat.occluded(i).astype(np.float64)]) for i in range(n)])
+    phis = np.stack(
+        [
+            np.concatenate(
+                [
+                    mat.landmarks(i)[:, 0] + 1,
+                    mat.landmarks(i)[:, 1] + 1,
+                    mat.occluded(i).astype(np.float64),
+                ]
+            )
+            for i in range(n)
+        ]
+    )
     boxes = np.stack([mat.box(i) for i in range(n)])
     mat.close()
     images[1] = np.zeros((0, 0, 3), np.uint8)
-    cofw_fixtures.write_mat(str(manual / file_name), images_var, phis_var, boxes_var, images,
-                            phis, boxes)
-    assert data.main(["cofw", "--data_dir", str(tmp_path / "d2"), "--manual_dir",
-                      str(manual)]) == 1
+    cofw_fixtures.write_mat(
+        str(manual / file_name), images_var, phis_var, boxes_var, images, phis, boxes
+    )
+    assert data.main(["cofw", "--data_dir", str(tmp_path / "d2"), "--manual_dir", str(manual)]) == 1
     _assert_one_error_line(1, capsys.readouterr().err, file_name, f"{images_var}[1]")
 
 
 def _tmpfs(path, size_mb):
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root")
 
@@ -223,10 +277,21 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last(tree, tmp_
     _tmpfs(disk, 30)
     try:
         workdir = disk / "w"
-        r = _main(*_train_args(tree, workdir, "--config.train.num_train_steps=40",
-                               "--config.train.checkpoint_every_steps=2"))
-        _assert_one_error_line(r.returncode, r.stderr, str(workdir / "checkpoints"),
-                               "No space left on device", "last good checkpoint (step 2)")
+        r = _main(
+            *_train_args(
+                tree,
+                workdir,
+                "--config.train.num_train_steps=40",
+                "--config.train.checkpoint_every_steps=2",
+            )
+        )
+        _assert_one_error_line(
+            r.returncode,
+            r.stderr,
+            str(workdir / "checkpoints"),
+            "No space left on device",
+            "last good checkpoint (step 2)",
+        )
         loaded = checkpoints.load_model(str(workdir), "latest")
         assert loaded.step == 2
     finally:
@@ -243,10 +308,11 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
         def all_steps(self):
             return [3, 6, 9]
 
-    with pytest.raises(errors.CheckpointSaveError) as info:
-        with train._save_errors(Manager(), 9):
-            raise ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write 1 bytes '
-                             "to file 7: No space left on device [os_error_code='28']")
+    with pytest.raises(errors.CheckpointSaveError) as info, train._save_errors(Manager(), 9):
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "x": Failed to write 1 bytes '
+            "to file 7: No space left on device [os_error_code='28']"
+        )
     msg = str(info.value)
     assert str(tmp_path / "checkpoints") in msg and "No space left on device" in msg
     assert "(step 6)" in msg
@@ -256,14 +322,19 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
 
 
 def test_misspelt_config_field_and_missing_config_file(tmp_path):
-    r = _main("--config=configs/300w_mobilefan.py", "--config.train.num_train_stepz=3",
-              f"--workdir={tmp_path / 'w'}")
-    _assert_one_error_line(r.returncode, r.stderr, "--config.train.num_train_stepz",
-                           'Did you mean "num_train_steps"')
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        "--config.train.num_train_stepz=3",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    _assert_one_error_line(
+        r.returncode, r.stderr, "--config.train.num_train_stepz", 'Did you mean "num_train_steps"'
+    )
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _main("--config=configs/300w_mobilefn.py", f"--workdir={tmp_path / 'w'}")
-    _assert_one_error_line(r.returncode, r.stderr, "configs/300w_mobilefn.py",
-                           "No such file or directory")
+    _assert_one_error_line(
+        r.returncode, r.stderr, "configs/300w_mobilefn.py", "No such file or directory"
+    )
     assert not (tmp_path / "w").exists()
 
 
@@ -275,8 +346,9 @@ def student(tmp_path_factory):
     from fan_jax import train
 
     wd = str(tmp_path_factory.mktemp("student"))
-    config = helpers.tiny_config("300w_mobilefan", **{"model.name": "tiny_student",
-                                                      "train.num_train_steps": 2})
+    config = helpers.tiny_config(
+        "300w_mobilefan", **{"model.name": "tiny_student", "train.num_train_steps": 2}
+    )
     train.train_and_evaluate(config, wd, sources=helpers.fake_sources(), evaluate_at_end=False)
     return wd
 
@@ -287,8 +359,19 @@ def test_outputs_of_an_unreadable_video_leave_old_files(student, tmp_path, capsy
     old_video.write_bytes(b"an earlier video" * 1000)
     garbage = tmp_path / "clip.mp4"
     garbage.write_bytes(b"not a video" * 100)
-    status = predict.main(["--workdir", student, "--which", "latest", str(garbage),
-                           "-o", str(old_json), "--draw", str(old_video)])
+    status = predict.main(
+        [
+            "--workdir",
+            student,
+            "--which",
+            "latest",
+            str(garbage),
+            "-o",
+            str(old_json),
+            "--draw",
+            str(old_video),
+        ]
+    )
     assert status == 1
     assert "ERROR: " in capsys.readouterr().err
     assert old_json.read_text() == "precious\n" * 4000
@@ -308,8 +391,21 @@ def test_outputs_of_a_readable_video_replace_old_files(student, tmp_path, capsys
     writer.release()
     out = tmp_path / "out.jsonl"
     out.write_text("old\n" * 100)
-    predict.main(["--workdir", student, "--which", "latest", str(clip), "-o", str(out),
-                  "--box", "16,16,112,112", "--min_score", "-1"])
+    predict.main(
+        [
+            "--workdir",
+            student,
+            "--which",
+            "latest",
+            str(clip),
+            "-o",
+            str(out),
+            "--box",
+            "16,16,112,112",
+            "--min_score",
+            "-1",
+        ]
+    )
     capsys.readouterr()
     lines = out.read_text().splitlines()
     assert [json.loads(x)["frame"] for x in lines] == list(range(5))
@@ -327,15 +423,24 @@ def test_eval_with_no_flags_uses_the_records_data(tree, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     shutil.rmtree(workdir / "eval")
     before = sorted(str(p) for p in home.rglob("*"))  # ~/.keras: TensorFlow's import makes it
-    r = _main("--config=configs/300w_mobilefan_0.5.py", "--mode=eval", f"--workdir={workdir}",
-              HOME=str(home))
+    r = _main(
+        "--config=configs/300w_mobilefan_0.5.py",
+        "--mode=eval",
+        f"--workdir={workdir}",
+        HOME=str(home),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (workdir / "eval").is_dir()
     assert sorted(str(p) for p in home.rglob("*")) == before, "eval wrote outside the workdir"
     assert not (home / "tensorflow_datasets").exists()
     # A flag still overrides the path; a data_dir without the dataset is one line.
-    r = _main("--config=configs/300w_mobilefan_0.5.py", "--mode=eval", f"--workdir={workdir}",
-              f"--config.dataset.data_dir={tmp_path / 'nowhere'}", HOME=str(home))
+    r = _main(
+        "--config=configs/300w_mobilefan_0.5.py",
+        "--mode=eval",
+        f"--workdir={workdir}",
+        f"--config.dataset.data_dir={tmp_path / 'nowhere'}",
+        HOME=str(home),
+    )
     _assert_one_error_line(r.returncode, r.stderr, "dataset.data_dir", str(tmp_path / "nowhere"))
     assert not (tmp_path / "nowhere").exists()
 
@@ -348,8 +453,9 @@ def test_a_killed_build_is_cleaned_up_by_the_next(tree, tmp_path, capsys):
     stale = data_dir / "the300w" / "incomplete.ABC123_1.0.0"
     stale.mkdir(parents=True)
     (stale / "the300w-train.array_record-00000-of-00001").write_bytes(b"half a shard")
-    assert data.main(["300w", "--data_dir", str(data_dir),
-                      "--manual_dir", str(tree / "manual")]) == 0
+    assert (
+        data.main(["300w", "--data_dir", str(data_dir), "--manual_dir", str(tree / "manual")]) == 0
+    )
     assert not stale.exists()
     assert "left by an interrupted build" in capsys.readouterr().out
 
@@ -366,6 +472,7 @@ def test_archive_members_outside_the_tree_are_refused(tree, tmp_path, capsys, ba
         import io
 
         t.addfile(info, io.BytesIO(payload))
-    assert data.main(["300w", "--data_dir", str(tmp_path / "tfds"),
-                      "--manual_dir", str(manual)]) == 1
+    assert (
+        data.main(["300w", "--data_dir", str(tmp_path / "tfds"), "--manual_dir", str(manual)]) == 1
+    )
     _assert_one_error_line(1, capsys.readouterr().err, "300w.tar.gz", bad, "absolute or '..'")

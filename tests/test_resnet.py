@@ -32,8 +32,9 @@ class TorchBasic(tnn.Module):
         self.bn2 = tnn.BatchNorm2d(width)
         self.downsample = None
         if stride != 1 or cin != width:
-            self.downsample = tnn.Sequential(tnn.Conv2d(cin, width, 1, stride, bias=False),
-                                             tnn.BatchNorm2d(width))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(cin, width, 1, stride, bias=False), tnn.BatchNorm2d(width)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -54,8 +55,9 @@ class TorchBottleneck(tnn.Module):
         self.bn3 = tnn.BatchNorm2d(4 * width)
         self.downsample = None
         if stride != 1 or cin != 4 * width:
-            self.downsample = tnn.Sequential(tnn.Conv2d(cin, 4 * width, 1, stride, bias=False),
-                                             tnn.BatchNorm2d(4 * width))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(cin, 4 * width, 1, stride, bias=False), tnn.BatchNorm2d(4 * width)
+            )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -186,8 +188,9 @@ def test_train_mode_matches_pytorch_and_updates_means():
     with torch.no_grad():
         expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
     model = ResNetEncoder(18)
-    got, updates = jax.jit(
-        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    got, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4)
     new_means = traverse_util.flatten_dict(updates["batch_stats"])
     torch_means = traverse_util.flatten_dict(torch_to_flax(net)["batch_stats"])
@@ -195,8 +198,9 @@ def test_train_mode_matches_pytorch_and_updates_means():
     for path in torch_means:
         if path[-1] == "mean":
             assert not np.allclose(new_means[path], old_means[path])
-            np.testing.assert_allclose(new_means[path], torch_means[path], rtol=0, atol=1e-5,
-                                       err_msg=str(path))
+            np.testing.assert_allclose(
+                new_means[path], torch_means[path], rtol=0, atol=1e-5, err_msg=str(path)
+            )
 
 
 def test_invalid_depth():

@@ -21,15 +21,17 @@ from fan_jax import heatmaps, landmarks, losses, steps
 from fan_jax.models import fan
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 L = 5  # landmarks
 
 
 def _batch(size, n=2, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-            "landmarks": rng.uniform(0, size - 1, (n, L, 2)).astype(np.float32)}
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "landmarks": rng.uniform(0, size - 1, (n, L, 2)).astype(np.float32),
+    }
 
 
 def _targets_reference(landmarks, image_size, sigma):
@@ -74,33 +76,37 @@ def test_train_step_matches_reference(size):
     state = steps.create_train_state({"student": params}, {"student": bs}, tx)
     batch = _batch(size)
     sigma = 1.5
-    new_state, metrics = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                                   sigma=sigma))(state, batch, jax.random.key(0))
+    new_state, metrics = jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, sigma=sigma)
+    )(state, batch, jax.random.key(0))
 
     images = jnp.asarray(landmarks.normalize_np(batch["image"]))
     target = jnp.asarray(_targets_reference(batch["landmarks"], size, sigma), jnp.float32)
 
     def ref_loss(p):
-        (hm, _), _ = model.apply({"params": p, "batch_stats": bs}, images, train=True,
-                                 mutable=["batch_stats"])
+        (hm, _), _ = model.apply(
+            {"params": p, "batch_stats": bs}, images, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean((hm - target) ** 2)
 
     loss, grads = jax.value_and_grad(ref_loss)(params)
     # The loss is a mean of B x H x W x L squares; each gradient sums over B x pixels.
     n_loss = target.size
     n_grad = len(images) * size * size
-    np.testing.assert_allclose(metrics["loss"], loss, rtol=0,
-                               atol=summed_tolerance(loss, n_loss))
-    np.testing.assert_allclose(metrics["heatmap"], loss, rtol=0,
-                               atol=summed_tolerance(loss, n_loss))
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=0, atol=summed_tolerance(loss, n_loss))
+    np.testing.assert_allclose(
+        metrics["heatmap"], loss, rtol=0, atol=summed_tolerance(loss, n_loss)
+    )
     # Recover the step's gradient from its update and its momentum trace; compare each leaf
     # at the scale of that leaf's gradient.
-    step_grads = jax.tree.map(lambda new, old: (old - new) / lr,
-                              new_state.params["student"], params)
+    step_grads = jax.tree.map(
+        lambda new, old: (old - new) / lr, new_state.params["student"], params
+    )
     trace = new_state.opt_state[0].trace["student"]
     flat_ref = jax.tree_util.tree_leaves_with_path(grads)
-    for (path, g), g_step, g_trace, p in zip(flat_ref, jax.tree.leaves(step_grads),
-                                             jax.tree.leaves(trace), jax.tree.leaves(params)):
+    for (path, g), g_step, g_trace, p in zip(
+        flat_ref, jax.tree.leaves(step_grads), jax.tree.leaves(trace), jax.tree.leaves(params)
+    ):
         name = jax.tree_util.keystr(path)
         tol = summed_tolerance(g, n_grad)
         np.testing.assert_allclose(g_trace, g, rtol=0, atol=tol, err_msg=name)
@@ -109,12 +115,14 @@ def test_train_step_matches_reference(size):
         np.testing.assert_allclose(g_step, g, rtol=0, atol=tol + sub, err_msg=name)
     # The gradient is not trivially small: the tolerances above are far below it.
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads)) > 1e3 * max(
-        summed_tolerance(g, n_grad) for g in jax.tree.leaves(grads))
+        summed_tolerance(g, n_grad) for g in jax.tree.leaves(grads)
+    )
     assert int(new_state.step) == 1
     # Train-mode BN moved the running statistics.
     mean_before = bs["encoder"]["BatchNorm_0"]["mean"]
-    assert not np.allclose(new_state.batch_stats["student"]["encoder"]["BatchNorm_0"]["mean"],
-                           mean_before)
+    assert not np.allclose(
+        new_state.batch_stats["student"]["encoder"]["BatchNorm_0"]["mean"], mean_before
+    )
 
 
 def _distill_setup(kind="conv", fa=(True, True, True), fs=(True, True, True), size=64):
@@ -128,15 +136,25 @@ def _distill_setup(kind="conv", fa=(True, True, True), fs=(True, True, True), si
     adapters = fan.Adapters(features=fan.teacher_channels(teacher), kind=kind) if any(fa) else None
     p, b = {"student": params}, {"student": bs}
     if adapters is not None:
-        _, taps = student.apply({"params": params, "batch_stats": bs}, jnp.zeros((1, size, size, 3)))
+        _, taps = student.apply(
+            {"params": params, "batch_stats": bs}, jnp.zeros((1, size, size, 3))
+        )
         av = adapters.init(jax.random.key(2), taps)
         p["adapters"] = av["params"]
         if "batch_stats" in av:
             b["adapters"] = av["batch_stats"]
     tx = optax.adam(1e-3)
     state = steps.create_train_state(p, b, tx)
-    step = functools.partial(steps.distill_step, model=student, adapters=adapters, teacher=teacher,
-                             tx=tx, lam=0.5, fa_layers=fa, fs_layers=fs)
+    step = functools.partial(
+        steps.distill_step,
+        model=student,
+        adapters=adapters,
+        teacher=teacher,
+        tx=tx,
+        lam=0.5,
+        fa_layers=fa,
+        fs_layers=fs,
+    )
     return student, teacher, adapters, teacher_vars, state, step
 
 
@@ -151,15 +169,20 @@ def test_distill_step_terms_and_frozen_teacher():
     # Reference terms: teacher in inference mode (running statistics), student in train mode.
     images = jnp.asarray(landmarks.normalize_np(batch["image"]))
     _, t_taps = teacher.apply(tv, images, train=False)
-    (_, s_taps), _ = student.apply({"params": state.params["student"],
-                                    "batch_stats": state.batch_stats["student"]}, images,
-                                   train=True, mutable=["batch_stats"])
+    (_, s_taps), _ = student.apply(
+        {"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
     adapted = adapters.apply({"params": state.params["adapters"]}, s_taps)
     ref = losses.distillation_terms(s_taps, adapted, t_taps)
     for k, v in ref.items():
         np.testing.assert_allclose(m[k], v, rtol=1e-5, err_msg=k)
     _, t_taps_train = teacher.apply(tv, images, train=True, mutable=["batch_stats"])[0]
-    assert not np.allclose(losses.distillation_terms(s_taps, adapted, t_taps_train)["fa1"], m["fa1"])
+    assert not np.allclose(
+        losses.distillation_terms(s_taps, adapted, t_taps_train)["fa1"], m["fa1"]
+    )
 
     # The teacher is an input, not a parameter: no gradient reaches it, and the state has
     # only the student and its adapters.
@@ -171,13 +194,16 @@ def test_distill_step_terms_and_frozen_teacher():
 
 def test_distill_ablation_subsets_and_bn_adapters():
     # FS only: no adapters at all.
-    _, _, adapters, tv, state, step = _distill_setup(fa=(False, False, False), fs=(False, True, False))
+    _, _, adapters, tv, state, step = _distill_setup(
+        fa=(False, False, False), fs=(False, True, False)
+    )
     assert adapters is None and set(state.params) == {"student"}
     _, m = jax.jit(step)(state, tv, _batch(64), jax.random.key(0))
     assert set(m) == {"loss", "heatmap", "fs2"}
     # One FA term with the public code's conv-BN-ReLU adapters: their BN statistics move.
-    _, _, _, tv, state, step = _distill_setup("conv_bn_relu", fa=(True, False, False),
-                                              fs=(False, False, True))
+    _, _, _, tv, state, step = _distill_setup(
+        "conv_bn_relu", fa=(True, False, False), fs=(False, False, True)
+    )
     new_state, m = jax.jit(step)(state, tv, _batch(64), jax.random.key(0))
     assert set(m) == {"loss", "heatmap", "fa1", "fs3"}
     before = state.batch_stats["adapters"]["adapter_0_bn"]["mean"]
@@ -270,7 +296,8 @@ def test_four_devices_match_one_device():
     """Same global batch on a 4-device mesh and a 1-device mesh: same loss, same update."""
     script = MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "plain OK" in r.stdout and "distill OK" in r.stdout

@@ -25,8 +25,13 @@ def test_counts_match_hand_counts():
 
 
 def test_cli_json_lists_the_three_models():
-    out = subprocess.run([sys.executable, "-m", "fan_jax.summary", "--json"], capture_output=True,
-                         text=True, check=True, timeout=600).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fan_jax.summary", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["mobilefan", "mobilefan_0.5", "teacher"]
     assert all(set(r) == {"name", "params", "flops"} for r in rows)

@@ -16,12 +16,12 @@ def _parse_pts(path):
     """Independent strict reader of the 300W .pts layout."""
     with open(path) as fh:
         lines = fh.read().splitlines()
-    assert lines[0] == 'version: 1'
-    assert lines[1] == 'n_points:  68'
-    assert lines[2] == '{'
-    assert lines[71] == '}'
-    assert all(ln.strip() == '' for ln in lines[72:])
-    return np.array([[float(v) for v in ln.split(' ')] for ln in lines[3:71]])
+    assert lines[0] == "version: 1"
+    assert lines[1] == "n_points:  68"
+    assert lines[2] == "{"
+    assert lines[71] == "}"
+    assert all(ln.strip() == "" for ln in lines[72:])
+    return np.array([[float(v) for v in ln.split(" ")] for ln in lines[3:71]])
 
 
 def _shoelace(p):
@@ -30,6 +30,7 @@ def _shoelace(p):
 
 
 # ----------------------------------------------------------------------------- render_face
+
 
 def test_render_shapes_and_bounds():
     for size in (256, (200, 300)):
@@ -56,14 +57,19 @@ def test_deterministic_per_seed():
 def test_stage_switches_keep_other_stages():
     """Turning occluders / degradation off must not change the face (each stage has its own stream)."""
     _, lm_full, _ = S._render(S.image_rng(1, 2), 160)
-    _, lm_clean, _ = S._render(S.image_rng(1, 2), 160, occluders=False, degrade=False, features=False)
+    _, lm_clean, _ = S._render(
+        S.image_rng(1, 2), 160, occluders=False, degrade=False, features=False
+    )
     np.testing.assert_array_equal(lm_full, lm_clean)
 
 
 # ----------------------------------------------------------------------------- topology
 
+
 def _frontal(seed, size=320, **kw):
-    return S._render(S.image_rng(seed, 0, 77), size, pose=(0, 0, 0), occluders=False, degrade=False, **kw)
+    return S._render(
+        S.image_rng(seed, 0, 77), size, pose=(0, 0, 0), occluders=False, degrade=False, **kw
+    )
 
 
 def test_topology_frontal_faces():
@@ -112,7 +118,7 @@ def test_mirror_symmetry_matches_flip_permutation():
         f.point_jitter[:] = 0.0
         f.eye_open[:] = f.eye_open[0]
         g = S._layout(f, 320, 320, np.random.default_rng(0))
-        lm = g['landmarks']
+        lm = g["landmarks"]
         cx = lm[8, 0]
         mirrored = np.stack([2 * cx - lm[:, 0], lm[:, 1]], 1)[perm]
         np.testing.assert_allclose(mirrored, lm, atol=1e-6)
@@ -143,10 +149,11 @@ def test_challenging_faces_are_harder():
 
 # ----------------------------------------------------------------------------- grounding
 
+
 def _window_diff(a, b, p, r=1):
     x, y = np.round(p).astype(int)
-    wa = a[y - r:y + r + 1, x - r:x + r + 1].astype(int)
-    wb = b[y - r:y + r + 1, x - r:x + r + 1].astype(int)
+    wa = a[y - r : y + r + 1, x - r : x + r + 1].astype(int)
+    wb = b[y - r : y + r + 1, x - r : x + r + 1].astype(int)
     return np.abs(wa - wb).sum(-1).max()
 
 
@@ -176,96 +183,115 @@ def test_jaw_lies_on_the_face_outline():
         img[...] = (0, 255, 0)
         S._draw_face(img, f, g, features=False)
         dist = np.abs(img.astype(float) - np.clip(f.skin, 0, 255)).sum(-1)
-        for i, p in enumerate(g['landmarks'][:17]):
+        for i, p in enumerate(g["landmarks"][:17]):
             x, y = np.round(p).astype(int)
-            win = dist[y - 3:y + 4, x - 3:x + 4]
+            win = dist[y - 3 : y + 4, x - 3 : x + 4]
             assert win.min() < 4 and win.max() > 25, (seed, i)
 
 
 # ----------------------------------------------------------------------------- 300W tree
 
+
 def test_subset_counts():
     c = T.subset_counts(3148, 689)
-    assert c == {'afw': 337, 'helen/trainset': 2000, 'lfpw/trainset': 811,
-                 'helen/testset': 330, 'lfpw/testset': 224, 'ibug': 135}
+    assert c == {
+        "afw": 337,
+        "helen/trainset": 2000,
+        "lfpw/trainset": 811,
+        "helen/testset": 330,
+        "lfpw/testset": 224,
+        "ibug": 135,
+    }
     for n_train, n_test in ((0, 0), (1, 1), (7, 2), (10, 5), (101, 33)):
         c = T.subset_counts(n_train, n_test)
-        assert sum(c[k] for k in ('afw', 'helen/trainset', 'lfpw/trainset')) == n_train
-        assert sum(c[k] for k in ('helen/testset', 'lfpw/testset', 'ibug')) == n_test
+        assert sum(c[k] for k in ("afw", "helen/trainset", "lfpw/trainset")) == n_train
+        assert sum(c[k] for k in ("helen/testset", "lfpw/testset", "ibug")) == n_test
         if n_test >= 2:
-            assert c['ibug'] >= 1 and c['helen/testset'] + c['lfpw/testset'] >= 1
+            assert c["ibug"] >= 1 and c["helen/testset"] + c["lfpw/testset"] >= 1
 
 
 def test_write_300w_tree(tmp_path):
-    out = str(tmp_path / '300w')
+    out = str(tmp_path / "300w")
     size = 96
     counts = T.write_300w_tree(out, num_train=7, num_test=5, seed=3, size=size)
-    assert counts['train'] == 7 and counts['full'] == 5 and counts['total'] == 12
-    assert counts['challenging'] == counts['ibug'] >= 1
-    assert counts['common'] == counts['helen/testset'] + counts['lfpw/testset']
+    assert counts["train"] == 7 and counts["full"] == 5 and counts["total"] == 12
+    assert counts["challenging"] == counts["ibug"] >= 1
+    assert counts["common"] == counts["helen/testset"] + counts["lfpw/testset"]
     names = T.tree_file_names(counts)
     spaced = 0
     exts = set()
     for folder, _, _, ext, _ in S.SUBSETS:
         d = os.path.join(out, folder)
         files = sorted(os.listdir(d))
-        images = [n for n in files if n.endswith(('.jpg', '.png'))]
+        images = [n for n in files if n.endswith((".jpg", ".png"))]
         assert len(images) == counts[folder]
-        assert len([n for n in files if n.endswith('.pts')]) == counts[folder]
+        assert len([n for n in files if n.endswith(".pts")]) == counts[folder]
         assert sorted(names[folder]) == sorted(images)
         for i, name in enumerate(names[folder]):
             assert name.endswith(ext)
             exts.add(ext)
-            spaced += ' ' in name
+            spaced += " " in name
             path = os.path.join(d, name)
             img = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
             ref_img, ref_lm = T.render_tree_image(3, folder, i, size)
             assert img.shape == ref_img.shape and img.shape[0] == size
-            if ext == '.png':  # lossless: the very pixels that were rendered
+            if ext == ".png":  # lossless: the very pixels that were rendered
                 np.testing.assert_array_equal(img, ref_img)
             else:
                 assert np.abs(img.astype(int) - ref_img).mean() < 12
-            pts = _parse_pts(os.path.splitext(path)[0] + '.pts')
+            pts = _parse_pts(os.path.splitext(path)[0] + ".pts")
             np.testing.assert_allclose(pts, ref_lm.astype(np.float64) + 1.0, atol=1e-5)
-            np.testing.assert_allclose(T.read_pts(os.path.splitext(path)[0] + '.pts'), pts)
-    assert spaced == 1 and exts == {'.jpg', '.png'}
-    assert os.path.exists(os.path.join(out, 'synthetic_300w.json'))
+            np.testing.assert_allclose(T.read_pts(os.path.splitext(path)[0] + ".pts"), pts)
+    assert spaced == 1 and exts == {".jpg", ".png"}
+    assert os.path.exists(os.path.join(out, "synthetic_300w.json"))
 
     # Same seed, same bytes; an existing tree is only replaced on request.
     with pytest.raises(FileExistsError):
         T.write_300w_tree(out, 2, 2, seed=3, size=size)
-    out2 = str(tmp_path / 'again')
+    out2 = str(tmp_path / "again")
     T.write_300w_tree(out2, 7, 5, seed=3, size=size)
     for folder in names:
         for name in names[folder]:
-            for p in (name, os.path.splitext(name)[0] + '.pts'):
-                with open(os.path.join(out, folder, p), 'rb') as fa:
-                    with open(os.path.join(out2, folder, p), 'rb') as fb:
+            for p in (name, os.path.splitext(name)[0] + ".pts"):
+                with open(os.path.join(out, folder, p), "rb") as fa:
+                    with open(os.path.join(out2, folder, p), "rb") as fb:
                         assert fa.read() == fb.read()
     small = T.write_300w_tree(out, 2, 2, seed=3, size=size, overwrite=True)
     n_files = sum(len(os.listdir(os.path.join(out, s[0]))) for s in S.SUBSETS)
-    assert n_files == 2 * small['total']
+    assert n_files == 2 * small["total"]
 
 
 def test_parallel_write_matches_serial(tmp_path):
-    T.write_300w_tree(str(tmp_path / 'a'), 3, 2, seed=4, size=64, workers=1)
-    T.write_300w_tree(str(tmp_path / 'b'), 3, 2, seed=4, size=64, workers=2)
-    for root, _, files in os.walk(tmp_path / 'a'):
+    T.write_300w_tree(str(tmp_path / "a"), 3, 2, seed=4, size=64, workers=1)
+    T.write_300w_tree(str(tmp_path / "b"), 3, 2, seed=4, size=64, workers=2)
+    for root, _, files in os.walk(tmp_path / "a"):
         for name in files:
-            if name.endswith('.json'):
+            if name.endswith(".json"):
                 continue
-            rel = os.path.relpath(os.path.join(root, name), tmp_path / 'a')
-            other = os.path.join(str(tmp_path / 'b'), rel)
-            with open(os.path.join(root, name), 'rb') as fa, open(other, 'rb') as fb:
+            rel = os.path.relpath(os.path.join(root, name), tmp_path / "a")
+            other = os.path.join(str(tmp_path / "b"), rel)
+            with open(os.path.join(root, name), "rb") as fa, open(other, "rb") as fb:
                 assert fa.read() == fb.read(), name
 
 
 def test_cli(tmp_path, capsys):
-    counts = T.main(['--out', str(tmp_path / 't'), '--num_train', '3', '--num_test', '2',
-                     '--seed', '1', '--size', '64'])
+    counts = T.main(
+        [
+            "--out",
+            str(tmp_path / "t"),
+            "--num_train",
+            "3",
+            "--num_test",
+            "2",
+            "--seed",
+            "1",
+            "--size",
+            "64",
+        ]
+    )
     printed = capsys.readouterr().out
-    assert 'images/s' in printed and counts['total'] == 5
-    assert os.path.isdir(tmp_path / 't' / 'helen' / 'trainset')
+    assert "images/s" in printed and counts["total"] == 5
+    assert os.path.isdir(tmp_path / "t" / "helen" / "trainset")
 
 
 def test_throughput():
@@ -275,6 +301,8 @@ def test_throughput():
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
         img, _ = S.render_face(S.image_rng(0, i), size)
-        cv2.imencode('.jpg', img)
+        cv2.imencode(".jpg", img)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(f'\nsynthetic: {n / wall:.0f} images/s wall, {n / cpu:.0f} images/s cpu ({size} px, render + jpeg)')
+    print(
+        f"\nsynthetic: {n / wall:.0f} images/s wall, {n / cpu:.0f} images/s cpu ({size} px, render + jpeg)"
+    )

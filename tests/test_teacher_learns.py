@@ -15,7 +15,7 @@ from tensorflow.core.util import event_pb2
 from fan_jax import heatmaps, synthetic, train
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 # 50 steps: the 10-step mean is ~0.45x the all-zero loss by step 40 (measured: 0.80x at step
 # 10, 0.53x at 20, 0.36-0.43x from 50 to 120), so 0.75x leaves margin and the old plateau
@@ -37,22 +37,36 @@ def _logged(workdir: str, tag: str) -> dict[int, float]:
 def _all_zero_loss(size: int, sigma: float) -> float:
     """MSE of an all-zero map against one Gaussian per landmark, away from the border."""
     h = size // 4
-    g = np.asarray(heatmaps.render_gaussians(np.full((1, 1, 2), (h - 1) / 2, np.float32),
-                                             size=h, sigma=sigma))
-    return float(np.mean(g ** 2))
+    g = np.asarray(
+        heatmaps.render_gaussians(np.full((1, 1, 2), (h - 1) / 2, np.float32), size=h, sigma=sigma)
+    )
+    return float(np.mean(g**2))
 
 
 def test_resnet_teacher_beats_the_all_zero_map(tmp_path):
-    c = helpers.tiny_config("300w_teacher", **{
-        "model.name": "resnet18_fan", "input_size": SIZE, "sigma": SIGMA,
-        "augment.box_source": "landmarks", "train.batch_size": 8,
-        "train.num_train_steps": STEPS, "train.learning_rate": 5e-3,
-        "train.warmup_steps": 20, "train.lr_decay_epochs": (), "train.log_every_steps": 1,
-        "train.checkpoint_every_steps": STEPS})
+    c = helpers.tiny_config(
+        "300w_teacher",
+        **{
+            "model.name": "resnet18_fan",
+            "input_size": SIZE,
+            "sigma": SIGMA,
+            "augment.box_source": "landmarks",
+            "train.batch_size": 8,
+            "train.num_train_steps": STEPS,
+            "train.learning_rate": 5e-3,
+            "train.warmup_steps": 20,
+            "train.lr_decay_epochs": (),
+            "train.log_every_steps": 1,
+            "train.checkpoint_every_steps": STEPS,
+        },
+    )
     sources = synthetic.sources(64, 8, size=96)
-    result = train.train_and_evaluate(c, str(tmp_path), sources={"train": sources["train"],
-                                                                "full": sources["test"]},
-                                      evaluate_at_end=False)
+    result = train.train_and_evaluate(
+        c,
+        str(tmp_path),
+        sources={"train": sources["train"], "full": sources["test"]},
+        evaluate_at_end=False,
+    )
     assert result.step == STEPS
     loss = _logged(str(tmp_path), "train/heatmap")
     zero = _all_zero_loss(SIZE, SIGMA)

@@ -10,17 +10,14 @@ import sys
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 import pytest
+from absl import logging as absl_logging
 
-from fan_jax import checkpoints
+from fan_jax import checkpoints, demo, errors, train
 from fan_jax.tasks import heatmap as heatmap_task
-from fan_jax import demo
-from fan_jax import errors
-from fan_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 helpers.register_tiny_models()
 
@@ -28,8 +25,11 @@ STEPS = 4
 
 
 def _config(**overrides):
-    base = {"model.name": "tiny_student", "train.num_train_steps": STEPS,
-            "train.checkpoint_every_steps": 2}
+    base = {
+        "model.name": "tiny_student",
+        "train.num_train_steps": STEPS,
+        "train.checkpoint_every_steps": 2,
+    }
     base.update(overrides)
     return helpers.tiny_config("300w_mobilefan", **base)
 
@@ -51,27 +51,39 @@ def _assert_same_params(a, b, exact=True):
 def reference_run(tmp_path_factory):
     """An uninterrupted 4-step run: (workdir, final params)."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    result = train.train_and_evaluate(_config(), workdir, sources=helpers.fake_sources(),
-                                      evaluate_at_end=False)
+    result = train.train_and_evaluate(
+        _config(), workdir, sources=helpers.fake_sources(), evaluate_at_end=False
+    )
     assert result.step == STEPS and not result.preempted
     return workdir, _params(result.state)
 
 
 def _steps_in(workdir):
-    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-                  if os.path.basename(p).isdigit())
+    return sorted(
+        int(os.path.basename(p))
+        for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+        if os.path.basename(p).isdigit()
+    )
 
 
 def test_resume_is_exact(reference_run, tmp_path):
     _, expected = reference_run
     workdir = str(tmp_path)
-    first = train.train_and_evaluate(_config(**{"train.num_train_steps": 2}), workdir,
-                                     sources=helpers.fake_sources(), evaluate_at_end=False)
+    first = train.train_and_evaluate(
+        _config(**{"train.num_train_steps": 2}),
+        workdir,
+        sources=helpers.fake_sources(),
+        evaluate_at_end=False,
+    )
     assert first.step == 2
     assert os.path.exists(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json"))
     # Extending a run is a deliberate change to its record.
-    second = train.train_and_evaluate(_config(**{"train.allow_changes": True}), workdir,
-                                      sources=helpers.fake_sources(), evaluate_at_end=False)
+    second = train.train_and_evaluate(
+        _config(**{"train.allow_changes": True}),
+        workdir,
+        sources=helpers.fake_sources(),
+        evaluate_at_end=False,
+    )
     assert second.step == STEPS
     _assert_same_params(_params(second.state), expected)
 
@@ -82,27 +94,35 @@ def test_sigterm_saves_and_resumes_exactly(reference_run, tmp_path):
     sources = helpers.fake_sources()
     killer = helpers.SigtermOnRead(sources["train"], at=5)
     previous = signal.getsignal(signal.SIGTERM)
-    result = train.train_and_evaluate(_config(**{"train.num_train_steps": 1000}), workdir,
-                                      sources={**sources, "train": killer},
-                                      evaluate_at_end=False)
+    result = train.train_and_evaluate(
+        _config(**{"train.num_train_steps": 1000}),
+        workdir,
+        sources={**sources, "train": killer},
+        evaluate_at_end=False,
+    )
     assert killer.sent and result.preempted
     assert result.step < STEPS, "the signal should stop the run within a few steps"
     assert result.step in _steps_in(workdir), "the preemption checkpoint is missing"
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
-    resumed = train.train_and_evaluate(_config(**{"train.allow_changes": True}), workdir,
-                                       sources=helpers.fake_sources(),
-                                       evaluate_at_end=False)
+    resumed = train.train_and_evaluate(
+        _config(**{"train.allow_changes": True}),
+        workdir,
+        sources=helpers.fake_sources(),
+        evaluate_at_end=False,
+    )
     assert resumed.step == STEPS
     _assert_same_params(_params(resumed.state), expected)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
-    config = _config(**{"train.num_train_steps": 6, "train.nan_at_step": 3,
-                        "train.log_every_steps": 10})
+    config = _config(
+        **{"train.num_train_steps": 6, "train.nan_at_step": 3, "train.log_every_steps": 10}
+    )
     with pytest.raises(errors.NonFiniteLossError, match=r"step 3\b"):
-        train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
-                                 evaluate_at_end=False)
+        train.train_and_evaluate(
+            config, workdir, sources=helpers.fake_sources(), evaluate_at_end=False
+        )
     assert _steps_in(workdir) == [2]
     restored, step = checkpoints.restore_model(workdir, "latest")
     assert step == 2
@@ -115,7 +135,9 @@ def test_missing_teacher_names_the_training_command(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "s"), sources=helpers.fake_sources())
     msg = str(e.value)
     assert "No teacher checkpoint" in msg
-    assert f"python -m fan_jax.main --config=configs/300w_teacher.py --workdir={tmp_path / 't'}" in msg
+    assert (
+        f"python -m fan_jax.main --config=configs/300w_teacher.py --workdir={tmp_path / 't'}" in msg
+    )
 
 
 def test_mismatched_teacher_is_a_clear_error(reference_run, tmp_path):
@@ -142,16 +164,24 @@ def test_distillation_run_logs_each_term(reference_run, tmp_path, caplog):
 
     teacher_dir, _ = reference_run
     workdir = str(tmp_path)
-    config = helpers.tiny_config("300w_distill", **{
-        "model.name": "tiny_student", "distill.teacher_workdir": teacher_dir,
-        "train.num_train_steps": 2, "train.eval_every_steps": 1, "train.keep_checkpoints": 1})
+    config = helpers.tiny_config(
+        "300w_distill",
+        **{
+            "model.name": "tiny_student",
+            "distill.teacher_workdir": teacher_dir,
+            "train.num_train_steps": 2,
+            "train.eval_every_steps": 1,
+            "train.keep_checkpoints": 1,
+        },
+    )
     caplog.set_level(py_logging.INFO)
     # Other tests in the same worker (TensorFlow imports) can leave absl at WARNING.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
-        result = train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
-                                          evaluate_at_end=False)
+        result = train.train_and_evaluate(
+            config, workdir, sources=helpers.fake_sources(), evaluate_at_end=False
+        )
     finally:
         absl_logging.set_verbosity(verbosity)
     assert result.val_nme is not None and np.isfinite(result.val_nme)
@@ -180,10 +210,10 @@ def _val_nmes(workdir):
 
 def test_keeps_latest_and_best(tmp_path):
     workdir = str(tmp_path)
-    config = _config(**{"train.eval_every_steps": 1, "train.keep_checkpoints": 1,
-                        "train.learning_rate": 0.05})
-    train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(),
-                             evaluate_at_end=False)
+    config = _config(
+        **{"train.eval_every_steps": 1, "train.keep_checkpoints": 1, "train.learning_rate": 0.05}
+    )
+    train.train_and_evaluate(config, workdir, sources=helpers.fake_sources(), evaluate_at_end=False)
     nmes = _val_nmes(workdir)
     assert sorted(nmes) == list(range(1, STEPS + 1))
     best = min(nmes, key=nmes.get)
@@ -207,8 +237,9 @@ def test_eval_mode_writes_metrics(reference_run, tmp_path):
 
 def test_input_size_must_be_a_multiple_of_32(tmp_path):
     with pytest.raises(ValueError, match="multiple of 32"):
-        train.train_and_evaluate(_config(input_size=80), str(tmp_path),
-                                 sources=helpers.fake_sources())
+        train.train_and_evaluate(
+            _config(input_size=80), str(tmp_path), sources=helpers.fake_sources()
+        )
 
 
 @pytest.mark.slow
@@ -229,14 +260,25 @@ def test_demo_end_to_end(tmp_path, capsys):
     kd.input_size, kd.train.num_train_steps, kd.train.batch_size = 64, 2, 4
     kd.eval.batch_size, kd.kd.asm_augmentations = 4, 1
     rows = demo.run_demo(c, str(tmp_path))
-    assert list(rows) == ["teacher", "MobileFAN", "MobileFAN + KD", "KD-Loss Tough teacher",
-                          "KD-Loss Tolerant teacher", "KD-Loss student (MobileNetV2 regression)"]
+    assert list(rows) == [
+        "teacher",
+        "MobileFAN",
+        "MobileFAN + KD",
+        "KD-Loss Tough teacher",
+        "KD-Loss Tolerant teacher",
+        "KD-Loss student (MobileNetV2 regression)",
+    ]
     for res in rows.values():
         assert set(res) == {"full", "common", "challenging"}
         assert res["full"]["flip"]["num_images"] == 6
     out = capsys.readouterr().out
     assert "MobileFAN + KD" in out and "NME %" in out
     assert "KD-Loss student" in out
-    for f in ("demo_table.txt", "demo_nme.png", "teacher/eval/ced_300w.png",
-              "mobilefan_kd/eval/metrics.json", "kdloss/student/eval/metrics.json"):
+    for f in (
+        "demo_table.txt",
+        "demo_nme.png",
+        "teacher/eval/ced_300w.png",
+        "mobilefan_kd/eval/metrics.json",
+        "kdloss/student/eval/metrics.json",
+    ):
         assert os.path.exists(tmp_path / f), f

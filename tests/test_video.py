@@ -14,7 +14,7 @@ from skimage import data as skdata
 from fan_jax import predict, video
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 helpers.register_tiny_models()
 FPS = 30.0
@@ -42,8 +42,9 @@ class Centroids:
         b, h, w, _ = x.shape
         hm = h // 4
         pooled = x.reshape(b, hm, 4, hm, 4, 3).mean(axis=(2, 4))
-        ys, xs = jnp.meshgrid(jnp.arange(hm, dtype=jnp.float32),
-                              jnp.arange(hm, dtype=jnp.float32), indexing="ij")
+        ys, xs = jnp.meshgrid(
+            jnp.arange(hm, dtype=jnp.float32), jnp.arange(hm, dtype=jnp.float32), indexing="ij"
+        )
         maps = []
         for c in (0, 1, 2):
             wgt = jnp.exp(2.0 * pooled[..., c])
@@ -69,8 +70,13 @@ def _shift(img, dx):
 
 
 def _tracker(box_half=40.0, box_from_landmarks=None, **kw):
-    pred = predict.Predictor({"params": {}}, Centroids(), num_landmarks=3, input_size=64,
-                             detector=lambda img: np.array([[40, 40, 120, 120]], np.float32))
+    pred = predict.Predictor(
+        {"params": {}},
+        Centroids(),
+        num_landmarks=3,
+        input_size=64,
+        detector=lambda img: np.array([[40, 40, 120, 120]], np.float32),
+    )
 
     def box(lm):  # a fixed-size box on the landmarks' centre: the stub's 3 points are no face
         c = np.asarray(lm).mean(axis=0)
@@ -118,7 +124,7 @@ def test_smoothed_track_lags_a_moving_face_by_at_most_2_frames():
     def frame(i):
         canvas = np.zeros((200, 200, 3), np.uint8)
         x = int(round(20 + speed * i))
-        canvas[50:150, x:x + 100] = photo
+        canvas[50:150, x : x + 100] = photo
         return _noisy(canvas, rng, sigma=2.0)
 
     clip = [frame(i) for i in range(n)]
@@ -128,7 +134,7 @@ def test_smoothed_track_lags_a_moving_face_by_at_most_2_frames():
     slope = np.polyfit(np.arange(n), x_raw, 1)[0]
     assert slope > 0.5 * speed, "the raw landmarks must follow the moving face"
     # The lag that best aligns the smoothed track with the raw one, after the filter settles.
-    errs = {k: np.mean(np.abs(x_smooth[15 + k:] - x_raw[15:n - k])) for k in range(0, 8)}
+    errs = {k: np.mean(np.abs(x_smooth[15 + k :] - x_raw[15 : n - k])) for k in range(8)}
     assert min(errs, key=errs.get) <= 2, errs
     # Smoothing off: the output is the raw landmarks.
     raw2, smooth2 = _track(_tracker(detect_every=1000, smoothing=False), clip[:5])
@@ -145,8 +151,9 @@ def test_detections_keep_face_ids_and_new_faces_get_new_ones():
             boxes.append([0, 0, 30, 30])  # a second face appears
         return np.asarray(boxes, np.float32)
 
-    pred = predict.Predictor({"params": {}}, PooledColour(), num_landmarks=3, input_size=64,
-                             detector=detector)
+    pred = predict.Predictor(
+        {"params": {}}, PooledColour(), num_landmarks=3, input_size=64, detector=detector
+    )
     tracker = video.FaceTracker(pred, detect_every=3, min_score=-1e9)
     photo = _photo()
     ids = [sorted(f.id for f in tracker.update(photo, i / FPS)) for i in range(9)]
@@ -181,8 +188,9 @@ def workdir(tmp_path_factory):
     from fan_jax import train
 
     wd = str(tmp_path_factory.mktemp("video_student"))
-    config = helpers.tiny_config("300w_mobilefan", **{"model.name": "tiny_student",
-                                                      "train.num_train_steps": 2})
+    config = helpers.tiny_config(
+        "300w_mobilefan", **{"model.name": "tiny_student", "train.num_train_steps": 2}
+    )
     train.train_and_evaluate(config, wd, sources=helpers.fake_sources(), evaluate_at_end=False)
     return wd
 
@@ -194,8 +202,23 @@ def test_cli_tracks_a_real_photo_through_a_clip(workdir, tmp_path, capsys):
     out_video, out_json = str(tmp_path / "out.avi"), str(tmp_path / "landmarks.jsonl")
     # The 2-step model's heatmap peaks are near 0: --min_score -1 keeps them from counting as
     # lost tracks (a trained model's peaks are near 1).
-    status = predict.main(["--workdir", workdir, "--which", "latest", clip, "--draw", out_video,
-                           "-o", out_json, "--detect_every", "6", "--min_score", "-1"])
+    status = predict.main(
+        [
+            "--workdir",
+            workdir,
+            "--which",
+            "latest",
+            clip,
+            "--draw",
+            out_video,
+            "-o",
+            out_json,
+            "--detect_every",
+            "6",
+            "--min_score",
+            "-1",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     lines = [json.loads(x) for x in open(out_json)]
     assert [r["frame"] for r in lines] == list(range(len(frames)))

@@ -22,14 +22,17 @@ import pytest
 from fan_jax import checkpoints, errors, synthetic_300w, train, validate
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _train_helpers as helpers  # noqa: E402
+import _train_helpers as helpers
 
 helpers.register_tiny_models()
 
 
 def _config(**overrides):
-    base = {"model.name": "tiny_student", "train.num_train_steps": 2,
-            "train.checkpoint_every_steps": 1}
+    base = {
+        "model.name": "tiny_student",
+        "train.num_train_steps": 2,
+        "train.checkpoint_every_steps": 1,
+    }
     base.update(overrides)
     return helpers.tiny_config("300w_mobilefan", **base)
 
@@ -41,8 +44,10 @@ def _snapshot(root) -> dict[str, str]:
         for f in files:
             p = os.path.join(d, f)
             with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = (hashlib.sha256(fh.read()).hexdigest(),
-                                                 os.stat(p).st_mtime_ns)
+                out[os.path.relpath(p, root)] = (
+                    hashlib.sha256(fh.read()).hexdigest(),
+                    os.stat(p).st_mtime_ns,
+                )
     return out
 
 
@@ -67,17 +72,24 @@ def _copy(workdir, tmp_path):
 # ------------------------------------------------------------------------- 1. the record
 
 
-@pytest.mark.parametrize("override,field", [
-    ({"model.name": "tiny_teacher"}, "model.name"),
-    ({"input_size": 96}, "input_size"),
-    ({"dataset.name": "wflw"}, "dataset.name"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"model.name": "tiny_teacher"}, "model.name"),
+        ({"input_size": 96}, "input_size"),
+        ({"dataset.name": "wflw"}, "dataset.name"),
+    ],
+)
 def test_rerun_with_other_model_or_data_changes_nothing(trained, tmp_path, override, field):
     workdir = _copy(trained[0], tmp_path)
     before = _snapshot(workdir)
     with pytest.raises(errors.RecordMismatchError) as info:
-        train.train_and_evaluate(_config(**override, **{"train.allow_changes": True}), workdir,
-                                 sources=helpers.fake_sources(), evaluate_at_end=False)
+        train.train_and_evaluate(
+            _config(**override, **{"train.allow_changes": True}),
+            workdir,
+            sources=helpers.fake_sources(),
+            evaluate_at_end=False,
+        )
     message = str(info.value)
     old = json.loads(open(os.path.join(workdir, "config.json")).read())
     node = old
@@ -91,22 +103,36 @@ def test_rerun_with_a_typo_changes_nothing(trained, tmp_path):
     workdir = _copy(trained[0], tmp_path)
     before = _snapshot(workdir)
     with pytest.raises(errors.ConfigError, match="model.name: unknown model 'mobilfan'"):
-        train.train_and_evaluate(_config(**{"model.name": "mobilfan"}), workdir,
-                                 sources=helpers.fake_sources(), evaluate_at_end=False)
+        train.train_and_evaluate(
+            _config(**{"model.name": "mobilfan"}),
+            workdir,
+            sources=helpers.fake_sources(),
+            evaluate_at_end=False,
+        )
     assert _snapshot(workdir) == before
 
 
 def test_other_settings_need_allow_changes(trained, tmp_path):
     workdir = _copy(trained[0], tmp_path)
     before = _snapshot(workdir)
-    with pytest.raises(errors.RecordMismatchError, match=r"(?s)train.num_train_steps: 2 in the "
-                                                         r"record, 3 now.*allow_changes"):
-        train.train_and_evaluate(_config(**{"train.num_train_steps": 3}), workdir,
-                                 sources=helpers.fake_sources(), evaluate_at_end=False)
+    with pytest.raises(
+        errors.RecordMismatchError,
+        match=r"(?s)train.num_train_steps: 2 in the "
+        r"record, 3 now.*allow_changes",
+    ):
+        train.train_and_evaluate(
+            _config(**{"train.num_train_steps": 3}),
+            workdir,
+            sources=helpers.fake_sources(),
+            evaluate_at_end=False,
+        )
     assert _snapshot(workdir) == before
-    r = train.train_and_evaluate(_config(**{"train.num_train_steps": 3,
-                                            "train.allow_changes": True}), workdir,
-                                 sources=helpers.fake_sources(), evaluate_at_end=False)
+    r = train.train_and_evaluate(
+        _config(**{"train.num_train_steps": 3, "train.allow_changes": True}),
+        workdir,
+        sources=helpers.fake_sources(),
+        evaluate_at_end=False,
+    )
     assert r.step == 3
     assert checkpoints.read_record(workdir)["train"]["num_train_steps"] == 3
 
@@ -121,9 +147,11 @@ def test_record_is_written_after_restore_and_atomically(tmp_path, monkeypatch):
         # By the time the record is written the run has its checkpoint manager open.
         written.append(os.path.isdir(os.path.join(wd, "checkpoints")))
         real(config, wd)
+
     monkeypatch.setattr(checkpoints, "write_record", spy)
-    train.train_and_evaluate(_config(), workdir, sources=helpers.fake_sources(),
-                             evaluate_at_end=False)
+    train.train_and_evaluate(
+        _config(), workdir, sources=helpers.fake_sources(), evaluate_at_end=False
+    )
     assert written == [True]
     assert not os.path.exists(os.path.join(workdir, "config.json.tmp"))
     assert checkpoints.read_record(workdir)["model"]["name"] == "tiny_student"
@@ -137,11 +165,17 @@ def test_resume_into_another_model_names_the_parameter(trained, tmp_path):
     check names the first differing parameter and both shapes."""
     workdir = _copy(trained[0], tmp_path)
     os.remove(os.path.join(workdir, "config.json"))
-    with pytest.raises(errors.CheckpointMismatchError,
-                       match=r"checkpoints/2: (params|batch_stats)/student/\S+ has shape \([\d, ]+\) in "
-                             r"the checkpoint, \([\d, ]+\) in the model"):
-        train.train_and_evaluate(_config(**{"model.name": "tiny_teacher"}), workdir,
-                                 sources=helpers.fake_sources(), evaluate_at_end=False)
+    with pytest.raises(
+        errors.CheckpointMismatchError,
+        match=r"checkpoints/2: (params|batch_stats)/student/\S+ has shape \([\d, ]+\) in "
+        r"the checkpoint, \([\d, ]+\) in the model",
+    ):
+        train.train_and_evaluate(
+            _config(**{"model.name": "tiny_teacher"}),
+            workdir,
+            sources=helpers.fake_sources(),
+            evaluate_at_end=False,
+        )
     assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
@@ -173,13 +207,25 @@ def test_readme_and_default_agree_on_the_scored_checkpoint():
 
 
 def test_config_problems_are_listed_together():
-    c = _config(**{"train.batch_size": 0, "input_size": 100, "augment.p_flip": 1.5,
-                   "distill.fa_layers": (True, True), "eval.checkpoint": "newest"})
+    c = _config(
+        **{
+            "train.batch_size": 0,
+            "input_size": 100,
+            "augment.p_flip": 1.5,
+            "distill.fa_layers": (True, True),
+            "eval.checkpoint": "newest",
+        }
+    )
     with pytest.raises(errors.ConfigError) as info:
         validate.check(c)
     text = str(info.value)
-    for field in ("train.batch_size", "input_size", "augment.p_flip", "distill.fa_layers",
-                  "eval.checkpoint"):
+    for field in (
+        "train.batch_size",
+        "input_size",
+        "augment.p_flip",
+        "distill.fa_layers",
+        "eval.checkpoint",
+    ):
         assert f"\n  {field}: " in text, text
     assert len(info.value.problems) == 5
 
@@ -200,8 +246,14 @@ def test_every_config_in_configs_is_valid():
 
 def _main(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "fan_jax.main", *args], capture_output=True,
-                          text=True, cwd=helpers.REPO_ROOT, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fan_jax.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=helpers.REPO_ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _assert_one_error_line(r, *needles):
@@ -209,29 +261,39 @@ def _assert_one_error_line(r, *needles):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR: ")]
     assert len(lines) == 1, r.stderr[-3000:]
-    tail = r.stderr[r.stderr.index("ERROR: "):]
+    tail = r.stderr[r.stderr.index("ERROR: ") :]
     for n in needles:
         assert n in tail, tail
 
 
 def test_cli_batch_size_zero(tmp_path):
-    r = _main("--config=configs/300w_mobilefan.py", "--config.train.batch_size=0",
-              f"--workdir={tmp_path / 'w'}")
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        "--config.train.batch_size=0",
+        f"--workdir={tmp_path / 'w'}",
+    )
     _assert_one_error_line(r, "train.batch_size: must be a positive integer, got 0")
     assert not os.path.exists(tmp_path / "w")
 
 
 def test_cli_bad_model_name(tmp_path):
-    r = _main("--config=configs/300w_mobilefan.py", "--config.model.name=mobilfan",
-              f"--workdir={tmp_path / 'w'}")
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        "--config.model.name=mobilfan",
+        f"--workdir={tmp_path / 'w'}",
+    )
     _assert_one_error_line(r, "model.name: unknown model 'mobilfan'")
 
 
 def test_cli_eval_conflicting_override(trained, tmp_path):
     workdir = _copy(trained[0], tmp_path)
     before = _snapshot(workdir)
-    r = _main("--config=configs/300w_mobilefan.py", "--mode=eval", "--config.input_size=128",
-              f"--workdir={workdir}")
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        "--mode=eval",
+        "--config.input_size=128",
+        f"--workdir={workdir}",
+    )
     _assert_one_error_line(r, "input_size: 64 in the record, 128 now")
     assert _snapshot(workdir) == before
 
@@ -241,9 +303,13 @@ def test_cli_unwritable_workdir(tmp_path):
     blocker.write_text("not a directory")
     manual = tmp_path / "manual"
     synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
-    r = _main("--config=configs/300w_mobilefan.py", f"--config.dataset.manual_dir={manual}",
-              f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.input_size=64",
-              f"--workdir={blocker / 'run'}")
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        f"--config.dataset.manual_dir={manual}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.input_size=64",
+        f"--workdir={blocker / 'run'}",
+    )
     _assert_one_error_line(r, str(blocker))
 
 
@@ -252,23 +318,40 @@ def test_cli_malformed_dataset_file(tmp_path):
     synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
     pts = sorted((manual / "helen" / "trainset").glob("*.pts"))[0]
     pts.write_text(pts.read_text().replace("n_points:  68", "n_points:  67"))
-    r = _main("--config=configs/300w_mobilefan.py", f"--config.dataset.manual_dir={manual}",
-              f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.input_size=64",
-              f"--workdir={tmp_path / 'w'}")
+    r = _main(
+        "--config=configs/300w_mobilefan.py",
+        f"--config.dataset.manual_dir={manual}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.input_size=64",
+        f"--workdir={tmp_path / 'w'}",
+    )
     _assert_one_error_line(r, pts.name)
 
 
 def test_cli_sigterm_exits_75_and_resumes(tmp_path):
     manual = tmp_path / "manual"
     synthetic_300w.write_300w_tree(str(manual), num_train=8, num_test=4, size=96)
-    args = ["--config=configs/300w_mobilefan_0.5.py", f"--config.dataset.manual_dir={manual}",
-            f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.input_size=64",
-            "--config.train.batch_size=2", "--config.train.num_train_steps=100000",
-            "--config.train.log_every_steps=1", "--config.train.eval_every_steps=-1",
-            "--config.train.checkpoint_every_steps=100000", f"--workdir={tmp_path / 'w'}"]
+    args = [
+        "--config=configs/300w_mobilefan_0.5.py",
+        f"--config.dataset.manual_dir={manual}",
+        f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+        "--config.input_size=64",
+        "--config.train.batch_size=2",
+        "--config.train.num_train_steps=100000",
+        "--config.train.log_every_steps=1",
+        "--config.train.eval_every_steps=-1",
+        "--config.train.checkpoint_every_steps=100000",
+        f"--workdir={tmp_path / 'w'}",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "fan_jax.main", *args], cwd=helpers.REPO_ROOT,
-                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fan_jax.main", *args],
+        cwd=helpers.REPO_ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     seen = []
     deadline = time.time() + 500
     try:

@@ -19,9 +19,27 @@ from typing import Any
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.harness import Config, Json, fmt, ratio, section, spread, summarize, time_interleaved
-from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, StepRunner, distill_parts, flops_of,
-                                    matmul_peak, traced_with, with_peak)
+from benchmarks.harness import (
+    Config,
+    Json,
+    fmt,
+    ratio,
+    section,
+    spread,
+    summarize,
+    time_interleaved,
+)
+from benchmarks.jax_runners import (
+    JaxStudentPredictor,
+    JaxStudentTrainer,
+    StepRunner,
+    distill_parts,
+    flops_of,
+    matmul_peak,
+    traced_with,
+    with_peak,
+)
+
 
 def _peaks(cfg: Config, device: Any) -> Json:
     n = 256 if cfg.quick else 4096
@@ -32,9 +50,14 @@ def _dtype_row(label: str, by_dtype: Json, key: str) -> tuple:
     """bf16 vs float32 where both ran; otherwise the one dtype's figure."""
     if set(by_dtype) >= {"float32", "bfloat16"}:
         bf16, f32 = by_dtype["bfloat16"], by_dtype["float32"]
-        return (f"{label}, bf16 vs float32", fmt(bf16[key]), fmt(f32[key]),
-                fmt(ratio(bf16[key], f32[key]), "x"), spread(bf16, f32))
-    (d, s), = by_dtype.items()
+        return (
+            f"{label}, bf16 vs float32",
+            fmt(bf16[key]),
+            fmt(f32[key]),
+            fmt(ratio(bf16[key], f32[key]), "x"),
+            spread(bf16, f32),
+        )
+    ((d, s),) = by_dtype.items()
     return (f"{label}, {d}", fmt(s[key]), "", "", "")
 
 
@@ -43,13 +66,31 @@ def _distill_runners(cfg: Config, device: Any) -> dict[str, StepRunner]:
 
     from fan_jax import steps
 
-    p = distill_parts(cfg.distill_student, cfg.distill_teacher, cfg.num_landmarks, cfg.accel_distill_batch,
-                      cfg.image_size, device)
+    p = distill_parts(
+        cfg.distill_student,
+        cfg.distill_teacher,
+        cfg.num_landmarks,
+        cfg.accel_distill_batch,
+        cfg.image_size,
+        device,
+    )
     tx = optax.adam(1e-3)
-    return {d: StepRunner(functools.partial(steps.distill_step, model=p.student, adapters=p.adapters,
-                                            teacher=p.teacher, tx=tx, compute_dtype=d),
-                          p.state(tx), (p.teacher_vars,), p.batch).compile()
-            for d in cfg.accel_dtypes}
+    return {
+        d: StepRunner(
+            functools.partial(
+                steps.distill_step,
+                model=p.student,
+                adapters=p.adapters,
+                teacher=p.teacher,
+                tx=tx,
+                compute_dtype=d,
+            ),
+            p.state(tx),
+            (p.teacher_vars,),
+            p.batch,
+        ).compile()
+        for d in cfg.accel_dtypes
+    }
 
 
 def _layer_cases(cfg: Config) -> dict[str, tuple[Any, tuple[int, ...]]]:
@@ -64,8 +105,10 @@ def _layer_cases(cfg: Config) -> dict[str, tuple[Any, tuple[int, ...]]]:
         "depthwise 3x3 s1 144ch @64x64": (DepthwiseConv(3, strides=1), (b, q, q, 144)),
         "depthwise 3x3 s2 144ch @64x64": (DepthwiseConv(3, strides=2), (b, q, q, 144)),
         "deconv k2 s2 320->128 @8x8": (ConvTranspose(128, 2, strides=2), (b, 8 * r, 8 * r, 320)),
-        "deconv k4 s2 p1 2048->256 @8x8": (ConvTranspose(256, 4, strides=2, torch_padding=1),
-                                           (b, 8 * r, 8 * r, 2048)),
+        "deconv k4 s2 p1 2048->256 @8x8": (
+            ConvTranspose(256, 4, strides=2, torch_padding=1),
+            (b, 8 * r, 8 * r, 2048),
+        ),
     }
     if cfg.quick:  # one of each kind keeps the CI smoke test short
         cases = {k: v for k, v in cases.items() if "s1" not in k and "k4" not in k}
@@ -79,21 +122,30 @@ def _layer_forms(cfg: Config, device: Any) -> Json:
 
     out: Json = {}
     for name, (layer, shape) in _layer_cases(cfg).items():
-        x = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32), device)
+        x = jax.device_put(
+            jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32), device
+        )
         params = jax.device_put(layer.init(jax.random.PRNGKey(0), x), device)
         fns, flops = {}, {}
         for impl in ("matmul", "lax"):
             loss = traced_with(impl, lambda p, x: jnp.sum(jnp.square(layer.apply(p, x))))
             exe = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
             flops[impl] = flops_of(exe)
-            fns[impl] = (lambda e=exe: jax.block_until_ready(e(params, x)))
+            fns[impl] = lambda e=exe: jax.block_until_ready(e(params, x))
         iters = cfg.accel_iters_per_repeat
-        times = time_interleaved({k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()},
-                                 cfg.repeats, cfg.warmup)
+        times = time_interleaved(
+            {k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()},
+            cfg.repeats,
+            cfg.warmup,
+        )
         row = {}
         for impl in fns:
             t = summarize(times[impl])
-            row[impl] = {"ms": 1e3 * t["median_s"] / iters, "spread": t["spread"], "flops": flops[impl]}
+            row[impl] = {
+                "ms": 1e3 * t["median_s"] / iters,
+                "spread": t["spread"],
+                "flops": flops[impl],
+            }
         row["faster"] = min(("matmul", "lax"), key=lambda k: row[k]["ms"])
         row["shape"] = list(shape)
         out[name] = row
@@ -113,70 +165,140 @@ def accelerator_section(cfg: Config) -> Json:
     device = jax.devices()[0]
     size, L = cfg.image_size, cfg.num_landmarks
     peaks = _peaks(cfg, device)
-    out: Json = {"backend": backend, "device": str(device), "image_size": size, "matmul_peak": peaks,
-                 "conv_impl_default": layers.CONV_IMPL_DEFAULTS.get(backend),
-                 "train": {d: {} for d in cfg.accel_dtypes}, "inference": {d: {} for d in cfg.accel_dtypes}}
-    rows = [(f"{backend} matmul TFLOP/s ({d}, n={peaks[d]['n']})", fmt(peaks[d]["flops_per_s"] / 1e12), "", "", "")
-            for d in cfg.accel_dtypes]
+    out: Json = {
+        "backend": backend,
+        "device": str(device),
+        "image_size": size,
+        "matmul_peak": peaks,
+        "conv_impl_default": layers.CONV_IMPL_DEFAULTS.get(backend),
+        "train": {d: {} for d in cfg.accel_dtypes},
+        "inference": {d: {} for d in cfg.accel_dtypes},
+    }
+    rows = [
+        (
+            f"{backend} matmul TFLOP/s ({d}, n={peaks[d]['n']})",
+            fmt(peaks[d]["flops_per_s"] / 1e12),
+            "",
+            "",
+            "",
+        )
+        for d in cfg.accel_dtypes
+    ]
     steps_ = cfg.accel_steps_per_repeat
     for b in cfg.accel_train_batches:
-        trainers = {d: JaxStudentTrainer(L, b, size, device=device, compute_dtype=d) for d in cfg.accel_dtypes}
-        times = time_interleaved({d: (lambda t=t: t.run(steps_)) for d, t in trainers.items()},
-                                 cfg.repeats, cfg.warmup)
+        trainers = {
+            d: JaxStudentTrainer(L, b, size, device=device, compute_dtype=d)
+            for d in cfg.accel_dtypes
+        }
+        times = time_interleaved(
+            {d: (lambda t=t: t.run(steps_)) for d, t in trainers.items()}, cfg.repeats, cfg.warmup
+        )
         for d, t in trainers.items():
             s = with_peak(summarize(times[d], b * steps_), t.flops, steps_, peaks[d]["flops_per_s"])
             s.update(compile_s=t.compile_s, final_loss=float(t.loss))
             out["train"][d][str(b)] = s
-        rows.append(_dtype_row(f"{backend} train images/s (batch {b})",
-                               {d: out["train"][d][str(b)] for d in cfg.accel_dtypes}, "per_s"))
+        rows.append(
+            _dtype_row(
+                f"{backend} train images/s (batch {b})",
+                {d: out["train"][d][str(b)] for d in cfg.accel_dtypes},
+                "per_s",
+            )
+        )
     biggest = str(max(cfg.accel_train_batches))
     # The dtype the pipeline section compares its throughput with: bf16 where measured.
     feed = "bfloat16" if "bfloat16" in cfg.accel_dtypes else cfg.accel_dtypes[0]
     harness.CONSUMERS["accelerator"] = {
-        "images_per_s": out["train"][feed][biggest]["per_s"], "batch": int(biggest), "image_size": size,
-        "step": f"{backend} student {feed} train step (accelerator section, largest batch)"}
+        "images_per_s": out["train"][feed][biggest]["per_s"],
+        "batch": int(biggest),
+        "image_size": size,
+        "step": f"{backend} student {feed} train step (accelerator section, largest batch)",
+    }
     iters = cfg.accel_iters_per_repeat
     for b in cfg.accel_infer_batches:
-        preds = {d: JaxStudentPredictor(L, b, size, device=device, compute_dtype=d) for d in cfg.accel_dtypes}
-        times = time_interleaved({d: (lambda p=p: p.run(iters)) for d, p in preds.items()},
-                                 cfg.repeats, cfg.warmup)
+        preds = {
+            d: JaxStudentPredictor(L, b, size, device=device, compute_dtype=d)
+            for d in cfg.accel_dtypes
+        }
+        times = time_interleaved(
+            {d: (lambda p=p: p.run(iters)) for d, p in preds.items()}, cfg.repeats, cfg.warmup
+        )
         for d, p in preds.items():
             s = with_peak(summarize(times[d], b * iters), p.flops, iters, peaks[d]["flops_per_s"])
             s.update(latency_ms=1e3 * s["median_s"] / iters, compile_s=p.compile_s)
             out["inference"][d][str(b)] = s
-        rows.append(_dtype_row(f"{backend} inference images/s (batch {b})",
-                               {d: out["inference"][d][str(b)] for d in cfg.accel_dtypes}, "per_s"))
+        rows.append(
+            _dtype_row(
+                f"{backend} inference images/s (batch {b})",
+                {d: out["inference"][d][str(b)] for d in cfg.accel_dtypes},
+                "per_s",
+            )
+        )
 
     runners = _distill_runners(cfg, device)
-    times = time_interleaved({d: (lambda r=r: r.run(1)) for d, r in runners.items()}, cfg.repeats, cfg.warmup)
+    times = time_interleaved(
+        {d: (lambda r=r: r.run(1)) for d, r in runners.items()}, cfg.repeats, cfg.warmup
+    )
     b = cfg.accel_distill_batch
     out["distill"] = {"batch": b, "student": cfg.distill_student, "teacher": cfg.distill_teacher}
     for d, r in runners.items():
         s = with_peak(summarize(times[d], b), flops_of(r.compiled), 1, peaks[d]["flops_per_s"])
         s.update(compile_s=r.compile_s, final_loss=float(r.metrics["loss"]))
         out["distill"][d] = s
-    rows.append(_dtype_row(f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher)",
-                           {d: out["distill"][d] for d in cfg.accel_dtypes}, "per_s"))
+    rows.append(
+        _dtype_row(
+            f"{backend} distilled step images/s (batch {b}, {cfg.distill_teacher} teacher)",
+            {d: out["distill"][d] for d in cfg.accel_dtypes},
+            "per_s",
+        )
+    )
 
     out["layer_forms"] = _layer_forms(cfg, device)
     for name, row in out["layer_forms"].items():
-        rows.append((f"{backend} {name} fwd+bwd ms, matmul vs lax form", fmt(row["matmul"]["ms"]),
-                     fmt(row["lax"]["ms"]), fmt(ratio(row["lax"]["ms"], row["matmul"]["ms"]), "x"), ""))
+        rows.append(
+            (
+                f"{backend} {name} fwd+bwd ms, matmul vs lax form",
+                fmt(row["matmul"]["ms"]),
+                fmt(row["lax"]["ms"]),
+                fmt(ratio(row["lax"]["ms"], row["matmul"]["ms"]), "x"),
+                "",
+            )
+        )
     b = cfg.accel_forms_batch
     # The default form's step is the one already compiled above (impl None).
-    forms = {impl: JaxStudentTrainer(L, b, size, device=device,
-                                     impl=None if impl == layers.conv_impl() else impl)
-             for impl in ("matmul", "lax")}
-    times = time_interleaved({k: (lambda t=t: t.run(steps_)) for k, t in forms.items()}, cfg.repeats, cfg.warmup)
-    out["train_step_forms"] = {k: with_peak(summarize(times[k], b * steps_), t.flops, steps_,
-                                         peaks.get("float32", {}).get("flops_per_s"))
-                               for k, t in forms.items()}
+    forms = {
+        impl: JaxStudentTrainer(
+            L, b, size, device=device, impl=None if impl == layers.conv_impl() else impl
+        )
+        for impl in ("matmul", "lax")
+    }
+    times = time_interleaved(
+        {k: (lambda t=t: t.run(steps_)) for k, t in forms.items()}, cfg.repeats, cfg.warmup
+    )
+    out["train_step_forms"] = {
+        k: with_peak(
+            summarize(times[k], b * steps_),
+            t.flops,
+            steps_,
+            peaks.get("float32", {}).get("flops_per_s"),
+        )
+        for k, t in forms.items()
+    }
     m, x = out["train_step_forms"]["matmul"], out["train_step_forms"]["lax"]
     out["train_step_forms"]["faster"] = "matmul" if m["per_s"] >= x["per_s"] else "lax"
-    rows.append((f"{backend} float32 train images/s (batch {b}), matmul vs lax form", fmt(m["per_s"]),
-                 fmt(x["per_s"]), fmt(ratio(m["per_s"], x["per_s"]), "x"), spread(m, x)))
-    out["summary"] = {f"accelerator_train_images_per_s_{'bf16' if feed == 'bfloat16' else feed}":
-                      out["train"][feed][biggest]["per_s"],
-                      "accelerator_faster_conv_form": out["train_step_forms"]["faster"]}
+    rows.append(
+        (
+            f"{backend} float32 train images/s (batch {b}), matmul vs lax form",
+            fmt(m["per_s"]),
+            fmt(x["per_s"]),
+            fmt(ratio(m["per_s"], x["per_s"]), "x"),
+            spread(m, x),
+        )
+    )
+    out["summary"] = {
+        f"accelerator_train_images_per_s_{'bf16' if feed == 'bfloat16' else feed}": out["train"][
+            feed
+        ][biggest]["per_s"],
+        "accelerator_faster_conv_form": out["train_step_forms"]["faster"],
+    }
     out["rows"] = rows
     return out

@@ -18,11 +18,16 @@ def _missing_export_modules(formats: tuple[str, ...]) -> dict[str, list[str]]:
     """{format: missing modules} for the exporters and runtimes each format needs."""
     import importlib.util
 
-    needs = {"tflite": ("tensorflow", "ai_edge_litert"), "onnx": ("jax2onnx", "onnxruntime"),
-             "savedmodel": ("tensorflow",)}
+    needs = {
+        "tflite": ("tensorflow", "ai_edge_litert"),
+        "onnx": ("jax2onnx", "onnxruntime"),
+        "savedmodel": ("tensorflow",),
+    }
     out = {}
     for name in formats:
-        missing = [m for m in needs.get(name.partition("_")[0], ()) if importlib.util.find_spec(m) is None]
+        missing = [
+            m for m in needs.get(name.partition("_")[0], ()) if importlib.util.find_spec(m) is None
+        ]
         if missing:
             out[name] = missing
     return out
@@ -33,13 +38,22 @@ def export_section(cfg: Config) -> Json:
     """Batch-1 latency and file size of the exported student (TFLite, ONNX) in its runtime vs jitted JAX."""
     missing = _missing_export_modules(cfg.export_formats)
     formats = tuple(f for f in cfg.export_formats if f not in missing)
-    note = {f: f"skipped: {', '.join(m)} not installed (pip install 'fan_jax[export]')" for f, m in missing.items()}
+    note = {
+        f: f"skipped: {', '.join(m)} not installed (pip install 'fan_jax[export]')"
+        for f, m in missing.items()
+    }
     if not formats:
         return {"skipped": "export dependencies missing", "formats": note}
     try:
-        res = benchmark_exports(image_size=cfg.image_size, num_landmarks=cfg.num_landmarks,
-                                repeats=cfg.repeats, warmup=cfg.warmup, iters=cfg.export_iters_per_repeat,
-                                formats=formats, quick=cfg.quick)
+        res = benchmark_exports(
+            image_size=cfg.image_size,
+            num_landmarks=cfg.num_landmarks,
+            repeats=cfg.repeats,
+            warmup=cfg.warmup,
+            iters=cfg.export_iters_per_repeat,
+            formats=formats,
+            quick=cfg.quick,
+        )
     except ImportError as e:  # a dependency present but broken: a note, not a failed report
         return {"skipped": f"export dependencies unusable: {e}", "formats": note}
     res.pop("rows", None)  # rebuilt below in this report's number format
@@ -50,18 +64,30 @@ def export_section(cfg: Config) -> Json:
         s = res[name]
         speedup = ratio(jax_stats["latency_ms"], s["latency_ms"])
         s["speedup_vs_jax"] = speedup
-        rows.append((f"export {name} latency ms (batch 1, {res['image_size']}px, {s['size_mib']:.3g} MiB file)",
-                     fmt(s["latency_ms"]), fmt(jax_stats["latency_ms"]), fmt(speedup, "x"),
-                     spread(s, jax_stats)))
+        rows.append(
+            (
+                f"export {name} latency ms (batch 1, {res['image_size']}px, {s['size_mib']:.3g} MiB file)",
+                fmt(s["latency_ms"]),
+                fmt(jax_stats["latency_ms"]),
+                fmt(speedup, "x"),
+                spread(s, jax_stats),
+            )
+        )
     res["rows"] = rows
     return res
 
 
-def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: int = 5,
-                      warmup: int = 1, iters: int = 10, workdir: str | None = None,
-                      formats: Iterable[str] = ("tflite", "tflite_float16", "tflite_int8", "onnx",
-                                                "savedmodel"),
-                      num_threads: int | None = None, quick: bool = False) -> dict:
+def benchmark_exports(
+    image_size: int = 256,
+    num_landmarks: int = 98,
+    repeats: int = 5,
+    warmup: int = 1,
+    iters: int = 10,
+    workdir: str | None = None,
+    formats: Iterable[str] = ("tflite", "tflite_float16", "tflite_int8", "onnx", "savedmodel"),
+    num_threads: int | None = None,
+    quick: bool = False,
+) -> dict:
     """Batch-1 latency of each exported student in its runtime next to jitted JAX, and sizes.
 
     What `export_section` runs: returns {'jax': stats, '<format>': {stats, 'size_mib'},
@@ -86,27 +112,43 @@ def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: i
     else:
         model = fan.mobilefan(num_landmarks)
         variables = jax.jit(functools.partial(model.init, train=False))(
-            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        )
     x = synthetic_crops(1, image_size, seed=3).astype(np.float32)
-    out: dict[str, Any] = {"batch": 1, "image_size": image_size, "num_landmarks": num_landmarks,
-                           "iters_per_repeat": iters}
+    out: dict[str, Any] = {
+        "batch": 1,
+        "image_size": image_size,
+        "num_landmarks": num_landmarks,
+        "iters_per_repeat": iters,
+    }
     # JAX runs the training layers (shifted-slice depthwise, matmul 1x1): the fast CPU form.
     # The native-conv graph that export traces is several times slower under XLA:CPU.
-    jitted = jax.jit(inference_fn(model, variables, native_convs=False),
-                     compiler_options=compiler.compiler_options("predict"))
+    jitted = jax.jit(
+        inference_fn(model, variables, native_convs=False),
+        compiler_options=compiler.compiler_options("predict"),
+    )
     fns: dict[str, Callable[[], Any]] = {
-        "jax": lambda: [jax.block_until_ready(jitted(x)) for _ in range(iters)]}
+        "jax": lambda: [jax.block_until_ready(jitted(x)) for _ in range(iters)]
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in formats:
             fmt, _, quant = name.partition("_")
-            path = os.path.join(tmp, {"tflite": f"{name}.tflite", "onnx": "model.onnx",
-                                      "savedmodel": "savedmodel"}[fmt])
+            path = os.path.join(
+                tmp,
+                {"tflite": f"{name}.tflite", "onnx": "model.onnx", "savedmodel": "savedmodel"}[fmt],
+            )
             t0 = time.perf_counter()
-            export(model, variables, image_size, fmt, path, quantize=quant or "none",
-                   num_representative=8 if quick else 64)
+            export(
+                model,
+                variables,
+                image_size,
+                fmt,
+                path,
+                quantize=quant or "none",
+                num_representative=8 if quick else 64,
+            )
             rt = load_exported(path, num_threads=num_threads)
-            out[name] = {"size_mib": file_size(path) / 2**20,
-                         "export_s": time.perf_counter() - t0}
+            out[name] = {"size_mib": file_size(path) / 2**20, "export_s": time.perf_counter() - t0}
             fns[name] = functools.partial(lambda r: [r(x) for _ in range(iters)], rt)
         times = time_interleaved(fns, repeats, warmup)
     rows = []
@@ -115,9 +157,15 @@ def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: i
     for name in formats:
         out[name].update(_stats(times[name], iters))
         ms = out[name]["latency_ms"]
-        rows.append((f"export {name}: batch-1 latency ms vs JAX ({out[name]['size_mib']:.2f} MiB)",
-                     f"{ms:.3f}", f"{jax_ms:.3f}", f"{jax_ms / ms:.2f}x",
-                     f"{100 * out[name]['spread']:.0f}% / {100 * out['jax']['spread']:.0f}%"))
+        rows.append(
+            (
+                f"export {name}: batch-1 latency ms vs JAX ({out[name]['size_mib']:.2f} MiB)",
+                f"{ms:.3f}",
+                f"{jax_ms:.3f}",
+                f"{jax_ms / ms:.2f}x",
+                f"{100 * out[name]['spread']:.0f}% / {100 * out['jax']['spread']:.0f}%",
+            )
+        )
     out["summary"] = {f"export_{n}_latency_ms": out[n]["latency_ms"] for n in formats}
     out["summary"].update({f"export_{n}_size_mib": out[n]["size_mib"] for n in formats})
     out["summary"]["export_jax_latency_ms"] = jax_ms
@@ -127,5 +175,8 @@ def benchmark_exports(image_size: int = 256, num_landmarks: int = 98, repeats: i
 
 def _stats(times: list[float], iters: int) -> dict:
     med = float(np.median(times))
-    return {"latency_ms": 1e3 * med / iters, "spread": (max(times) - min(times)) / med,
-            "repeats": len(times)}
+    return {
+        "latency_ms": 1e3 * med / iters,
+        "spread": (max(times) - min(times)) / med,
+        "repeats": len(times),
+    }

@@ -59,11 +59,15 @@ def _conv_flops(module: Any, in_shape: tuple[int, ...], out_shape: tuple[int, ..
     if isinstance(module, layers.PointwiseConv):
         return 2.0 * ho * wo * cin * cout
     if isinstance(module, layers.DepthwiseConv):
-        return 2.0 * ho * wo * cout * module.kernel_size ** 2
+        return 2.0 * ho * wo * cout * module.kernel_size**2
     if isinstance(module, layers.ConvTranspose):
         # Every input pixel scatters a k x k x Cout stamp (PyTorch's definition).
-        return 2.0 * in_shape[1] * in_shape[2] * cin * cout * module.kernel_size ** 2
-    taps = module.kernel_size ** 2 if isinstance(module, layers.PatchConv) else math.prod(module.kernel_size)
+        return 2.0 * in_shape[1] * in_shape[2] * cin * cout * module.kernel_size**2
+    taps = (
+        module.kernel_size**2
+        if isinstance(module, layers.PatchConv)
+        else math.prod(module.kernel_size)
+    )
     return 2.0 * ho * wo * cin * cout * taps
 
 
@@ -86,30 +90,53 @@ def student_units(model: Any, variables: Json, image_shape: tuple[int, ...]) -> 
 
     from fan_jax.models import layers
 
-    convs = (layers.PatchConv, layers.PointwiseConv, layers.DepthwiseConv, layers.ConvTranspose, nn.Conv)
+    convs = (
+        layers.PatchConv,
+        layers.PointwiseConv,
+        layers.DepthwiseConv,
+        layers.ConvTranspose,
+        nn.Conv,
+    )
     calls: list[tuple] = []
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         m = context.module
-        if context.method_name == "__call__" and isinstance(m, convs + (layers.BatchNorm,)):
+        if context.method_name == "__call__" and isinstance(m, (*convs, layers.BatchNorm)):
             path = tuple(m.scope.path)
-            calls.append((path, m.clone(parent=None, name=None), tuple(args[0].shape), tuple(out.shape)))
+            calls.append(
+                (path, m.clone(parent=None, name=None), tuple(args[0].shape), tuple(out.shape))
+            )
         return out
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
-                       jax.ShapeDtypeStruct(image_shape, np.float32))
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=False),
+            variables,
+            jax.ShapeDtypeStruct(image_shape, np.float32),
+        )
     units: list[Unit] = []
     for i, (path, module, in_shape, out_shape) in enumerate(calls):
         if not isinstance(module, convs):
             continue
         mods, vars_, out = [module], [_subtree(variables, path)], out_shape
-        if i + 1 < len(calls) and isinstance(calls[i + 1][1], layers.BatchNorm) and calls[i + 1][2] == out_shape:
+        if (
+            i + 1 < len(calls)
+            and isinstance(calls[i + 1][1], layers.BatchNorm)
+            and calls[i + 1][2] == out_shape
+        ):
             mods.append(calls[i + 1][1])
             vars_.append(_subtree(variables, calls[i + 1][0]))
-        units.append(Unit("/".join(path[-2:]) if path[0] == "decoder" else path[-1], mods, vars_,
-                          in_shape[1:], out, _conv_flops(module, in_shape, out_shape) / in_shape[0]))
+        units.append(
+            Unit(
+                "/".join(path[-2:]) if path[0] == "decoder" else path[-1],
+                mods,
+                vars_,
+                in_shape[1:],
+                out,
+                _conv_flops(module, in_shape, out_shape) / in_shape[0],
+            )
+        )
     return units
 
 
@@ -125,13 +152,16 @@ def _unit_fn(unit: Unit, train: bool):
             else:
                 x = m.apply(v, x)
         return x
+
     return apply
 
 
 def _param_bytes(vs: list[Json]) -> int:
     import jax
 
-    return F32 * sum(int(np.prod(leaf.shape)) for v in vs for leaf in jax.tree.leaves(v.get("params", {})))
+    return F32 * sum(
+        int(np.prod(leaf.shape)) for v in vs for leaf in jax.tree.leaves(v.get("params", {}))
+    )
 
 
 def _traffic_and_flops(unit: Unit, batch: int, train: bool, first: bool) -> tuple[float, float]:
@@ -161,7 +191,9 @@ def streaming_rates(device: Any, sizes: tuple[int, ...], repeats: int) -> list[t
         passes = max(1, (256 << 20) // (2 * F32 * n))
         f = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, x: x * 0.999 + 0.001, x))
         x = jax.device_put(jnp.ones((n,), jnp.float32), device)
-        t = summarize(time_interleaved({"s": lambda: f(x).block_until_ready()}, repeats, warmup=1)["s"])
+        t = summarize(
+            time_interleaved({"s": lambda: f(x).block_until_ready()}, repeats, warmup=1)["s"]
+        )
         out.append((2 * F32 * n, 2 * F32 * n * passes / t["median_s"]))
     return out
 
@@ -187,19 +219,26 @@ def call_overhead_s(device: Any, repeats: int) -> float:
         for _ in range(iters):
             y = f(x)
         y.block_until_ready()
+
     return summarize(time_interleaved({"c": run}, repeats, warmup=1)["c"])["median_s"] / iters
 
 
-def _time_unit(unit: Unit, batch: int, train: bool, first: bool, cfg: Config, device: Any) -> tuple[float, Json]:
+def _time_unit(
+    unit: Unit, batch: int, train: bool, first: bool, cfg: Config, device: Any
+) -> tuple[float, Json]:
     import jax
     import jax.numpy as jnp
 
     apply = _unit_fn(unit, train)
     rng = np.random.default_rng(0)
-    x = jax.device_put(jnp.asarray(rng.standard_normal((batch, *unit.in_shape)), jnp.float32), device)
+    x = jax.device_put(
+        jnp.asarray(rng.standard_normal((batch, *unit.in_shape)), jnp.float32), device
+    )
     vs = jax.device_put(unit.variables, device)
     if train:
-        g = jax.device_put(jnp.asarray(rng.standard_normal((batch, *unit.out_shape[1:])), jnp.float32), device)
+        g = jax.device_put(
+            jnp.asarray(rng.standard_normal((batch, *unit.out_shape[1:])), jnp.float32), device
+        )
 
         def step(vs, x, g):
             params = [v.get("params", {}) for v in vs]
@@ -207,13 +246,19 @@ def _time_unit(unit: Unit, batch: int, train: bool, first: bool, cfg: Config, de
             def loss(params, x):
                 full = [{**v, "params": p} if p else v for v, p in zip(vs, params)]
                 return jnp.vdot(apply(full, x), g)
+
             return jax.grad(loss, argnums=(0,) if first else (0, 1))(params, x)
+
         exe = jax.jit(step).lower(vs, x, g).compile()
         call = lambda: jax.block_until_ready(exe(vs, x, g))  # noqa: E731
     else:
         from fan_jax import compiler  # the inference role's options, as Predictor compiles with
 
-        exe = jax.jit(apply, compiler_options=compiler.compiler_options("predict")).lower(vs, x).compile()
+        exe = (
+            jax.jit(apply, compiler_options=compiler.compiler_options("predict"))
+            .lower(vs, x)
+            .compile()
+        )
         call = lambda: jax.block_until_ready(exe(vs, x))  # noqa: E731
     call()
     # Enough calls per repeat for ~20 ms, so timer resolution and jitter stay small.
@@ -223,6 +268,7 @@ def _time_unit(unit: Unit, batch: int, train: bool, first: bool, cfg: Config, de
     def run():
         for _ in range(iters):
             call()
+
     s = summarize(time_interleaved({"u": run}, cfg.repeats, warmup=0)["u"])
     return s["median_s"] / iters, {"spread": s["spread"], "iters_per_repeat": iters}
 
@@ -240,10 +286,28 @@ def _units_for(cfg: Config, units: list[Unit]) -> list[Unit]:
     return keep
 
 
-def _mode(cfg: Config, units: list[Unit], train: bool, batch: int, peak: float, rates, overhead: float,
-          device: Any) -> Json:
-    rows, total = [], {"ms": 0.0, "net_ms": 0.0, "compute_bound_ms": 0.0, "memory_bound_ms": 0.0,
-                       "bound_ms": 0.0, "flops": 0.0, "bytes": 0.0}
+def _mode(
+    cfg: Config,
+    units: list[Unit],
+    train: bool,
+    batch: int,
+    peak: float,
+    rates,
+    overhead: float,
+    device: Any,
+) -> Json:
+    rows, total = (
+        [],
+        {
+            "ms": 0.0,
+            "net_ms": 0.0,
+            "compute_bound_ms": 0.0,
+            "memory_bound_ms": 0.0,
+            "bound_ms": 0.0,
+            "flops": 0.0,
+            "bytes": 0.0,
+        },
+    )
     for i, u in enumerate(units):
         first = i == 0 and u.in_shape[-1] == 3
         t, extra = _time_unit(u, batch, train, first, cfg, device)
@@ -251,21 +315,36 @@ def _mode(cfg: Config, units: list[Unit], train: bool, batch: int, peak: float, 
         net = max(t - overhead, 1e-9)
         compute, memory = flops / peak, nbytes / _rate_at(rates, nbytes)
         bound = max(compute, memory)
-        row = {"layer": u.name, "kind": u.kind, "in_shape": [batch, *u.in_shape],
-               "out_shape": [batch, *u.out_shape[1:]], "ms": 1e3 * t, "net_ms": 1e3 * net,
-               "flops": flops, "bytes": nbytes, "compute_bound_ms": 1e3 * compute,
-               "memory_bound_ms": 1e3 * memory, "bound": "compute" if compute >= memory else "memory",
-               "fraction_of_bound": bound / net, **extra}
+        row = {
+            "layer": u.name,
+            "kind": u.kind,
+            "in_shape": [batch, *u.in_shape],
+            "out_shape": [batch, *u.out_shape[1:]],
+            "ms": 1e3 * t,
+            "net_ms": 1e3 * net,
+            "flops": flops,
+            "bytes": nbytes,
+            "compute_bound_ms": 1e3 * compute,
+            "memory_bound_ms": 1e3 * memory,
+            "bound": "compute" if compute >= memory else "memory",
+            "fraction_of_bound": bound / net,
+            **extra,
+        }
         rows.append(row)
         for k in ("ms", "net_ms", "compute_bound_ms", "memory_bound_ms", "flops", "bytes"):
             total[k] += row[k]
         total["bound_ms"] += 1e3 * bound
     total["fraction_of_bound"] = total["bound_ms"] / total["net_ms"]
     fractions = sorted(r["fraction_of_bound"] for r in rows)
-    return {"batch": batch, "layers": rows, "total": total,
-            "median_fraction_of_bound": fractions[len(fractions) // 2],
-            "layers_within_80pct_of_bound": sum(f >= 0.8 for f in fractions),
-            "layers_within_50pct_of_bound": sum(f >= 0.5 for f in fractions), "num_layers": len(rows)}
+    return {
+        "batch": batch,
+        "layers": rows,
+        "total": total,
+        "median_fraction_of_bound": fractions[len(fractions) // 2],
+        "layers_within_80pct_of_bound": sum(f >= 0.8 for f in fractions),
+        "layers_within_50pct_of_bound": sum(f >= 0.5 for f in fractions),
+        "num_layers": len(rows),
+    }
 
 
 @section("layers")
@@ -273,31 +352,57 @@ def layers_section(cfg: Config) -> Json:
     """Each student layer (conv + BN + activation) alone, inference and train, against its FLOP and byte bounds."""
     device = cpu_device()
     size, L = cfg.image_size, cfg.num_landmarks
-    peak_info = harness.CONSUMERS.get("matmul_peak") or matmul_peak(device, n=512 if cfg.quick else 2048,
-                                                                    repeats=cfg.repeats)
+    peak_info = harness.CONSUMERS.get("matmul_peak") or matmul_peak(
+        device, n=512 if cfg.quick else 2048, repeats=cfg.repeats
+    )
     peak = peak_info["flops_per_s"]
     sizes = (1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26) if not cfg.quick else (1 << 18, 1 << 22)
     rates = streaming_rates(device, sizes, cfg.repeats)
     overhead = call_overhead_s(device, cfg.repeats)
-    units = _units_for(cfg, student_units(build_student(L), init_variables(L, size), (1, size, size, 3)))
-    out: Json = {"image_size": size, "matmul_peak_flops_per_s": peak, "call_overhead_ms": 1e3 * overhead,
-                 "streaming_rates": [{"bytes": s, "bytes_per_s": r} for s, r in rates]}
-    out["inference"] = _mode(cfg, units, False, cfg.layers_infer_batch, peak, rates, overhead, device)
+    units = _units_for(
+        cfg, student_units(build_student(L), init_variables(L, size), (1, size, size, 3))
+    )
+    out: Json = {
+        "image_size": size,
+        "matmul_peak_flops_per_s": peak,
+        "call_overhead_ms": 1e3 * overhead,
+        "streaming_rates": [{"bytes": s, "bytes_per_s": r} for s, r in rates],
+    }
+    out["inference"] = _mode(
+        cfg, units, False, cfg.layers_infer_batch, peak, rates, overhead, device
+    )
     out["train"] = _mode(cfg, units, True, cfg.layers_train_batch, peak, rates, overhead, device)
-    rows = [(f"streaming read+write GB/s at {s / 2**20:.2g} MiB", fmt(r / 1e9), "", "", "") for s, r in rates]
+    rows = [
+        (f"streaming read+write GB/s at {s / 2**20:.2g} MiB", fmt(r / 1e9), "", "", "")
+        for s, r in rates
+    ]
     rows.append(("jitted call overhead ms (trivial program)", fmt(1e3 * overhead), "", "", ""))
     for mode in ("inference", "train"):
         m = out[mode]
-        rows.append((f"{mode} layers (batch {m['batch']}): sum of net ms vs sum of bounds "
-                     f"({m['layers_within_80pct_of_bound']}/{m['num_layers']} layers within 80%)",
-                     fmt(m["total"]["net_ms"]), fmt(m["total"]["bound_ms"]),
-                     fmt(m["total"]["fraction_of_bound"]), ""))
+        rows.append(
+            (
+                f"{mode} layers (batch {m['batch']}): sum of net ms vs sum of bounds "
+                f"({m['layers_within_80pct_of_bound']}/{m['num_layers']} layers within 80%)",
+                fmt(m["total"]["net_ms"]),
+                fmt(m["total"]["bound_ms"]),
+                fmt(m["total"]["fraction_of_bound"]),
+                "",
+            )
+        )
         for r in m["layers"]:
-            rows.append((f"  {mode} {r['layer']} {r['kind']} {r['in_shape'][1:]}->{r['out_shape'][1:]} "
-                         f"ms vs {r['bound']} bound", fmt(r["net_ms"]),
-                         fmt(max(r["compute_bound_ms"], r["memory_bound_ms"])), fmt(r["fraction_of_bound"]),
-                         f"{100 * r['spread']:.0f}%"))
-    out["summary"] = {"layers_inference_fraction_of_bound": out["inference"]["total"]["fraction_of_bound"],
-                      "layers_train_fraction_of_bound": out["train"]["total"]["fraction_of_bound"]}
+            rows.append(
+                (
+                    f"  {mode} {r['layer']} {r['kind']} {r['in_shape'][1:]}->{r['out_shape'][1:]} "
+                    f"ms vs {r['bound']} bound",
+                    fmt(r["net_ms"]),
+                    fmt(max(r["compute_bound_ms"], r["memory_bound_ms"])),
+                    fmt(r["fraction_of_bound"]),
+                    f"{100 * r['spread']:.0f}%",
+                )
+            )
+    out["summary"] = {
+        "layers_inference_fraction_of_bound": out["inference"]["total"]["fraction_of_bound"],
+        "layers_train_fraction_of_bound": out["train"]["total"]["fraction_of_bound"],
+    }
     out["rows"] = rows
     return out

@@ -6,13 +6,35 @@ import os
 import platform
 
 from benchmarks import harness
+from benchmarks.harness import (
+    TORCH_MISSING,
+    Config,
+    Json,
+    core_count,
+    cpu_device,
+    fmt,
+    ratio,
+    section,
+    spread,
+    summarize,
+    time_interleaved,
+    version,
+)
+from benchmarks.jax_runners import (
+    JaxStudentPredictor,
+    JaxStudentTrainer,
+    matmul_peak,
+    numpy_matmul_peak,
+    with_peak,
+)
+from benchmarks.torch_runners import (
+    TorchStudentPredictor,
+    TorchStudentTrainer,
+    best_torch,
+    torch_key,
+    torch_runners,
+)
 from fan_jax import allocator
-from benchmarks.harness import (Config, Json, TORCH_MISSING, core_count, cpu_device, fmt, ratio,
-                                section, spread, summarize, time_interleaved, version)
-from benchmarks.jax_runners import (JaxStudentPredictor, JaxStudentTrainer, matmul_peak, numpy_matmul_peak,
-                                    with_peak)
-from benchmarks.torch_runners import (TorchStudentPredictor, TorchStudentTrainer, best_torch, torch_key,
-                                      torch_runners)
 
 
 @section("machine")
@@ -45,8 +67,15 @@ def machine_section(cfg: Config) -> Json:
     info["matmul_peak_numpy"] = numpy_matmul_peak(n=n, repeats=cfg.repeats)
     best = max(info["matmul_peak_xla"], info["matmul_peak_numpy"], key=lambda p: p["flops_per_s"])
     harness.CONSUMERS["matmul_peak"] = best
-    info["rows"] = [("float32 matmul GFLOP/s (XLA / numpy)", fmt(info["matmul_peak_xla"]["flops_per_s"] / 1e9),
-                     fmt(info["matmul_peak_numpy"]["flops_per_s"] / 1e9), "", "")]
+    info["rows"] = [
+        (
+            "float32 matmul GFLOP/s (XLA / numpy)",
+            fmt(info["matmul_peak_xla"]["flops_per_s"] / 1e9),
+            fmt(info["matmul_peak_numpy"]["flops_per_s"] / 1e9),
+            "",
+            "",
+        )
+    ]
     return info
 
 
@@ -56,8 +85,10 @@ def _cpu_peak() -> float | None:
 
 
 def _torch_thread_rows(out: Json, field: str, what: str) -> list:
-    return [(f"  PyTorch {what} at {t} thread(s)", "", fmt(s[field]), "", spread(s))
-            for t, s in out.get("torch_by_threads", {}).items()]
+    return [
+        (f"  PyTorch {what} at {t} thread(s)", "", fmt(s[field]), "", spread(s))
+        for t, s in out.get("torch_by_threads", {}).items()
+    ]
 
 
 @section("train")
@@ -70,7 +101,9 @@ def train_section(cfg: Config) -> Json:
     fns = {"fan_jax": lambda: ours.run(steps)}
     torch = harness.load_torch()
     if torch is not None:
-        theirs, info = torch_runners(cfg, lambda f, t: TorchStudentTrainer(torch, L, b, size, f, t), 1)
+        theirs, info = torch_runners(
+            cfg, lambda f, t: TorchStudentTrainer(torch, L, b, size, f, t), 1
+        )
         out.update(info)
         fns.update({torch_key(t): (lambda r=r: r.run(steps)) for t, r in theirs.items()})
     times = time_interleaved(fns, cfg.repeats, cfg.warmup)
@@ -89,14 +122,26 @@ def train_section(cfg: Config) -> Json:
         speedup = ratio(out["fan_jax"]["per_s"], out["torch"]["per_s"])
     else:
         out["torch"] = TORCH_MISSING
-    harness.CONSUMERS["train"] = {"images_per_s": out["fan_jax"]["per_s"], "batch": b, "image_size": size,
-                          "step": "CPU student train step (train section)"}
-    out["summary"] = {"train_speedup_vs_torch": speedup,
-                      "train_fraction_of_matmul_peak": out["fan_jax"].get("fraction_of_matmul_peak")}
-    out["rows"] = [(f"train images/s (batch {b}, {size}px), vs PyTorch at its faster thread setting "
-                    f"({out.get('torch_threads', '-')})", fmt(out["fan_jax"]["per_s"]),
-                    fmt(out["torch"].get("per_s")), fmt(speedup, "x"),
-                    spread(out["fan_jax"], out["torch"]))]
+    harness.CONSUMERS["train"] = {
+        "images_per_s": out["fan_jax"]["per_s"],
+        "batch": b,
+        "image_size": size,
+        "step": "CPU student train step (train section)",
+    }
+    out["summary"] = {
+        "train_speedup_vs_torch": speedup,
+        "train_fraction_of_matmul_peak": out["fan_jax"].get("fraction_of_matmul_peak"),
+    }
+    out["rows"] = [
+        (
+            f"train images/s (batch {b}, {size}px), vs PyTorch at its faster thread setting "
+            f"({out.get('torch_threads', '-')})",
+            fmt(out["fan_jax"]["per_s"]),
+            fmt(out["torch"].get("per_s")),
+            fmt(speedup, "x"),
+            spread(out["fan_jax"], out["torch"]),
+        )
+    ]
     out["rows"] += _torch_thread_rows(out, "per_s", "train images/s")
     return out
 
@@ -110,8 +155,9 @@ def inference_section(cfg: Config) -> Json:
     fns = {"fan_jax": lambda: ours.run(iters)}
     torch = harness.load_torch()
     if torch is not None:
-        theirs, info = torch_runners(cfg, lambda f, t: TorchStudentPredictor(torch, L, 1, size, f, t),
-                                     max(1, iters // 4))
+        theirs, info = torch_runners(
+            cfg, lambda f, t: TorchStudentPredictor(torch, L, 1, size, f, t), max(1, iters // 4)
+        )
         out.update(info)
         fns.update({torch_key(t): (lambda r=r: r.run(iters)) for t, r in theirs.items()})
     times = time_interleaved(fns, cfg.repeats, cfg.warmup)
@@ -132,12 +178,20 @@ def inference_section(cfg: Config) -> Json:
         speedup = ratio(out["torch"]["latency_ms"], out["fan_jax"]["latency_ms"])
     else:
         out["torch"] = TORCH_MISSING
-    out["summary"] = {"inference_speedup_vs_torch": speedup,
-                      "inference_latency_ms": out["fan_jax"]["latency_ms"],
-                      "inference_fraction_of_matmul_peak": out["fan_jax"].get("fraction_of_matmul_peak")}
-    out["rows"] = [(f"inference latency ms (batch 1, {size}px), vs PyTorch at its faster thread setting "
-                    f"({out.get('torch_threads', '-')})", fmt(out["fan_jax"]["latency_ms"]),
-                    fmt(out["torch"].get("latency_ms")), fmt(speedup, "x"),
-                    spread(out["fan_jax"], out["torch"]))]
+    out["summary"] = {
+        "inference_speedup_vs_torch": speedup,
+        "inference_latency_ms": out["fan_jax"]["latency_ms"],
+        "inference_fraction_of_matmul_peak": out["fan_jax"].get("fraction_of_matmul_peak"),
+    }
+    out["rows"] = [
+        (
+            f"inference latency ms (batch 1, {size}px), vs PyTorch at its faster thread setting "
+            f"({out.get('torch_threads', '-')})",
+            fmt(out["fan_jax"]["latency_ms"]),
+            fmt(out["torch"].get("latency_ms")),
+            fmt(speedup, "x"),
+            spread(out["fan_jax"], out["torch"]),
+        )
+    ]
     out["rows"] += _torch_thread_rows(out, "latency_ms", "inference latency ms")
     return out

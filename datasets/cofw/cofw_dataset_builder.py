@@ -95,10 +95,10 @@ class MatFile:
     def landmarks(self, i: int) -> np.ndarray:
         """[29, 2] 0-based: MATLAB's 1-based coordinates minus 1."""
         p = self.phis[i]
-        return np.stack([p[:NUM_LANDMARKS], p[NUM_LANDMARKS: 2 * NUM_LANDMARKS]], -1) - 1.0
+        return np.stack([p[:NUM_LANDMARKS], p[NUM_LANDMARKS : 2 * NUM_LANDMARKS]], -1) - 1.0
 
     def occluded(self, i: int) -> np.ndarray:
-        return self.phis[i, 2 * NUM_LANDMARKS:] > 0.5
+        return self.phis[i, 2 * NUM_LANDMARKS :] > 0.5
 
     def box(self, i: int) -> np.ndarray:
         """x0, y0, x1, y1, 0-based, from MATLAB's 1-based (x, y, w, h)."""
@@ -169,9 +169,15 @@ class Builder(common.LandmarkBuilder):
             for i in range(len(mat)):
                 summary.images += 1
                 summary.examples += 1
-                yield f"{split}_{i:05d}", common.make_example(
-                    mat.image(i), mat.landmarks(i), mat.box(i), mat.describe(i),
-                    occluded=mat.occluded(i),
+                yield (
+                    f"{split}_{i:05d}",
+                    common.make_example(
+                        mat.image(i),
+                        mat.landmarks(i),
+                        mat.box(i),
+                        mat.describe(i),
+                        occluded=mat.occluded(i),
+                    ),
                 )
         finally:
             mat.close()

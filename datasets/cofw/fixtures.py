@@ -40,11 +40,12 @@ class Fixture:
 
 # split -> [(width, height, greyscale, box x, y, w, h 1-based)]
 _LAYOUT = {
-    "train": [(120, 100, False, (31, 21, 50, 55)),
-              (100, 110, True, (21, 31, 55, 50)),  # greyscale, as some COFW images are
-              (140, 90, False, (-4, 11, 60, 62))],  # box (and points) past the left edge
-    "test": [(96, 96, False, (25, 25, 45, 48)),
-             (110, 130, True, (30, 40, 50, 60))],
+    "train": [
+        (120, 100, False, (31, 21, 50, 55)),
+        (100, 110, True, (21, 31, 55, 50)),  # greyscale, as some COFW images are
+        (140, 90, False, (-4, 11, 60, 62)),
+    ],  # box (and points) past the left edge
+    "test": [(96, 96, False, (25, 25, 45, 48)), (110, 130, True, (30, 40, 50, 60))],
 }
 
 
@@ -63,8 +64,15 @@ def _set_class(ds, matlab_class: str) -> None:
     ds.attrs["MATLAB_class"] = np.bytes_(matlab_class)
 
 
-def write_mat(path: str, images_var: str, phis_var: str, boxes_var: str,
-              images: list[np.ndarray], phis: np.ndarray, boxes: np.ndarray) -> None:
+def write_mat(
+    path: str,
+    images_var: str,
+    phis_var: str,
+    boxes_var: str,
+    images: list[np.ndarray],
+    phis: np.ndarray,
+    boxes: np.ndarray,
+) -> None:
     """Writes one v7.3 .mat: images as a cell array, phis N x 87, boxes N x 4 (doubles)."""
     with h5py.File(path, "w", userblock_size=512) as f:
         refs_group = f.create_group("#refs#")
@@ -73,7 +81,9 @@ def write_mat(path: str, images_var: str, phis_var: str, boxes_var: str,
             ds = refs_group.create_dataset(_ref_name(k), data=np.ascontiguousarray(image.T))
             _set_class(ds, "uint8")
             refs.append(ds.ref)
-        cell = f.create_dataset(images_var, data=np.array(refs, dtype=h5py.ref_dtype).reshape(1, -1))
+        cell = f.create_dataset(
+            images_var, data=np.array(refs, dtype=h5py.ref_dtype).reshape(1, -1)
+        )
         _set_class(cell, "cell")
         _set_class(f.create_dataset(phis_var, data=np.ascontiguousarray(phis.T)), "double")
         _set_class(f.create_dataset(boxes_var, data=np.ascontiguousarray(boxes.T)), "double")
@@ -104,6 +114,13 @@ def write_fixture(manual_dir: str, seed: int = 0) -> Fixture:
             phis.append(np.concatenate([lm0[:, 0] + 1, lm0[:, 1] + 1, occluded.astype(np.float64)]))
             boxes.append([bx, by, bw, bh])
             faces[split].append(FixtureFace(image, lm0.astype(np.float32), occluded, box0))
-        write_mat(os.path.join(manual_dir, file_name), images_var, phis_var, boxes_var,
-                  images, np.array(phis, np.float64), np.array(boxes, np.float64))
+        write_mat(
+            os.path.join(manual_dir, file_name),
+            images_var,
+            phis_var,
+            boxes_var,
+            images,
+            np.array(phis, np.float64),
+            np.array(boxes, np.float64),
+        )
     return Fixture(manual_dir=manual_dir, faces=faces)

@@ -38,16 +38,24 @@ class Fixture:
 
 # subset -> [(file name, width, height, face box x0, y0, x1, y1)]
 _LAYOUT = {
-    "afw": [("134212_1.jpg", 360, 300, (60, 30, 300, 270)),  # crop 528 px -> downscaled to 512
-            ("1051618982_1.jpg", 120, 100, (30, 20, 90, 85))],
-    "helen_trainset": [("100032540_1.jpg", 140, 120, (40, 25, 100, 95)),
-                       ("10405146_1.jpg", 100, 130, (-8, 30, 50, 100))],  # points left of x=0
+    "afw": [
+        ("134212_1.jpg", 360, 300, (60, 30, 300, 270)),  # crop 528 px -> downscaled to 512
+        ("1051618982_1.jpg", 120, 100, (30, 20, 90, 85)),
+    ],
+    "helen_trainset": [
+        ("100032540_1.jpg", 140, 120, (40, 25, 100, 95)),
+        ("10405146_1.jpg", 100, 130, (-8, 30, 50, 100)),
+    ],  # points left of x=0
     "helen_testset": [("2968560214_1.jpg", 128, 128, (30, 30, 100, 100))],
-    "lfpw_trainset": [("image_0001.png", 110, 90, (25, 15, 85, 80)),
-                      ("image_0002.png", 96, 96, (20, 20, 76, 80))],
+    "lfpw_trainset": [
+        ("image_0001.png", 110, 90, (25, 15, 85, 80)),
+        ("image_0002.png", 96, 96, (20, 20, 76, 80)),
+    ],
     "lfpw_testset": [("image_0001.png", 90, 120, (15, 30, 75, 100))],
-    "ibug": [("image_003_1.jpg", 150, 100, (50, 15, 110, 90)),
-             ("image_092 _01.jpg", 100, 100, (20, 20, 80, 85))],
+    "ibug": [
+        ("image_003_1.jpg", 150, 100, (50, 15, 110, 90)),
+        ("image_092 _01.jpg", 100, 100, (20, 20, 80, 85)),
+    ],
 }
 
 
@@ -64,7 +72,9 @@ def _generated_layout(faces_per_subset: int, size: int):
     return layout
 
 
-def write_tree(root: str, faces_per_subset: int | None = None, size: int = 160, seed: int = 0) -> Fixture:
+def write_tree(
+    root: str, faces_per_subset: int | None = None, size: int = 160, seed: int = 0
+) -> Fixture:
     """Writes the six folders under root. faces_per_subset=None: the small fixed layout;
     an int: that many `size` x `size` images per folder (for timing builds)."""
     rng = np.random.default_rng(seed)
@@ -118,8 +128,13 @@ def pack(tree_root: str, out_dir: str, archive: str) -> None:
         raise ValueError(f"unknown archive kind {archive!r}")
 
 
-def write_fixture(manual_dir: str, archive: str | None = None, faces_per_subset: int | None = None,
-                  size: int = 160, seed: int = 0) -> Fixture:
+def write_fixture(
+    manual_dir: str,
+    archive: str | None = None,
+    faces_per_subset: int | None = None,
+    size: int = 160,
+    seed: int = 0,
+) -> Fixture:
     """A fake 300W download in manual_dir: the folder tree, or archives (see `pack`)."""
     if archive is None:
         return write_tree(manual_dir, faces_per_subset, size, seed)

@@ -80,7 +80,9 @@ def parse_pts(text: str, name: str, expected: int = NUM_LANDMARKS) -> np.ndarray
             try:
                 n_points = int(stripped.split(":", 1)[1])
             except (IndexError, ValueError) as e:
-                raise common.DatasetFormatError(f"{name}:{i + 1}: bad n_points line {line!r}.") from e
+                raise common.DatasetFormatError(
+                    f"{name}:{i + 1}: bad n_points line {line!r}."
+                ) from e
         elif stripped == "{" and start is None:
             start = i + 1
         elif stripped == "}" and start is not None:
@@ -121,7 +123,7 @@ def classify(name: str) -> tuple[str, str] | None:
     lower = [p.lower() for p in parts]
     for i in range(len(parts)):
         for subset, comps in SUBSETS.items():
-            if tuple(lower[i:i + len(comps)]) == comps and len(parts) > i + len(comps):
+            if tuple(lower[i : i + len(comps)]) == comps and len(parts) > i + len(comps):
                 return subset, "/".join(parts[i:])
     return None
 
@@ -191,9 +193,15 @@ class Builder(common.LandmarkBuilder):
                 image = common.decode_image(data, source.describe(member))
                 summary.images += 1
                 summary.examples += 1
-                yield face.file_name, common.make_example(
-                    image, face.landmarks, common.landmark_box(face.landmarks),
-                    face.file_name, subset=face.subset,
+                yield (
+                    face.file_name,
+                    common.make_example(
+                        image,
+                        face.landmarks,
+                        common.landmark_box(face.landmarks),
+                        face.file_name,
+                        subset=face.subset,
+                    ),
                 )
         common.report(summary, OFFICIAL_COUNTS.get(split))
 
@@ -201,11 +209,14 @@ class Builder(common.LandmarkBuilder):
 def _open_sources(manual: str) -> list[common.FileSource]:
     sources: list[common.FileSource] = [common.DirSource(manual)]
     candidates = []
-    for d in [manual] + sorted(e.path for e in os.scandir(manual) if e.is_dir()):
+    for d in [manual, *sorted(e.path for e in os.scandir(manual) if e.is_dir())]:
         for e in sorted(os.scandir(d), key=lambda e: e.name):
             low = e.name.lower()
-            if (e.is_file() and low.startswith(ARCHIVE_PREFIXES)
-                    and low.endswith(common.ARCHIVE_SUFFIXES)):
+            if (
+                e.is_file()
+                and low.startswith(ARCHIVE_PREFIXES)
+                and low.endswith(common.ARCHIVE_SUFFIXES)
+            ):
                 candidates.append(e.path)
     sources += [common.open_archive(p) for p in candidates]
     return sources
@@ -214,7 +225,9 @@ def _open_sources(manual: str) -> list[common.FileSource]:
 def _collect_faces(manual: str) -> dict[str, list[Face]]:
     """All .pts + image pairs per subset, validated before anything is written."""
     pts_files: dict[str, tuple[str, common.FileSource, str]] = {}  # rel -> (subset, source, member)
-    images: dict[str, tuple[common.FileSource, str]] = {}  # rel without extension -> (source, member)
+    images: dict[
+        str, tuple[common.FileSource, str]
+    ] = {}  # rel without extension -> (source, member)
     for source in _open_sources(manual):
         for member in source.names():
             found = classify(member)
@@ -229,7 +242,9 @@ def _collect_faces(manual: str) -> dict[str, list[Face]]:
                 images.setdefault(stem, (source, member))
 
     present = {subset for subset, _, _ in pts_files.values()}
-    absent = [f"{'/'.join(c)}/ (no .pts files found)" for s, c in SUBSETS.items() if s not in present]
+    absent = [
+        f"{'/'.join(c)}/ (no .pts files found)" for s, c in SUBSETS.items() if s not in present
+    ]
     if absent:
         raise common.missing_files("the300w", manual, MANUAL_DOWNLOAD_INSTRUCTIONS, absent)
     no_image = [

@@ -44,20 +44,44 @@ class Fixture:
 # one face sticks out of its image, and every attribute is set on some test face.
 _LAYOUT = {
     "train": [
-        ("0--Parade/0_Parade_marchingband_1_116.jpg", 160, 120,
-         [((20, 20, 70, 80), (0, 0, 0, 0, 0, 0)), ((90, 30, 140, 90), (1, 0, 0, 0, 0, 1))]),
-        ("2--Demonstration/2_Demonstration_Protesters_2_12.jpg", 128, 128,
-         [((-10, 40, 50, 110), (0, 1, 0, 0, 1, 0))]),
-        ("51--Dresses/51_Dresses_wearingdress_51_377.jpg", 96, 140,
-         [((20, 30, 76, 100), (0, 0, 0, 0, 0, 0))]),
+        (
+            "0--Parade/0_Parade_marchingband_1_116.jpg",
+            160,
+            120,
+            [((20, 20, 70, 80), (0, 0, 0, 0, 0, 0)), ((90, 30, 140, 90), (1, 0, 0, 0, 0, 1))],
+        ),
+        (
+            "2--Demonstration/2_Demonstration_Protesters_2_12.jpg",
+            128,
+            128,
+            [((-10, 40, 50, 110), (0, 1, 0, 0, 1, 0))],
+        ),
+        (
+            "51--Dresses/51_Dresses_wearingdress_51_377.jpg",
+            96,
+            140,
+            [((20, 30, 76, 100), (0, 0, 0, 0, 0, 0))],
+        ),
     ],
     "test": [
-        ("7--Cheering/7_Cheering_Cheering_7_16.jpg", 150, 110,
-         [((15, 15, 65, 75), (1, 1, 0, 0, 0, 0)), ((80, 20, 135, 85), (0, 0, 1, 1, 0, 0))]),
-        ("37--Soccer/37_Soccer_soccer_ball_37_45.jpg", 120, 150,
-         [((25, 40, 95, 120), (0, 0, 0, 0, 1, 1))]),
-        ("9--Press_Conference/9_Press_Conference_ISIS_9_71.jpg", 100, 100,
-         [((20, 20, 80, 85), (0, 0, 0, 0, 0, 0))]),
+        (
+            "7--Cheering/7_Cheering_Cheering_7_16.jpg",
+            150,
+            110,
+            [((15, 15, 65, 75), (1, 1, 0, 0, 0, 0)), ((80, 20, 135, 85), (0, 0, 1, 1, 0, 0))],
+        ),
+        (
+            "37--Soccer/37_Soccer_soccer_ball_37_45.jpg",
+            120,
+            150,
+            [((25, 40, 95, 120), (0, 0, 0, 0, 1, 1))],
+        ),
+        (
+            "9--Press_Conference/9_Press_Conference_ISIS_9_71.jpg",
+            100,
+            100,
+            [((20, 20, 80, 85), (0, 0, 0, 0, 0, 0))],
+        ),
     ],
 }
 
@@ -85,13 +109,15 @@ def write_tree(root: str, seed: int = 0) -> Fixture:
                     f"{coords} {' '.join(str(int(b)) for b in box)} "
                     f"{' '.join(str(a) for a in flags)} {path}"
                 )
-                faces[split].append(FixtureFace(
-                    image_path=path,
-                    landmarks=np.array([float(t) for t in text], np.float32).reshape(-1, 2),
-                    box=np.array(box, np.float32),
-                    attributes=np.array(flags, bool),
-                    line_number=len(lines),
-                ))
+                faces[split].append(
+                    FixtureFace(
+                        image_path=path,
+                        landmarks=np.array([float(t) for t in text], np.float32).reshape(-1, 2),
+                        box=np.array(box, np.float32),
+                        attributes=np.array(flags, bool),
+                        line_number=len(lines),
+                    )
+                )
         list_path = os.path.join(root, wflw.ANNOTATIONS_DIR, wflw.LIST_FILES[split])
         os.makedirs(os.path.dirname(list_path), exist_ok=True)
         with open(list_path, "w") as f:
@@ -104,15 +130,20 @@ def write_tree(root: str, seed: int = 0) -> Fixture:
         members = [f for f in faces["test"] if f.attributes[i]]
         with open(os.path.join(sub_dir, f"list_98pt_{name}.txt"), "w") as f:
             for face in members:
-                f.write(" ".join(f"{v:.6f}" for v in face.landmarks.reshape(-1)) + f" {face.image_path}\n")
+                f.write(
+                    " ".join(f"{v:.6f}" for v in face.landmarks.reshape(-1))
+                    + f" {face.image_path}\n"
+                )
     return Fixture(manual_dir=root, faces=faces, images=images)
 
 
 def pack(tree_root: str, out_dir: str) -> None:
     """Tars tree_root/WFLW_images and tree_root/WFLW_annotations into out_dir/*.tar.gz."""
     os.makedirs(out_dir, exist_ok=True)
-    for folder, archive in ((wflw.IMAGES_DIR, wflw.IMAGES_ARCHIVE),
-                            (wflw.ANNOTATIONS_DIR, wflw.ANNOTATIONS_ARCHIVE)):
+    for folder, archive in (
+        (wflw.IMAGES_DIR, wflw.IMAGES_ARCHIVE),
+        (wflw.ANNOTATIONS_DIR, wflw.ANNOTATIONS_ARCHIVE),
+    ):
         with tarfile.open(os.path.join(out_dir, archive), "w:gz") as tar:
             tar.add(os.path.join(tree_root, folder), arcname=folder)
 

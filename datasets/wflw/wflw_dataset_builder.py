@@ -18,8 +18,12 @@ NUM_LANDMARKS = 98
 ATTRIBUTES = ("pose", "expression", "illumination", "make_up", "occlusion", "blur")
 # Split name of each attribute's test subset (the WFLW list files use these words).
 SUBSET_SPLITS = (
-    "test_largepose", "test_expression", "test_illumination",
-    "test_makeup", "test_occlusion", "test_blur",
+    "test_largepose",
+    "test_expression",
+    "test_illumination",
+    "test_makeup",
+    "test_occlusion",
+    "test_blur",
 )
 NUM_FIELDS = 2 * NUM_LANDMARKS + 4 + len(ATTRIBUTES) + 1  # 207
 
@@ -32,8 +36,14 @@ LIST_FILES = {
     "test": "list_98pt_rect_attr_train_test/list_98pt_rect_attr_test.txt",
 }
 OFFICIAL_COUNTS = {
-    "train": 7500, "test": 2500, "test_largepose": 326, "test_expression": 314,
-    "test_illumination": 698, "test_makeup": 206, "test_occlusion": 736, "test_blur": 773,
+    "train": 7500,
+    "test": 2500,
+    "test_largepose": 326,
+    "test_expression": 314,
+    "test_illumination": 698,
+    "test_makeup": 206,
+    "test_occlusion": 736,
+    "test_blur": 773,
 }
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
@@ -68,7 +78,7 @@ def parse_line(line: str, file_name: str, line_number: int) -> Face:
         )
     try:
         numbers = np.array([float(v) for v in fields[: 2 * NUM_LANDMARKS + 4]], np.float64)
-        flags = [int(v) for v in fields[2 * NUM_LANDMARKS + 4: -1]]
+        flags = [int(v) for v in fields[2 * NUM_LANDMARKS + 4 : -1]]
     except ValueError as e:
         raise common.DatasetFormatError(f"{where}: non-numeric value ({e}).") from e
     if not np.all(np.isfinite(numbers)):
@@ -79,7 +89,7 @@ def parse_line(line: str, file_name: str, line_number: int) -> Face:
         key=f"{os.path.basename(file_name)}:{line_number}",
         image_path=fields[-1],
         landmarks=numbers[: 2 * NUM_LANDMARKS].reshape(NUM_LANDMARKS, 2).astype(np.float32),
-        box=numbers[2 * NUM_LANDMARKS:],
+        box=numbers[2 * NUM_LANDMARKS :],
         attributes=np.array(flags, bool),
     )
 
@@ -147,7 +157,9 @@ class Builder(common.LandmarkBuilder):
         missing = [images.describe(p) for p in needed if not images.exists(p)]
         if missing:
             raise common.missing_files(
-                "wflw", manual, MANUAL_DOWNLOAD_INSTRUCTIONS,
+                "wflw",
+                manual,
+                MANUAL_DOWNLOAD_INSTRUCTIONS,
                 [f"image {m} (listed in the annotations)" for m in missing],
             )
         test = faces["test"]
@@ -166,8 +178,11 @@ class Builder(common.LandmarkBuilder):
             summary.images += 1
             for face in by_image[path]:
                 summary.examples += 1
-                yield face.key, common.make_example(
-                    image, face.landmarks, face.box, path, attributes=face.attributes
+                yield (
+                    face.key,
+                    common.make_example(
+                        image, face.landmarks, face.box, path, attributes=face.attributes
+                    ),
                 )
         common.report(summary, OFFICIAL_COUNTS.get(split))
 
@@ -181,7 +196,10 @@ def _read_annotations(manual: str) -> dict[str, list[Face]]:
         source = common.open_archive(archive, strip_prefix=ANNOTATIONS_DIR)
     else:
         raise common.missing_files(
-            "wflw", manual, MANUAL_DOWNLOAD_INSTRUCTIONS, [f"{ANNOTATIONS_ARCHIVE} (or {ANNOTATIONS_DIR}/)"]
+            "wflw",
+            manual,
+            MANUAL_DOWNLOAD_INSTRUCTIONS,
+            [f"{ANNOTATIONS_ARCHIVE} (or {ANNOTATIONS_DIR}/)"],
         )
     try:
         missing = [f"{source.describe(p)}" for p in LIST_FILES.values() if not source.exists(p)]

@@ -4,11 +4,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from fan_jax.models.decoder import DeconvDecoder, HeatmapHead
-from fan_jax.models.fan import (FAN, MODELS, Adapters, build_model, mobilefan, mobilefan_half,
-                                resnet18_fan, teacher_channels, teacher_resnet50)
+from fan_jax.models.fan import (
+    FAN,
+    MODELS,
+    Adapters,
+    build_model,
+    mobilefan,
+    mobilefan_half,
+    resnet18_fan,
+    teacher_channels,
+    teacher_resnet50,
+)
 from fan_jax.models.layers import ConvTranspose, DepthwiseConv, PointwiseConv
 from fan_jax.models.mobilenet_v2 import MobileNetV2Encoder
-
 
 
 def build(model_config: Mapping[str, Any], num_landmarks: int) -> Any:
@@ -18,15 +26,29 @@ def build(model_config: Mapping[str, Any], num_landmarks: int) -> Any:
     if kind == "regression":
         from fan_jax.models import regression
 
-        return regression.build_regressor(model_config["name"], num_landmarks,
-                                          **regression.config_kwargs(model_config))
+        return regression.build_regressor(
+            model_config["name"], num_landmarks, **regression.config_kwargs(model_config)
+        )
     if kind != "heatmap":
         raise ValueError(f"model.kind must be 'heatmap' or 'regression', got {kind!r}")
     return build_model(model_config["name"], num_landmarks)
 
 
 __all__ = [
-    "FAN", "MODELS", "build", "Adapters", "build_model", "mobilefan", "mobilefan_half", "resnet18_fan",
-    "teacher_channels", "teacher_resnet50", "DeconvDecoder", "HeatmapHead", "ConvTranspose",
-    "DepthwiseConv", "PointwiseConv", "MobileNetV2Encoder",
+    "FAN",
+    "MODELS",
+    "Adapters",
+    "ConvTranspose",
+    "DeconvDecoder",
+    "DepthwiseConv",
+    "HeatmapHead",
+    "MobileNetV2Encoder",
+    "PointwiseConv",
+    "build",
+    "build_model",
+    "mobilefan",
+    "mobilefan_half",
+    "resnet18_fan",
+    "teacher_channels",
+    "teacher_resnet50",
 ]

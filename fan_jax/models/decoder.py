@@ -25,7 +25,9 @@ class DeconvDecoder(nn.Module):
     channels: int = 128
     kernel_size: int = 2
     num_layers: int = 3
-    torch_padding: int | None = None  # None: 0 for k=2, 1 for k=4, 1 for k=3 (with output_padding 1)
+    torch_padding: int | None = (
+        None  # None: 0 for k=2, 1 for k=4, 1 for k=3 (with output_padding 1)
+    )
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9
 
@@ -40,11 +42,22 @@ class DeconvDecoder(nn.Module):
         padding, output_padding = self._padding()
         taps = []
         for i in range(self.num_layers):
-            x = ConvTranspose(self.channels, self.kernel_size, strides=2, torch_padding=padding,
-                              output_padding=output_padding, kernel_init=deconv_init,
-                              name=f"deconv_{i}")(x)
-            x = BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                          momentum=self.bn_momentum, activation="relu", name=f"bn_{i}")(x)
+            x = ConvTranspose(
+                self.channels,
+                self.kernel_size,
+                strides=2,
+                torch_padding=padding,
+                output_padding=output_padding,
+                kernel_init=deconv_init,
+                name=f"deconv_{i}",
+            )(x)
+            x = BatchNorm(
+                use_running_average=not train,
+                epsilon=self.bn_epsilon,
+                momentum=self.bn_momentum,
+                activation="relu",
+                name=f"bn_{i}",
+            )(x)
             taps.append(x)
         return x, tuple(taps)
 
@@ -56,5 +69,10 @@ class HeatmapHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return PointwiseConv(self.num_landmarks, use_bias=True, kernel_init=head_init,
-                             bias_init=nn.initializers.zeros_init(), name="conv")(x)
+        return PointwiseConv(
+            self.num_landmarks,
+            use_bias=True,
+            kernel_init=head_init,
+            bias_init=nn.initializers.zeros_init(),
+            name="conv",
+        )(x)

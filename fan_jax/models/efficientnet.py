@@ -27,7 +27,7 @@ are Keras's defaults.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,14 @@ SE_RATIO = 0.25
 
 # variant -> (width_coefficient, depth_coefficient), keras.applications.EfficientNetB0..B7.
 VARIANTS = {
-    "b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4),
-    "b4": (1.4, 1.8), "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1),
+    "b0": (1.0, 1.0),
+    "b1": (1.0, 1.1),
+    "b2": (1.1, 1.2),
+    "b3": (1.2, 1.4),
+    "b4": (1.4, 1.8),
+    "b5": (1.6, 2.2),
+    "b6": (1.8, 2.6),
+    "b7": (2.0, 3.1),
 }
 
 
@@ -80,9 +86,16 @@ def block_configs(variant: str = "b3") -> list[dict]:
     for i, (k, reps, f_in, f_out, expand, stride) in enumerate(BASE_BLOCKS):
         f_in, f_out = round_filters(f_in, width), round_filters(f_out, width)
         for j in range(round_repeats(reps, depth)):
-            out.append(dict(name=f"block{i + 1}{chr(j + 97)}", kernel=k,
-                            filters_in=f_in if j == 0 else f_out, filters_out=f_out,
-                            expand_ratio=expand, strides=stride if j == 0 else 1))
+            out.append(
+                dict(
+                    name=f"block{i + 1}{chr(j + 97)}",
+                    kernel=k,
+                    filters_in=f_in if j == 0 else f_out,
+                    filters_out=f_out,
+                    expand_ratio=expand,
+                    strides=stride if j == 0 else 1,
+                )
+            )
     return out
 
 
@@ -104,19 +117,30 @@ class EfficientNetEncoder(nn.Module):
     bn_momentum: float = 0.99
 
     def _bn(self, name: str, train: bool) -> nn.BatchNorm:
-        return nn.BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                            momentum=self.bn_momentum, name=name)
+        return nn.BatchNorm(
+            use_running_average=not train,
+            epsilon=self.bn_epsilon,
+            momentum=self.bn_momentum,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown EfficientNet variant {self.variant!r}; "
-                             f"expected one of {sorted(VARIANTS)}")
+            raise ValueError(
+                f"unknown EfficientNet variant {self.variant!r}; expected one of {sorted(VARIANTS)}"
+            )
         width, _ = VARIANTS[self.variant]
         if self.input_scale is not None:
             x = x * jnp.asarray(self.input_scale, x.dtype)
-        x = nn.Conv(round_filters(32, width), (3, 3), strides=(2, 2), padding="SAME",
-                    use_bias=False, name="stem_conv")(x)
+        x = nn.Conv(
+            round_filters(32, width),
+            (3, 3),
+            strides=(2, 2),
+            padding="SAME",
+            use_bias=False,
+            name="stem_conv",
+        )(x)
         x = nn.swish(self._bn("stem_bn", train)(x))
         configs = block_configs(self.variant)
         for b, cfg in enumerate(configs):
@@ -124,8 +148,19 @@ class EfficientNetEncoder(nn.Module):
         x = PointwiseConv(output_channels(self.variant), name="top_conv")(x)
         return nn.swish(self._bn("top_bn", train)(x))
 
-    def _block(self, inputs: Array, train: bool, *, name: str, kernel: int, filters_in: int,
-               filters_out: int, expand_ratio: int, strides: int, drop_rate: float) -> Array:
+    def _block(
+        self,
+        inputs: Array,
+        train: bool,
+        *,
+        name: str,
+        kernel: int,
+        filters_in: int,
+        filters_out: int,
+        expand_ratio: int,
+        strides: int,
+        drop_rate: float,
+    ) -> Array:
         filters = filters_in * expand_ratio
         x = inputs
         if expand_ratio != 1:
@@ -135,8 +170,11 @@ class EfficientNetEncoder(nn.Module):
         x = nn.swish(self._bn(f"{name}_bn", train)(x))
         # Squeeze-and-excitation; the bottleneck width follows the block's input channels.
         se = jnp.mean(x, axis=(1, 2), keepdims=True)
-        se = nn.swish(PointwiseConv(max(1, int(filters_in * SE_RATIO)), use_bias=True,
-                                    name=f"{name}_se_reduce")(se))
+        se = nn.swish(
+            PointwiseConv(
+                max(1, int(filters_in * SE_RATIO)), use_bias=True, name=f"{name}_se_reduce"
+            )(se)
+        )
         se = nn.sigmoid(PointwiseConv(filters, use_bias=True, name=f"{name}_se_expand")(se))
         x = x * se
         x = PointwiseConv(filters_out, name=f"{name}_project_conv")(x)
@@ -145,8 +183,12 @@ class EfficientNetEncoder(nn.Module):
             if drop_rate > 0:
                 # Drop-connect: the whole residual branch of a sample, as Keras's
                 # Dropout(noise_shape=(None, 1, 1, 1)).
-                x = nn.Dropout(drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
-                               name=f"{name}_drop")(x)
+                x = nn.Dropout(
+                    drop_rate,
+                    broadcast_dims=(1, 2, 3),
+                    deterministic=not train,
+                    name=f"{name}_drop",
+                )(x)
             x = x + inputs
         return x
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -47,7 +48,9 @@ class Adapters(nn.Module):
     @nn.compact
     def __call__(self, taps: Sequence[Array], train: bool = False) -> tuple[Array, ...]:
         if self.kind not in ("conv", "conv_bn_relu"):
-            raise ValueError(f"unknown adapter kind {self.kind!r}; expected 'conv' or 'conv_bn_relu'")
+            raise ValueError(
+                f"unknown adapter kind {self.kind!r}; expected 'conv' or 'conv_bn_relu'"
+            )
         if len(taps) != len(self.features):
             raise ValueError(f"{len(taps)} taps for {len(self.features)} adapters")
         out = []
@@ -56,17 +59,24 @@ class Adapters(nn.Module):
                 y = PointwiseConv(feats, use_bias=True, name=f"adapter_{i}")(tap)
             else:
                 y = PointwiseConv(feats, use_bias=False, name=f"adapter_{i}_conv")(tap)
-                y = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                              epsilon=self.bn_epsilon, activation="relu", name=f"adapter_{i}_bn")(y)
+                y = BatchNorm(
+                    use_running_average=not train,
+                    momentum=self.bn_momentum,
+                    epsilon=self.bn_epsilon,
+                    activation="relu",
+                    name=f"adapter_{i}_bn",
+                )(y)
             out.append(y)
         return tuple(out)
 
 
 def mobilefan(num_landmarks: int, decoder_channels: int = 128, width: float = 1.0) -> FAN:
     """MobileFAN: MobileNetV2 (to 320 ch) + 3 x [deconv k2 s2 -> BN -> ReLU] + 1x1 head."""
-    return FAN(encoder=MobileNetV2Encoder(width=width),
-               decoder=DeconvDecoder(decoder_channels, kernel_size=2, num_layers=3),
-               head=HeatmapHead(num_landmarks))
+    return FAN(
+        encoder=MobileNetV2Encoder(width=width),
+        decoder=DeconvDecoder(decoder_channels, kernel_size=2, num_layers=3),
+        head=HeatmapHead(num_landmarks),
+    )
 
 
 def mobilefan_half(num_landmarks: int) -> FAN:
@@ -84,9 +94,11 @@ def _resnet_fan(depth: int, num_landmarks: int, keras_style: bool) -> FAN:
     # Imported here so the students work even where resnet.py is absent or broken.
     from fan_jax.models.resnet import ResNetEncoder
 
-    return FAN(encoder=ResNetEncoder(depth=depth, keras_style=keras_style),
-               decoder=DeconvDecoder(256, kernel_size=4, num_layers=3),
-               head=HeatmapHead(num_landmarks))
+    return FAN(
+        encoder=ResNetEncoder(depth=depth, keras_style=keras_style),
+        decoder=DeconvDecoder(256, kernel_size=4, num_layers=3),
+        head=HeatmapHead(num_landmarks),
+    )
 
 
 def teacher_resnet50(num_landmarks: int, keras_style: bool = True) -> FAN:

@@ -47,8 +47,13 @@ def block_configs(width: float = 1.0) -> list[dict]:
     configs = []
     for t, c, n, s in INVERTED_RESIDUAL_SETTING:
         for i in range(n):
-            configs.append(dict(expansion=t, filters=make_divisible(int(c * width), 8),
-                                stride=s if i == 0 else 1))
+            configs.append(
+                dict(
+                    expansion=t,
+                    filters=make_divisible(int(c * width), 8),
+                    stride=s if i == 0 else 1,
+                )
+            )
     return configs
 
 
@@ -69,8 +74,13 @@ class MobileNetV2Encoder(nn.Module):
 
     def _bn(self, name: str, train: bool, activation: str | None = "relu6") -> BatchNorm:
         # BatchNorm with the ReLU6 fused in (same variables as nn.BatchNorm).
-        return BatchNorm(use_running_average=not train, epsilon=self.bn_epsilon,
-                         momentum=self.bn_momentum, activation=activation, name=name)
+        return BatchNorm(
+            use_running_average=not train,
+            epsilon=self.bn_epsilon,
+            momentum=self.bn_momentum,
+            activation=activation,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -81,8 +91,9 @@ class MobileNetV2Encoder(nn.Module):
             x = self._inverted_residual(x, block_id, train, **cfg)
         return x
 
-    def _inverted_residual(self, x: Array, block_id: int, train: bool, *, expansion: int,
-                           filters: int, stride: int) -> Array:
+    def _inverted_residual(
+        self, x: Array, block_id: int, train: bool, *, expansion: int, filters: int, stride: int
+    ) -> Array:
         inputs = x
         in_channels = x.shape[-1]
         prefix = f"block_{block_id}_" if block_id else "expanded_conv_"

@@ -16,7 +16,8 @@ Encoder submodules keep Keras layer names, so `fan_jax.pretrained.keras_to_varia
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,11 @@ class RegressionHead(nn.Module):
     def __call__(self, features: Array, train: bool = False) -> Array:
         x = jnp.mean(features, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(2 * self.num_landmarks, name="out",
-                     bias_init=nn.initializers.constant(self.bias_init_value))(x)
+        x = nn.Dense(
+            2 * self.num_landmarks,
+            name="out",
+            bias_init=nn.initializers.constant(self.bias_init_value),
+        )(x)
         return x.reshape(x.shape[0], self.num_landmarks, 2)
 
 
@@ -70,16 +74,23 @@ class LandmarkRegressor(nn.Module):
         return self.head(self.encoder(images, train=train), train=train)
 
 
-def mobilenet_v2_regressor(num_landmarks: int, width: float = 1.0, dropout_rate: float = 0.1,
-                           bn_momentum: float = 0.9) -> LandmarkRegressor:
+def mobilenet_v2_regressor(
+    num_landmarks: int, width: float = 1.0, dropout_rate: float = 0.1, bn_momentum: float = 0.9
+) -> LandmarkRegressor:
     """The KD-Loss student: full MobileNetV2 + GAP + dropout + dense(2L)."""
-    return LandmarkRegressor(encoder=MobileNetV2Full(width=width, bn_momentum=bn_momentum),
-                             head=RegressionHead(num_landmarks, dropout_rate))
+    return LandmarkRegressor(
+        encoder=MobileNetV2Full(width=width, bn_momentum=bn_momentum),
+        head=RegressionHead(num_landmarks, dropout_rate),
+    )
 
 
-def efficientnet_b3_regressor(num_landmarks: int, dropout_rate: float = 0.5,
-                              keras_imagenet_input: bool = True, drop_connect_rate: float = 0.2,
-                              bn_momentum: float = 0.99) -> LandmarkRegressor:
+def efficientnet_b3_regressor(
+    num_landmarks: int,
+    dropout_rate: float = 0.5,
+    keras_imagenet_input: bool = True,
+    drop_connect_rate: float = 0.2,
+    bn_momentum: float = 0.99,
+) -> LandmarkRegressor:
     """A KD-Loss teacher (Tough or Tolerant): EfficientNet-B3 + GAP + dropout 0.5 + dense(2L).
 
     `keras_imagenet_input` scales the normalised input as Keras's `weights='imagenet'`
@@ -87,17 +98,22 @@ def efficientnet_b3_regressor(num_landmarks: int, dropout_rate: float = 0.5,
     """
     scale = KERAS_IMAGENET_INPUT_SCALE if keras_imagenet_input else None
     return LandmarkRegressor(
-        encoder=EfficientNetEncoder("b3", drop_connect_rate=drop_connect_rate, input_scale=scale,
-                                    bn_momentum=bn_momentum),
-        head=RegressionHead(num_landmarks, dropout_rate))
+        encoder=EfficientNetEncoder(
+            "b3", drop_connect_rate=drop_connect_rate, input_scale=scale, bn_momentum=bn_momentum
+        ),
+        head=RegressionHead(num_landmarks, dropout_rate),
+    )
 
 
-def efficientnet_b0_regressor(num_landmarks: int, dropout_rate: float = 0.5,
-                              **kwargs: Any) -> LandmarkRegressor:
+def efficientnet_b0_regressor(
+    num_landmarks: int, dropout_rate: float = 0.5, **kwargs: Any
+) -> LandmarkRegressor:
     """A small EfficientNet-B0 teacher (quick runs, demos); same head as B3."""
     scale = KERAS_IMAGENET_INPUT_SCALE if kwargs.pop("keras_imagenet_input", True) else None
-    return LandmarkRegressor(encoder=EfficientNetEncoder("b0", input_scale=scale, **kwargs),
-                             head=RegressionHead(num_landmarks, dropout_rate))
+    return LandmarkRegressor(
+        encoder=EfficientNetEncoder("b0", input_scale=scale, **kwargs),
+        head=RegressionHead(num_landmarks, dropout_rate),
+    )
 
 
 REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
@@ -149,11 +165,16 @@ def init_encoder_from_keras(model: LandmarkRegressor, variables: Any, source: An
         from fan_jax.pretrained_efficientnet import _legacy_h5_has_classifier
 
         path = str(source)
-        top = path.endswith(".h5") and not path.endswith(".weights.h5") and \
-            _legacy_h5_has_classifier(path)
+        top = (
+            path.endswith(".h5")
+            and not path.endswith(".weights.h5")
+            and _legacy_h5_has_classifier(path)
+        )
         keras_model = keras.applications.MobileNetV2(
-            weights=None, include_top=top, input_shape=(224, 224, 3), alpha=enc.width)
+            weights=None, include_top=top, input_shape=(224, 224, 3), alpha=enc.width
+        )
         keras_model.load_weights(path)
-    enc_vars = pretrained.keras_to_variables(keras_model, enc, bn_epsilon=enc.bn_epsilon,
-                                             what=f"MobileNetV2Full(width={enc.width})")
+    enc_vars = pretrained.keras_to_variables(
+        keras_model, enc, bn_epsilon=enc.bn_epsilon, what=f"MobileNetV2Full(width={enc.width})"
+    )
     return pretrained.merge_encoder_variables(variables, enc_vars, name="encoder")

@@ -62,7 +62,8 @@ class _Block(nn.Module):
 
     def bn(self, name: str, train: bool) -> nn.BatchNorm:
         return nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=self.eps, name=name)
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=self.eps, name=name
+        )
 
     def conv3x3(self, features: int, strides: int, name: str) -> nn.Conv:
         return nn.Conv(

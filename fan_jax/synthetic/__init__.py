@@ -30,17 +30,43 @@ The modules, in the order an image is made:
 
 from fan_jax.synthetic.face import _draw_face
 from fan_jax.synthetic.layout import _layout
-from fan_jax.synthetic.parts import (INNER_LIP, JAW, LEFT_BROW, LEFT_EYE, NOSE_BRIDGE, NOSTRILS,
-                                     NUM_LANDMARKS, OUTER_LIP, RIGHT_BROW, RIGHT_EYE)
+from fan_jax.synthetic.parts import (
+    INNER_LIP,
+    JAW,
+    LEFT_BROW,
+    LEFT_EYE,
+    NOSE_BRIDGE,
+    NOSTRILS,
+    NUM_LANDMARKS,
+    OUTER_LIP,
+    RIGHT_BROW,
+    RIGHT_EYE,
+)
 from fan_jax.synthetic.preview import draw_landmarks, write_preview
 from fan_jax.synthetic.render import _render, render_face, sources
 from fan_jax.synthetic.sampling import _sample_face
 from fan_jax.synthetic.seeds import SUBSETS, image_rng
 
 __all__ = [
-    "NUM_LANDMARKS", "JAW", "RIGHT_BROW", "LEFT_BROW", "NOSE_BRIDGE", "NOSTRILS", "RIGHT_EYE",
-    "LEFT_EYE", "OUTER_LIP", "INNER_LIP", "SUBSETS", "image_rng", "render_face", "sources",
-    "draw_landmarks", "write_preview",
+    "INNER_LIP",
+    "JAW",
+    "LEFT_BROW",
+    "LEFT_EYE",
+    "NOSE_BRIDGE",
+    "NOSTRILS",
+    "NUM_LANDMARKS",
+    "OUTER_LIP",
+    "RIGHT_BROW",
+    "RIGHT_EYE",
+    "SUBSETS",
+    "_draw_face",
+    "_layout",
     # The stages, for tests: switch them off one by one (_render), or run them alone.
-    "_render", "_sample_face", "_layout", "_draw_face",
+    "_render",
+    "_sample_face",
+    "draw_landmarks",
+    "image_rng",
+    "render_face",
+    "sources",
+    "write_preview",
 ]

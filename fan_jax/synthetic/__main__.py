@@ -2,5 +2,5 @@
 
 from fan_jax import synthetic_300w
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     synthetic_300w.main()

@@ -20,7 +20,7 @@ def _tile(kind: str) -> np.ndarray:
         fine = g.integers(0, 256, (768, 768, 3), dtype=np.uint8)
         cloud = cv2.GaussianBlur(fine, (0, 0), 6, borderType=cv2.BORDER_WRAP)
         cloud = cv2.normalize(cloud, None, 0, 255, cv2.NORM_MINMAX)
-        _TILES['fine'], _TILES['cloud'] = fine, cloud
+        _TILES["fine"], _TILES["cloud"] = fine, cloud
     return _TILES[kind]
 
 
@@ -31,7 +31,7 @@ def _tile_crop(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarra
         t = np.tile(t, reps)
     y = int(rng.integers(0, t.shape[0] - h + 1))
     x = int(rng.integers(0, t.shape[1] - w + 1))
-    return t[y:y + h, x:x + w]
+    return t[y : y + h, x : x + w]
 
 
 def _colour(c) -> tuple[float, float, float]:
@@ -50,15 +50,24 @@ def _spline(p: np.ndarray, closed: bool, n: int = 8) -> np.ndarray:
     basis = _SPLINE_BASIS.get(n)
     if basis is None:
         t = np.arange(n) / n
-        basis = 0.5 * np.stack([-t + 2 * t ** 2 - t ** 3, 2 - 5 * t ** 2 + 3 * t ** 3,
-                                t + 4 * t ** 2 - 3 * t ** 3, -t ** 2 + t ** 3], 1)  # [n, 4]
+        basis = 0.5 * np.stack(
+            [
+                -t + 2 * t**2 - t**3,
+                2 - 5 * t**2 + 3 * t**3,
+                t + 4 * t**2 - 3 * t**3,
+                -(t**2) + t**3,
+            ],
+            1,
+        )  # [n, 4]
         _SPLINE_BASIS[n] = basis
     if closed:
         ext = np.concatenate([p[-1:], p, p[:2]])
     else:
         ext = np.concatenate([2 * p[:1] - p[1:2], p, 2 * p[-1:] - p[-2:-1]])
     segs = len(ext) - 3
-    win = np.stack([ext[0:segs], ext[1:segs + 1], ext[2:segs + 2], ext[3:segs + 3]])  # [4, segs, 2]
+    win = np.stack(
+        [ext[0:segs], ext[1 : segs + 1], ext[2 : segs + 2], ext[3 : segs + 3]]
+    )  # [4, segs, 2]
     c = (basis @ win.reshape(4, -1)).reshape(n, segs, 2).transpose(1, 0, 2).reshape(-1, 2)
     return c if closed else np.concatenate([c, p[-1:]])
 
@@ -72,13 +81,24 @@ def _fill(img, p, colour):
 
 
 def _line(img, p, colour, thickness, closed=False):
-    cv2.polylines(img, [_fx(p)], closed, _colour(colour), max(1, int(round(thickness))), cv2.LINE_AA, 4)
+    cv2.polylines(
+        img, [_fx(p)], closed, _colour(colour), max(1, int(round(thickness))), cv2.LINE_AA, 4
+    )
 
 
 def _ellipse(img, centre, axes, angle, colour, thickness=-1):
-    cv2.ellipse(img, tuple(int(v) for v in np.round(np.asarray(centre) * 16)),
-                tuple(int(max(v, 0.5) * 16) for v in axes), float(angle), 0, 360,
-                _colour(colour), thickness, cv2.LINE_AA, 4)
+    cv2.ellipse(
+        img,
+        tuple(int(v) for v in np.round(np.asarray(centre) * 16)),
+        tuple(int(max(v, 0.5) * 16) for v in axes),
+        float(angle),
+        0,
+        360,
+        _colour(colour),
+        thickness,
+        cv2.LINE_AA,
+        4,
+    )
 
 
 def _blend_inside(img, poly, draw, pad=3):

@@ -12,8 +12,18 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fan_jax.synthetic.parts import (INNER_LIP, LEFT_BROW, LEFT_EYE, NOSE_BRIDGE, NOSTRILS,
-                                     NUM_LANDMARKS, OUTER_LIP, RIGHT_BROW, RIGHT_EYE)
+from fan_jax.synthetic.parts import (
+    INNER_LIP,
+    LEFT_BROW,
+    LEFT_EYE,
+    NOSE_BRIDGE,
+    NOSTRILS,
+    NUM_LANDMARKS,
+    OUTER_LIP,
+    RIGHT_BROW,
+    RIGHT_EYE,
+)
+
 
 def _section(f: SimpleNamespace, y: np.ndarray, chin: float) -> tuple[np.ndarray, ...]:
     """Head cross-section at height y: half-width a, half-depth d, centre depth zc.
@@ -49,7 +59,7 @@ def _silhouette(a, d, zc, y, yaw, side):
     r = np.sqrt((a * c) ** 2 + (d * s) ** 2) + 1e-12
     x = side * a * a * c / r
     z = zc + side * d * d * s / r
-    out = np.empty(np.shape(x) + (3,))
+    out = np.empty((*np.shape(x), 3))
     out[..., 0], out[..., 1], out[..., 2] = x, y, z
     return out
 
@@ -63,7 +73,7 @@ def _jaw_curve(f, chin, n=48):
     p = f.jaw_power
     y = f.jaw_top + (chin - f.jaw_top) * np.sin(alpha) ** (2 / p)
     v = (y - f.jaw_top) / (chin - f.jaw_top)
-    a = f.width * np.clip(np.cos(alpha), 0, 1) ** (2 / p) * (1 - f.taper * v ** 2)
+    a = f.width * np.clip(np.cos(alpha), 0, 1) ** (2 / p) * (1 - f.taper * v**2)
     seg = np.hypot(np.diff(a), np.diff(y))
     cum = np.concatenate([[0.0], np.cumsum(seg)])
     y_lm = np.interp(np.linspace(0, cum[-1], 9), cum, y)
@@ -79,10 +89,13 @@ def _canonical_features(f: SimpleNamespace, chin: float) -> np.ndarray:
     # Brows 17..21 run from the outer end to the inner end; 22..26 mirror them.
     t = np.linspace(0.0, 1.0, 5)
     bx = -(f.brow_outer + (f.brow_inner - f.brow_outer) * t)
-    by = (f.brow_y - f.brow_raise * (1.0 - 0.2 * t)
-          - (f.brow_arch + 0.4 * f.brow_raise) * np.sin(math.pi * np.clip(t * 0.8 + 0.1, 0, 1)) ** 1.2
-          + f.frown * t ** 2)
-    bx = bx + f.frown * 0.4 * t ** 2
+    by = (
+        f.brow_y
+        - f.brow_raise * (1.0 - 0.2 * t)
+        - (f.brow_arch + 0.4 * f.brow_raise) * np.sin(math.pi * np.clip(t * 0.8 + 0.1, 0, 1)) ** 1.2
+        + f.frown * t**2
+    )
+    bx = bx + f.frown * 0.4 * t**2
     p[17:22, 0], p[17:22, 1] = bx, by
     p[22:27, 0], p[22:27, 1] = -bx[::-1], by[::-1]
 
@@ -95,15 +108,21 @@ def _canonical_features(f: SimpleNamespace, chin: float) -> np.ndarray:
         up = lo - (lo + f.eye_up * w) * f.eye_open[k]
         outer = (cx + sign * w / 2, f.eye_y - f.eye_tilt)
         inner = (cx - sign * w / 2, f.eye_y)
-        ring = np.array([outer,
-                         (cx + sign * w / 6, f.eye_y + up),
-                         (cx - sign * w / 6, f.eye_y + up),
-                         inner,
-                         (cx - sign * w / 6, f.eye_y + lo),
-                         (cx + sign * w / 6, f.eye_y + lo)])
-        if sign > 0:  # left eye starts at its inner corner: 42 inner, 43 44 upper, 45 outer, 46 47 lower
+        ring = np.array(
+            [
+                outer,
+                (cx + sign * w / 6, f.eye_y + up),
+                (cx - sign * w / 6, f.eye_y + up),
+                inner,
+                (cx - sign * w / 6, f.eye_y + lo),
+                (cx + sign * w / 6, f.eye_y + lo),
+            ]
+        )
+        if (
+            sign > 0
+        ):  # left eye starts at its inner corner: 42 inner, 43 44 upper, 45 outer, 46 47 lower
             ring = ring[[3, 2, 1, 0, 5, 4]]
-        p[first:first + 6, :2] = ring
+        p[first : first + 6, :2] = ring
 
     # Nose bridge 27..30 down the midline to the tip; nostril base 31..35 from image left to right.
     p[27:31, 0] = 0.0
@@ -134,7 +153,16 @@ def _canonical_features(f: SimpleNamespace, chin: float) -> np.ndarray:
     p[60:68, 0], p[60:68, 1] = ix, iy
 
     # Asymmetry: whole-part offsets plus tiny per-point ones (not on the lids, which may touch).
-    parts = (RIGHT_BROW, LEFT_BROW, NOSE_BRIDGE, NOSTRILS, RIGHT_EYE, LEFT_EYE, OUTER_LIP, INNER_LIP)
+    parts = (
+        RIGHT_BROW,
+        LEFT_BROW,
+        NOSE_BRIDGE,
+        NOSTRILS,
+        RIGHT_EYE,
+        LEFT_EYE,
+        OUTER_LIP,
+        INNER_LIP,
+    )
     for i, idx in enumerate(parts):
         lift[idx] += f.part_jitter[i]
     lift[60:68] = f.part_jitter[6]  # inner lip moves with the outer lip
@@ -150,7 +178,7 @@ def _canonical_features(f: SimpleNamespace, chin: float) -> np.ndarray:
     z[36:48] -= 0.06
     z[17:27] += 0.01
     tt = np.linspace(0, 1, 4)
-    z[27:31] = _surface_z(f, 0.0, y[27:31], chin) + 0.02 + f.nose_len * tt ** 1.5
+    z[27:31] = _surface_z(f, 0.0, y[27:31], chin) + 0.02 + f.nose_len * tt**1.5
     z[31:36] += f.nose_len * np.array([0.15, 0.35, 0.5, 0.35, 0.15])
     z[48:68] += 0.05 * (1.0 - (x[48:68] / mw) ** 2).clip(0) + 0.02
     p[:, 2] = z
@@ -187,18 +215,18 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
     pts3[0:9] = left[:n1]
     pts3[8:17] = right[:n1][::-1]
     outline3 = np.concatenate([left[n1:n2], right[n1:n2][::-1]])
-    jaw3 = np.concatenate([left[n1 + len(y_skull):n2], right[n1 + len(y_skull):n2][::-1]])
+    jaw3 = np.concatenate([left[n1 + len(y_skull) : n2], right[n1 + len(y_skull) : n2][::-1]])
 
     # Hair: a bigger skull behind the head, a cap over the forehead down to the hairline,
     # which runs over the visible half of the head between the two outline points.
     hv = f.hair_volume
     y_hb = np.linspace(y_top - 0.12 * hv, f.jaw_top, 20)
     tsk = np.minimum((f.jaw_top - y_hb) / (f.skull * hv + 0.12), 1.0)
-    a_hb = f.width * hv * np.sqrt(1 - tsk ** 2)
+    a_hb = f.width * hv * np.sqrt(1 - tsk**2)
     d_hb = f.depth * a_hb / f.width
     hb_l = _silhouette(a_hb, d_hb, -0.05, y_hb, yaw, -1.0)
     hb_r = _silhouette(a_hb, d_hb, -0.05, y_hb, yaw, 1.0)
-    if f.hair_style == 'long':
+    if f.hair_style == "long":
         y_end = f.jaw_top + f.hair_len
         drop_l = np.array([[hb_l[-1, 0] - 0.05, y_end, -0.3]])
         drop_r = np.array([[hb_r[-1, 0] + 0.05, y_end, -0.3]])
@@ -216,11 +244,24 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
     ear_y = f.jaw_top + 0.17
     ears3 = np.array([[-f.width - 0.02, ear_y, -0.22], [f.width + 0.02, ear_y, -0.22]])
     neck_w = 0.52 * f.width
-    neck3 = np.array([[-neck_w, f.jaw_top + 0.6, -0.35], [neck_w, f.jaw_top + 0.6, -0.35],
-                      [neck_w * 1.1, chin + 1.2, -0.35], [-neck_w * 1.1, chin + 1.2, -0.35]])
-    body3 = np.array([[-0.7, chin + 0.75, -0.4], [0.7, chin + 0.75, -0.4],
-                      [2.1, chin + 1.2, -0.5], [2.7, chin + 6.0, -0.5], [-2.7, chin + 6.0, -0.5],
-                      [-2.1, chin + 1.2, -0.5]])
+    neck3 = np.array(
+        [
+            [-neck_w, f.jaw_top + 0.6, -0.35],
+            [neck_w, f.jaw_top + 0.6, -0.35],
+            [neck_w * 1.1, chin + 1.2, -0.35],
+            [-neck_w * 1.1, chin + 1.2, -0.35],
+        ]
+    )
+    body3 = np.array(
+        [
+            [-0.7, chin + 0.75, -0.4],
+            [0.7, chin + 0.75, -0.4],
+            [2.1, chin + 1.2, -0.5],
+            [2.7, chin + 6.0, -0.5],
+            [-2.7, chin + 6.0, -0.5],
+            [-2.1, chin + 1.2, -0.5],
+        ]
+    )
 
     # Irises: at the eye centre plus gaze, pushed slightly forward of the lids.
     irises3 = []
@@ -229,7 +270,9 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
         c = 0.5 * (corner_a + corner_b)
         lo = 0.5 * (pts3[idx[4], 1] + pts3[idx[5], 1])
         up = 0.5 * (pts3[idx[1], 1] + pts3[idx[2], 1])
-        c = c + np.array([f.gaze[0] * f.eye_w * 0.25, 0.5 * (lo + up) - c[1] + f.gaze[1] * f.eye_w, 0.04])
+        c = c + np.array(
+            [f.gaze[0] * f.eye_w * 0.25, 0.5 * (lo + up) - c[1] + f.gaze[1] * f.eye_w, 0.04]
+        )
         irises3.append(c)
     irises3 = np.array(irises3)
 
@@ -237,7 +280,9 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
     wings3 = []
     for i, side in ((31, -1.0), (35, 1.0)):
         b = pts3[i]
-        wings3.append(np.array([b + [side * 0.015, -0.17, -0.03], b + [side * 0.045, -0.08, -0.02], b]))
+        wings3.append(
+            np.array([[*b, side * 0.015, -0.17, -0.03], [*b, side * 0.045, -0.08, -0.02], b])
+        )
 
     ry, rx = _rotations(f.yaw, f.pitch)
     cr, sr = math.cos(f.roll), math.sin(f.roll)
@@ -271,15 +316,27 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
     cap = np.concatenate([px(cap_sides[0], True), px(hairline3[1:-1]), px(cap_sides[1], True)])
     out = dict(
         landmarks=(lm * scale + offset),
-        scale=scale, up=up, right=r2 @ np.array([1.0, 0.0]),
-        outline=px(outline3, True), jaw=px(jaw3, True), hair_back=px(hair_back3, True), cap=cap,
-        ears=px(ears3), neck=px(neck3), body=px(body3), irises=px(irises3),
+        scale=scale,
+        up=up,
+        right=r2 @ np.array([1.0, 0.0]),
+        outline=px(outline3, True),
+        jaw=px(jaw3, True),
+        hair_back=px(hair_back3, True),
+        cap=cap,
+        ears=px(ears3),
+        neck=px(neck3),
+        body=px(body3),
+        irises=px(irises3),
         wings=[px(w) for w in wings3],
     )
     # Ear and iris widths foreshorten with yaw; the near ear (away from the nose) widens.
-    out['ear_axes'] = [(scale * (0.08 + 0.18 * max(0.0, math.sin(yaw) * -side_)), scale * 0.23)
-                       for side_ in (-1.0, 1.0)]
-    out['iris_axes'] = (scale * 0.21 * f.eye_w * abs(math.cos(yaw)) + 0.3,
-                        scale * 0.21 * f.eye_w * abs(math.cos(f.pitch)) + 0.3)
-    out['angle'] = -math.degrees(f.roll)
+    out["ear_axes"] = [
+        (scale * (0.08 + 0.18 * max(0.0, math.sin(yaw) * -side_)), scale * 0.23)
+        for side_ in (-1.0, 1.0)
+    ]
+    out["iris_axes"] = (
+        scale * 0.21 * f.eye_w * abs(math.cos(yaw)) + 0.3,
+        scale * 0.21 * f.eye_w * abs(math.cos(f.pitch)) + 0.3,
+    )
+    out["angle"] = -math.degrees(f.roll)
     return out

@@ -12,9 +12,16 @@ from fan_jax.synthetic.sampling import _sample_face
 from fan_jax.synthetic.scene import _background, _degrade, _occluders
 from fan_jax.synthetic.seeds import _as_rng, image_rng
 
-def _render(rng: np.random.Generator | int, size: int | tuple[int, int] = 320, challenging: bool = False,
-            features: bool = True, occluders: bool = True, degrade: bool = True,
-            pose: tuple[float, float, float] | None = None):
+
+def _render(
+    rng: np.random.Generator | int,
+    size: int | tuple[int, int] = 320,
+    challenging: bool = False,
+    features: bool = True,
+    occluders: bool = True,
+    degrade: bool = True,
+    pose: tuple[float, float, float] | None = None,
+):
     """render_face with switches for tests; returns (image, landmarks, face parameters).
 
     Each stage draws from its own generator, so switching a stage off leaves the others unchanged.
@@ -22,7 +29,7 @@ def _render(rng: np.random.Generator | int, size: int | tuple[int, int] = 320, c
     """
     rng = _as_rng(rng)
     height, width = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    seeds = rng.integers(0, 2 ** 63, 5)
+    seeds = rng.integers(0, 2**63, 5)
     face_rng, place_rng, bg_rng, occ_rng, post_rng = (np.random.default_rng(int(x)) for x in seeds)
     f = _sample_face(face_rng, challenging)
     if pose is not None:
@@ -35,11 +42,12 @@ def _render(rng: np.random.Generator | int, size: int | tuple[int, int] = 320, c
         _occluders(img, f, g, occ_rng)
     if degrade:
         _degrade(img, f, post_rng)
-    return img, g['landmarks'].astype(np.float32), f
+    return img, g["landmarks"].astype(np.float32), f
 
 
-def render_face(rng: np.random.Generator | int, size: int | tuple[int, int] = 320,
-                challenging: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def render_face(
+    rng: np.random.Generator | int, size: int | tuple[int, int] = 320, challenging: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic face: (RGB uint8 image [H, W, 3], landmarks float32 [68, 2], 0-based pixels).
 
     size is the side of a square image or (height, width). challenging draws iBUG-like faces:
@@ -49,8 +57,7 @@ def render_face(rng: np.random.Generator | int, size: int | tuple[int, int] = 32
     return img, lm
 
 
-def sources(num_train: int, num_test: int, seed: int = 0, size: int = 160
-                      ) -> dict[str, list[dict]]:
+def sources(num_train: int, num_test: int, seed: int = 0, size: int = 160) -> dict[str, list[dict]]:
     """In-memory 68-point synthetic faces {'train', 'test'} in the TFDS feature layout (what
     `train_and_evaluate(sources=...)` takes: no build, the crop is the whole image)."""
     from fan_jax import geometry
@@ -60,10 +67,16 @@ def sources(num_train: int, num_test: int, seed: int = 0, size: int = 160
         for i in range(n):
             img, lm = render_face(image_rng(seed, i, stream), size)
             lm = lm.astype(np.float32)
-            out.append({"image": img, "landmarks": lm,
-                        "box": geometry.box_from_landmarks(lm).astype(np.float32),
-                        "to_original": np.eye(2, 3, dtype=np.float32),
-                        "original_landmarks": lm, "file_name": f"synthetic_{stream}_{i}"})
+            out.append(
+                {
+                    "image": img,
+                    "landmarks": lm,
+                    "box": geometry.box_from_landmarks(lm).astype(np.float32),
+                    "to_original": np.eye(2, 3, dtype=np.float32),
+                    "original_landmarks": lm,
+                    "file_name": f"synthetic_{stream}_{i}",
+                }
+            )
         return out
 
     return {"train": make(num_train, 101), "test": make(num_test, 102)}

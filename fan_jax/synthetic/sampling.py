@@ -9,13 +9,44 @@ import numpy as np
 
 from fan_jax.synthetic.parts import NUM_LANDMARKS
 
-_SKIN = np.array([(255, 226, 200), (241, 196, 168), (224, 172, 128), (198, 136, 90),
-                  (160, 104, 70), (120, 76, 52), (86, 56, 40)], np.float64)
-_HAIR = np.array([(28, 24, 22), (62, 42, 30), (110, 74, 46), (180, 140, 90), (225, 196, 130),
-                  (150, 70, 38), (150, 150, 150), (225, 225, 222)], np.float64)
+_SKIN = np.array(
+    [
+        (255, 226, 200),
+        (241, 196, 168),
+        (224, 172, 128),
+        (198, 136, 90),
+        (160, 104, 70),
+        (120, 76, 52),
+        (86, 56, 40),
+    ],
+    np.float64,
+)
+_HAIR = np.array(
+    [
+        (28, 24, 22),
+        (62, 42, 30),
+        (110, 74, 46),
+        (180, 140, 90),
+        (225, 196, 130),
+        (150, 70, 38),
+        (150, 150, 150),
+        (225, 225, 222),
+    ],
+    np.float64,
+)
 _HAIR_P = np.array([0.3, 0.22, 0.15, 0.08, 0.08, 0.07, 0.06, 0.04])
-_IRIS = np.array([(70, 45, 25), (110, 70, 35), (60, 100, 150), (70, 120, 80), (120, 100, 50),
-                  (110, 120, 125), (40, 28, 20)], np.float64)
+_IRIS = np.array(
+    [
+        (70, 45, 25),
+        (110, 70, 35),
+        (60, 100, 150),
+        (70, 120, 80),
+        (120, 100, 50),
+        (110, 120, 125),
+        (40, 28, 20),
+    ],
+    np.float64,
+)
 
 
 def _sample_face(rng: np.random.Generator, challenging: bool) -> SimpleNamespace:
@@ -38,8 +69,8 @@ def _sample_face(rng: np.random.Generator, challenging: bool) -> SimpleNamespace
     # Eyes.
     f.eye_x = u(0.44, 0.54)
     f.eye_w = u(0.30, 0.38)
-    f.eye_up = u(0.26, 0.38)     # upper lid height / eye width at openness 1
-    f.eye_lo = u(0.10, 0.17)     # lower lid depth / eye width
+    f.eye_up = u(0.26, 0.38)  # upper lid height / eye width at openness 1
+    f.eye_lo = u(0.10, 0.17)  # lower lid depth / eye width
     f.eye_tilt = u(-0.02, 0.05)  # outer corner raised
     f.eye_y = u(-0.02, 0.02)
     # Brows.
@@ -98,8 +129,8 @@ def _sample_face(rng: np.random.Generator, challenging: bool) -> SimpleNamespace
         f.hair = rng.uniform(0, 255, 3)
     else:
         f.hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P)] * u(0.8, 1.15) + rng.normal(0, 6, 3)
-    f.hair_style = rng.choice(['bald', 'short', 'long', 'hat'], p=[0.08, 0.47, 0.37, 0.08])
-    f.hair_volume = u(1.04, 1.16) if f.hair_style != 'long' else u(1.12, 1.35)
+    f.hair_style = rng.choice(["bald", "short", "long", "hat"], p=[0.08, 0.47, 0.37, 0.08])
+    f.hair_volume = u(1.04, 1.16) if f.hair_style != "long" else u(1.12, 1.35)
     f.hair_len = u(0.3, 2.0)
     f.hairline = u(-1.0, -0.62)
     f.bangs = rng.random() < 0.12
@@ -115,7 +146,8 @@ def _sample_face(rng: np.random.Generator, challenging: bool) -> SimpleNamespace
     f.lip = f.skin * np.array([0.82, 0.58, 0.58]) * u(0.8, 1.05) + np.array([25, 0, 8])
     if rng.random() < 0.1:
         f.lip = np.array([[190, 30, 50], [200, 80, 110], [110, 30, 60], [150, 60, 50]])[
-            rng.integers(4)] * u(0.8, 1.1)
+            rng.integers(4)
+        ] * u(0.8, 1.1)
     f.cavity = np.array([60, 18, 22]) * u(0.5, 1.2)
     f.teeth = rng.random() < 0.7
     f.tongue = rng.random() < 0.4

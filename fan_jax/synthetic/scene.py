@@ -8,9 +8,18 @@ import math
 import cv2
 import numpy as np
 
-from fan_jax.synthetic.drawing import _blend_inside, _colour, _ellipse, _fill, _fx, _line, _tile_crop
+from fan_jax.synthetic.drawing import (
+    _blend_inside,
+    _colour,
+    _ellipse,
+    _fill,
+    _fx,
+    _line,
+    _tile_crop,
+)
 from fan_jax.synthetic.parts import NUM_LANDMARKS
 from fan_jax.synthetic.sampling import _SKIN
+
 
 def _background(img: np.ndarray, rng: np.random.Generator, skin: np.ndarray, challenging: bool):
     h, w = img.shape[:2]
@@ -22,7 +31,7 @@ def _background(img: np.ndarray, rng: np.random.Generator, skin: np.ndarray, cha
     corners = np.clip(base[None, None] + rng.normal(0, 40, (2, 2, 3)), 0, 255).astype(np.uint8)
     img[...] = cv2.resize(corners, (w, h), interpolation=cv2.INTER_LINEAR)
     if rng.random() < 0.5:
-        tex = _tile_crop(rng, 'cloud', h, w)
+        tex = _tile_crop(rng, "cloud", h, w)
         cv2.addWeighted(img, 1.0, tex, rng.uniform(0.1, 0.5), -127 * 0.3, dst=img)
     n = int(rng.integers(2, 30 if challenging else 22))
     side = max(h, w)
@@ -43,7 +52,7 @@ def _background(img: np.ndarray, rng: np.random.Generator, skin: np.ndarray, cha
             _fill(img, box, c)
         elif kind == 2:
             m = 3 + int(q[3] * 4)
-            pts = np.array([x, y]) + (q[4:4 + 2 * m].reshape(m, 2) - 0.5) * 2.5 * r
+            pts = np.array([x, y]) + (q[4 : 4 + 2 * m].reshape(m, 2) - 0.5) * 2.5 * r
             _fill(img, pts, c)
         elif kind == 3:
             pts = np.array([x, y]) + (q[4:8].reshape(2, 2) - 0.5) * 3 * r
@@ -55,13 +64,20 @@ def _background(img: np.ndarray, rng: np.random.Generator, skin: np.ndarray, cha
             step = 4 + 16 * q[4]
             o = np.array([x, y]) + nrm * (np.arange(3 + int(7 * q[5])) * step)[:, None]
             lines = np.stack([o - d, o + d], 1)
-            cv2.polylines(img, list(_fx(lines).reshape(-1, 2, 1, 2)), False, c,
-                          max(1, int(step * 0.4)), cv2.LINE_AA, 4)
+            cv2.polylines(
+                img,
+                list(_fx(lines).reshape(-1, 2, 1, 2)),
+                False,
+                c,
+                max(1, int(step * 0.4)),
+                cv2.LINE_AA,
+                4,
+            )
         else:  # textured patch
             pw, ph = min(int(r * 2) + 1, w), min(int(r * 2) + 1, h)
             x0, y0 = int(np.clip(x, 0, w - pw)), int(np.clip(y, 0, h - ph))
-            patch = _tile_crop(rng, 'fine' if q[3] < 0.5 else 'cloud', ph, pw)
-            roi = img[y0:y0 + ph, x0:x0 + pw]
+            patch = _tile_crop(rng, "fine" if q[3] < 0.5 else "cloud", ph, pw)
+            roi = img[y0 : y0 + ph, x0 : x0 + pw]
             cv2.addWeighted(roi, 0.4, patch, 0.6, 0, dst=roi)
     if rng.random() < 0.3:  # out of focus; blurred at half size, which is as good and 4x cheaper
         small = cv2.resize(img, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
@@ -70,8 +86,8 @@ def _background(img: np.ndarray, rng: np.random.Generator, skin: np.ndarray, cha
 
 
 def _occluders(img, f, g, rng):
-    lm = g['landmarks']
-    s = g['scale']
+    lm = g["landmarks"]
+    s = g["scale"]
     p_occ = 0.7 if f.challenging else 0.25
     n = 0
     while rng.random() < p_occ and n < (3 if f.challenging else 2):
@@ -98,14 +114,17 @@ def _occluders(img, f, g, rng):
             _ellipse(img, centre, (r, r * rng.uniform(0.3, 1.0)), ang, colour)
         elif kind == 3:  # bar: microphone, pen, strand of hair
             d = np.array([math.cos(math.radians(ang)), math.sin(math.radians(ang))])
-            _line(img, [centre - d * r * 2, centre + d * r * 2], colour, rng.uniform(0.03, 0.15) * s)
+            _line(
+                img, [centre - d * r * 2, centre + d * r * 2], colour, rng.uniform(0.03, 0.15) * s
+            )
         else:  # textured patch
             box = cv2.boxPoints((tuple(centre), (2 * r, 2 * r), ang))
-            tex = _tile_crop(rng, 'cloud', img.shape[0], img.shape[1])
+            tex = _tile_crop(rng, "cloud", img.shape[0], img.shape[1])
 
             def paint(layer, origin, box=box, colour=colour):
                 th, tw = layer.shape[:2]
                 layer[...] = (tex[:th, :tw] * (colour / 255.0)).astype(np.uint8)
+
             _blend_inside(img, box.astype(np.float64), paint)
 
 
@@ -128,12 +147,17 @@ def _degrade(img, f, rng):
         kernel = np.zeros((k, k), np.float32)
         ang = rng.uniform(0, math.pi)
         c = (k - 1) / 2
-        cv2.line(kernel, (int(round(c - c * math.cos(ang))), int(round(c - c * math.sin(ang)))),
-                 (int(round(c + c * math.cos(ang))), int(round(c + c * math.sin(ang)))), 1.0, 1)
+        cv2.line(
+            kernel,
+            (int(round(c - c * math.cos(ang))), int(round(c - c * math.sin(ang)))),
+            (int(round(c + c * math.cos(ang))), int(round(c + c * math.sin(ang)))),
+            1.0,
+            1,
+        )
         cv2.filter2D(img, -1, kernel / kernel.sum(), dst=img)
     amp = rng.uniform(0, 0.12 if hard else 0.06)
     if amp > 0.01:
-        noise = _tile_crop(rng, 'fine', h, w)
+        noise = _tile_crop(rng, "fine", h, w)
         cv2.addWeighted(img, 1.0, noise, amp, -127.5 * amp, dst=img)
     if rng.random() < 0.04:
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)

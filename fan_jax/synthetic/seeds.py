@@ -7,12 +7,12 @@ import numpy as np
 
 # (folder, split, share of its split in the real 300W, extension, seed stream id).
 SUBSETS = (
-    ('afw', 'train', 337, '.jpg', 1),
-    ('helen/trainset', 'train', 2000, '.jpg', 2),
-    ('lfpw/trainset', 'train', 811, '.png', 3),
-    ('helen/testset', 'common', 330, '.jpg', 4),
-    ('lfpw/testset', 'common', 224, '.png', 5),
-    ('ibug', 'challenging', 135, '.jpg', 6),
+    ("afw", "train", 337, ".jpg", 1),
+    ("helen/trainset", "train", 2000, ".jpg", 2),
+    ("lfpw/trainset", "train", 811, ".png", 3),
+    ("helen/testset", "common", 330, ".jpg", 4),
+    ("lfpw/testset", "common", 224, ".png", 5),
+    ("ibug", "challenging", 135, ".jpg", 6),
 )
 
 

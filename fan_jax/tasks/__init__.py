@@ -37,14 +37,19 @@ def preflight(config: ml_collections.ConfigDict) -> None:
         heatmap.teacher_record(config)
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, train_source: Source,
-          num_landmarks: int, steps_per_epoch: int, sharding: Any) -> Task:
+def build(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_source: Source,
+    num_landmarks: int,
+    steps_per_epoch: int,
+    sharding: Any,
+) -> Task:
     """The task `config` names; teachers are loaded onto `sharding` (replicated)."""
     if is_regression(config):
         from fan_jax.tasks import kdloss
 
-        return kdloss.build(config, workdir, train_source, num_landmarks, steps_per_epoch,
-                            sharding)
+        return kdloss.build(config, workdir, train_source, num_landmarks, steps_per_epoch, sharding)
     from fan_jax.tasks import heatmap
 
     return heatmap.build(config, num_landmarks, steps_per_epoch, sharding)

@@ -51,6 +51,6 @@ def run_once(fn: Callable, *args: Any) -> Any:
     lowered = jax.jit(fn).lower(*args)
     try:
         compiled = lowered.compile(_RUN_ONCE_OPTIONS)
-    except Exception:  # noqa: BLE001  (a backend without these options: compile as usual)
+    except Exception:
         compiled = lowered.compile()
     return compiled(*args)

@@ -24,8 +24,9 @@ from fan_jax.tasks.base import Task, label, run_once
 PyTree = Any
 
 
-def init_variables(config: ml_collections.ConfigDict, model: fan.FAN,
-                   adapters: fan.Adapters | None, rng: jax.Array) -> tuple[PyTree, PyTree]:
+def init_variables(
+    config: ml_collections.ConfigDict, model: fan.FAN, adapters: fan.Adapters | None, rng: jax.Array
+) -> tuple[PyTree, PyTree]:
     """(params, batch_stats) as {'student': ..., 'adapters': ...}, on the default device;
     the encoder from `model.pretrained` (a Keras ImageNet file) when set."""
     s = config.input_size
@@ -35,8 +36,11 @@ def init_variables(config: ml_collections.ConfigDict, model: fan.FAN,
     if config.model.pretrained:
         from fan_jax import pretrained
 
-        logging.info("Initialising the %s encoder from %s", pretrained.describe(model.encoder),
-                     config.model.pretrained)
+        logging.info(
+            "Initialising the %s encoder from %s",
+            pretrained.describe(model.encoder),
+            config.model.pretrained,
+        )
         variables = pretrained.init_encoder_from_keras(model, variables, config.model.pretrained)
     params = {"student": variables["params"]}
     batch_stats = {"student": variables.get("batch_stats", {})}
@@ -58,33 +62,45 @@ def teacher_record(config: ml_collections.ConfigDict) -> dict:
     """
     d = config.distill
     workdir = d.teacher_workdir
-    train_cmd = (f"python -m fan_jax.main --config={d.teacher_config or 'configs/<dataset>_teacher.py'}"
-                 f" --workdir={workdir or '<teacher workdir>'}")
+    train_cmd = (
+        f"python -m fan_jax.main --config={d.teacher_config or 'configs/<dataset>_teacher.py'}"
+        f" --workdir={workdir or '<teacher workdir>'}"
+    )
     if not workdir:
-        raise TeacherError("distill.enabled is set but distill.teacher_workdir is empty. Train a "
-                           f"teacher and point to it:\n  {train_cmd}\n  then "
-                           "--config.distill.teacher_workdir=<that workdir>")
+        raise TeacherError(
+            "distill.enabled is set but distill.teacher_workdir is empty. Train a "
+            f"teacher and point to it:\n  {train_cmd}\n  then "
+            "--config.distill.teacher_workdir=<that workdir>"
+        )
     record = checkpoints.read_record(workdir)
     if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
-        raise TeacherError(f"No teacher checkpoint in {where}. "
-                           f"Train the teacher first:\n  {train_cmd}")
+        raise TeacherError(
+            f"No teacher checkpoint in {where}. Train the teacher first:\n  {train_cmd}"
+        )
     teacher_ds = record["dataset"]["name"]
     if teacher_ds != config.dataset.name:
-        raise TeacherError(f"the teacher in {workdir} was trained on {teacher_ds!r}, this run "
-                           f"trains on {config.dataset.name!r}: its heatmaps and landmarks do not "
-                           f"match. Train a {config.dataset.name} teacher:\n  {train_cmd}")
+        raise TeacherError(
+            f"the teacher in {workdir} was trained on {teacher_ds!r}, this run "
+            f"trains on {config.dataset.name!r}: its heatmaps and landmarks do not "
+            f"match. Train a {config.dataset.name} teacher:\n  {train_cmd}"
+        )
     if record.get("distill", {}).get("enabled"):
-        raise TeacherError(f"{workdir} holds a distilled student, not a teacher "
-                           f"(its config has distill.enabled=True). Train the teacher:\n  {train_cmd}")
+        raise TeacherError(
+            f"{workdir} holds a distilled student, not a teacher "
+            f"(its config has distill.enabled=True). Train the teacher:\n  {train_cmd}"
+        )
     if record.get("model", {}).get("kind", "heatmap") != "heatmap":
-        raise TeacherError(f"{workdir} holds a {record['model']['kind']} model; a heatmap "
-                           f"student needs a heatmap teacher:\n  {train_cmd}")
+        raise TeacherError(
+            f"{workdir} holds a {record['model']['kind']} model; a heatmap "
+            f"student needs a heatmap teacher:\n  {train_cmd}"
+        )
     return record
 
 
-def load_teacher(config: ml_collections.ConfigDict, num_landmarks: int,
-                 sharding: Any = None) -> tuple[fan.FAN, dict]:
+def load_teacher(
+    config: ml_collections.ConfigDict, num_landmarks: int, sharding: Any = None
+) -> tuple[fan.FAN, dict]:
     """The frozen teacher named by `config.distill`: (model, {'params', 'batch_stats'}).
 
     The architecture comes from the teacher's record, so any model in the registry can teach.
@@ -96,8 +112,10 @@ def load_teacher(config: ml_collections.ConfigDict, num_landmarks: int,
     except CheckpointMismatchError as e:
         raise TeacherError(f"the teacher in {d.teacher_workdir}: {e}") from None
     if loaded.num_landmarks != num_landmarks:
-        raise TeacherError(f"the teacher in {d.teacher_workdir} predicts {loaded.num_landmarks} "
-                           f"landmarks, this run's data has {num_landmarks}")
+        raise TeacherError(
+            f"the teacher in {d.teacher_workdir} predicts {loaded.num_landmarks} "
+            f"landmarks, this run's data has {num_landmarks}"
+        )
     logging.info("Teacher %r from %s, step %d", loaded.model_name, d.teacher_workdir, loaded.step)
     return loaded.model, loaded.variables
 
@@ -106,15 +124,20 @@ def _no_teacher(state: steps.TrainState, frozen: PyTree, batch: Any, rng: jax.Ar
     return steps.train_step(state, batch, rng, **kw)
 
 
-def build(config: ml_collections.ConfigDict, num_landmarks: int, steps_per_epoch: int,
-          sharding: Any = None) -> Task:
+def build(
+    config: ml_collections.ConfigDict,
+    num_landmarks: int,
+    steps_per_epoch: int,
+    sharding: Any = None,
+) -> Task:
     tx, schedule = optim.make_optimizer(config, steps_per_epoch)
     model = fan.build_model(config.model.name, num_landmarks)
     d = config.distill
     dtype = config.train.get("compute_dtype", "float32")
     if not d.enabled:
-        step = functools.partial(_no_teacher, model=model, tx=tx, sigma=config.sigma,
-                                 compute_dtype=dtype)
+        step = functools.partial(
+            _no_teacher, model=model, tx=tx, sigma=config.sigma, compute_dtype=dtype
+        )
         init = functools.partial(init_variables, config, model, None)
         return Task("heatmap", model, label(config), tx, schedule, init, step)
     teacher, teacher_vars = load_teacher(config, num_landmarks, sharding)
@@ -122,8 +145,17 @@ def build(config: ml_collections.ConfigDict, num_landmarks: int, steps_per_epoch
     if any(d.fa_layers):
         adapters = fan.Adapters(features=fan.teacher_channels(teacher), kind=d.adapter_kind)
     step = functools.partial(
-        steps.distill_step, model=model, adapters=adapters, teacher=teacher, tx=tx,
-        sigma=config.sigma, lam=d.lam, fa_layers=tuple(d.fa_layers),
-        fs_layers=tuple(d.fs_layers), fs_form=d.fs_form, compute_dtype=dtype)
+        steps.distill_step,
+        model=model,
+        adapters=adapters,
+        teacher=teacher,
+        tx=tx,
+        sigma=config.sigma,
+        lam=d.lam,
+        fa_layers=tuple(d.fa_layers),
+        fs_layers=tuple(d.fs_layers),
+        fs_form=d.fs_form,
+        compute_dtype=dtype,
+    )
     init = functools.partial(init_variables, config, model, adapters)
     return Task("heatmap", model, label(config), tx, schedule, init, step, teacher_vars)

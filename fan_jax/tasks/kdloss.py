@@ -50,18 +50,24 @@ def role(config: ml_collections.ConfigDict) -> str:
     return r
 
 
-def build_model(config: ml_collections.ConfigDict,
-                num_landmarks: int) -> regression.LandmarkRegressor:
-    return regression.build_regressor(config.model.name, num_landmarks,
-                                      **regression.config_kwargs(config.model))
+def build_model(
+    config: ml_collections.ConfigDict, num_landmarks: int
+) -> regression.LandmarkRegressor:
+    return regression.build_regressor(
+        config.model.name, num_landmarks, **regression.config_kwargs(config.model)
+    )
 
 
-def init_variables(config: ml_collections.ConfigDict, model: regression.LandmarkRegressor,
-                   rng: jax.Array) -> tuple[PyTree, PyTree]:
+def init_variables(
+    config: ml_collections.ConfigDict, model: regression.LandmarkRegressor, rng: jax.Array
+) -> tuple[PyTree, PyTree]:
     """({'student': params}, {'student': batch_stats}); Keras ImageNet init if configured."""
     s = config.input_size
-    variables = dict(jax.jit(functools.partial(model.init, train=False))(
-        rng, jnp.zeros((1, s, s, 3), jnp.float32)))
+    variables = dict(
+        jax.jit(functools.partial(model.init, train=False))(
+            rng, jnp.zeros((1, s, s, 3), jnp.float32)
+        )
+    )
     if config.model.get("pretrained", ""):
         logging.info("Initialising the encoder from %s", config.model.pretrained)
         variables = regression.init_encoder_from_keras(model, variables, config.model.pretrained)
@@ -71,9 +77,15 @@ def init_variables(config: ml_collections.ConfigDict, model: regression.Landmark
 # --------------------------------------------------------------------------- ASM
 
 
-def collect_augmented_shapes(source: Source, num_landmarks: int, augment: Mapping[str, Any],
-                             output_size: int, *, seed: int, augmentations: int = 4
-                             ) -> np.ndarray:
+def collect_augmented_shapes(
+    source: Source,
+    num_landmarks: int,
+    augment: Mapping[str, Any],
+    output_size: int,
+    *,
+    seed: int,
+    augmentations: int = 4,
+) -> np.ndarray:
     """[N * augmentations, L, 2] training shapes as the network sees them, normalised.
 
     Crops are drawn from the train pipeline's augmentation distribution (rotation, scale,
@@ -89,12 +101,16 @@ def collect_augmented_shapes(source: Source, num_landmarks: int, augment: Mappin
     for i in range(len(source)):
         ex = source[i]
         lm = np.asarray(ex["landmarks"], np.float64)
-        box = (geometry.box_from_landmarks(lm) if cfg.box_source == "landmarks"
-               else np.asarray(ex["box"], np.float64))
+        box = (
+            geometry.box_from_landmarks(lm)
+            if cfg.box_source == "landmarks"
+            else np.asarray(ex["box"], np.float64)
+        )
         for _ in range(augmentations):
             rotation, scale, flip = sampler.sample_params(rng)
-            m = geometry.crop_transform(box, output_size, cfg.box_scale, rotation_deg=rotation,
-                                        scale=scale, flip=flip)
+            m = geometry.crop_transform(
+                box, output_size, cfg.box_scale, rotation_deg=rotation, scale=scale, flip=flip
+            )
             pts = geometry.apply_affine(m, lm)
             if flip:
                 pts = pts[perm]
@@ -103,54 +119,85 @@ def collect_augmented_shapes(source: Source, num_landmarks: int, augment: Mappin
     return out
 
 
-def fit_or_load_asm(config: ml_collections.ConfigDict, workdir: str, source: Source,
-                    num_landmarks: int) -> asm.ShapeModel:
+def fit_or_load_asm(
+    config: ml_collections.ConfigDict, workdir: str, source: Source, num_landmarks: int
+) -> asm.ShapeModel:
     """The Tolerant teacher's shape model: `<workdir>/asm.npz`, fitted on first use."""
     path = epath.Path(workdir) / ASM_FILE
     k = config.kd
     if path.exists():
         model = asm.ShapeModel.load(path)
         if model.num_landmarks != num_landmarks:
-            raise ValueError(f"{path} models {model.num_landmarks} landmarks, the data has "
-                             f"{num_landmarks}; use a fresh workdir")
-        logging.info("ASM from %s: %d modes (%.1f%% variance)", path, model.num_modes,
-                     model.variance_percent)
+            raise ValueError(
+                f"{path} models {model.num_landmarks} landmarks, the data has "
+                f"{num_landmarks}; use a fresh workdir"
+            )
+        logging.info(
+            "ASM from %s: %d modes (%.1f%% variance)", path, model.num_modes, model.variance_percent
+        )
         return model
     t0 = time.perf_counter()
-    shapes = collect_augmented_shapes(source, num_landmarks, config.augment.to_dict(),
-                                      config.input_size, seed=config.seed,
-                                      augmentations=k.asm_augmentations)
+    shapes = collect_augmented_shapes(
+        source,
+        num_landmarks,
+        config.augment.to_dict(),
+        config.input_size,
+        seed=config.seed,
+        augmentations=k.asm_augmentations,
+    )
     model = asm.fit(shapes, k.asm_variance_percent, k.asm_clip_sigmas)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         model.save(path)
-    logging.info("ASM fitted on %d augmented shapes in %.1fs: %d modes keep %.1f%% variance; "
-                 "saved %s", len(shapes), time.perf_counter() - t0, model.num_modes,
-                 model.variance_percent, path)
+    logging.info(
+        "ASM fitted on %d augmented shapes in %.1fs: %d modes keep %.1f%% variance; saved %s",
+        len(shapes),
+        time.perf_counter() - t0,
+        model.num_modes,
+        model.variance_percent,
+        path,
+    )
     return model
 
 
 # --------------------------------------------------------------------------- steps (pure)
 
 
-def _forward(model: regression.LandmarkRegressor, params: PyTree, batch_stats: PyTree,
-             images: jax.Array, rng: jax.Array) -> tuple[jax.Array, PyTree]:
+def _forward(
+    model: regression.LandmarkRegressor,
+    params: PyTree,
+    batch_stats: PyTree,
+    images: jax.Array,
+    rng: jax.Array,
+) -> tuple[jax.Array, PyTree]:
     pred, new_vars = model.apply(
         {"params": steps.cast_floating(params, images.dtype), "batch_stats": batch_stats},
-        images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
     return pred.astype(jnp.float32), new_vars["batch_stats"]
 
 
-def _frozen_forward(model: regression.LandmarkRegressor, variables: PyTree,
-                    images: jax.Array) -> jax.Array:
+def _frozen_forward(
+    model: regression.LandmarkRegressor, variables: PyTree, images: jax.Array
+) -> jax.Array:
     pred = model.apply(steps.params_in(variables, images.dtype), images, train=False)
     return jax.lax.stop_gradient(pred.astype(jnp.float32))
 
 
-def teacher_step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Array],
-                 rng: jax.Array, *, model: regression.LandmarkRegressor,
-                 tx: optax.GradientTransformation, shape_model: asm.ShapeModel | None = None,
-                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
+def teacher_step(
+    state: TrainState,
+    frozen: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: regression.LandmarkRegressor,
+    tx: optax.GradientTransformation,
+    shape_model: asm.ShapeModel | None = None,
+    compute_dtype: str = "float32",
+) -> tuple[TrainState, Metrics]:
     """One Adam step on the MSE to the landmarks (to their ASM projection with `shape_model`).
     `frozen` is unused (a teacher has no teacher)."""
     images = prepare_images(batch["image"]).astype(steps.dtype_of(compute_dtype))
@@ -168,12 +215,19 @@ def teacher_step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Arra
     return steps.apply_gradients(state, grads, new_bs, tx), metrics
 
 
-def student_step(state: TrainState, frozen: tuple[PyTree, PyTree],
-                 batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                 model: regression.LandmarkRegressor, tough: regression.LandmarkRegressor,
-                 tolerant: regression.LandmarkRegressor, tx: optax.GradientTransformation,
-                 loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig(),
-                 compute_dtype: str = "float32") -> tuple[TrainState, Metrics]:
+def student_step(
+    state: TrainState,
+    frozen: tuple[PyTree, PyTree],
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: regression.LandmarkRegressor,
+    tough: regression.LandmarkRegressor,
+    tolerant: regression.LandmarkRegressor,
+    tx: optax.GradientTransformation,
+    loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig(),
+    compute_dtype: str = "float32",
+) -> tuple[TrainState, Metrics]:
     """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables."""
     images = prepare_images(batch["image"]).astype(steps.dtype_of(compute_dtype))
     gt = to_normalized(batch["landmarks"], images.shape[1])
@@ -185,10 +239,13 @@ def student_step(state: TrainState, frozen: tuple[PyTree, PyTree],
     def loss_fn(params):
         pred, new_bs = _forward(model, params["student"], state.batch_stats["student"], images, rng)
         total, terms = kd_loss.kd_loss(pred, gt, t_tough, t_tol, loss_config)
-        metrics = {"loss": total, **terms,
-                   "l1": jnp.mean(jnp.abs(pred - gt)),
-                   "l1_tough": jnp.mean(jnp.abs(t_tough - gt)),
-                   "l1_tolerant": jnp.mean(jnp.abs(t_tol - gt))}
+        metrics = {
+            "loss": total,
+            **terms,
+            "l1": jnp.mean(jnp.abs(pred - gt)),
+            "l1_tough": jnp.mean(jnp.abs(t_tough - gt)),
+            "l1_tolerant": jnp.mean(jnp.abs(t_tol - gt)),
+        }
         return total, ({"student": new_bs}, metrics)
 
     grads, (new_bs, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -202,8 +259,10 @@ def _teacher_command(config: ml_collections.ConfigDict, r: str) -> tuple[str, st
     kind = r.split("_", 1)[1]
     workdir = config.kd.get(f"{kind}_workdir", "")
     teacher_config = config.kd.get(f"{kind}_config", "") or f"configs/<dataset>_kdloss_{r}.py"
-    return workdir, (f"python -m fan_jax.main --config={teacher_config} "
-                     f"--workdir={workdir or '<teacher workdir>'}")
+    return workdir, (
+        f"python -m fan_jax.main --config={teacher_config} "
+        f"--workdir={workdir or '<teacher workdir>'}"
+    )
 
 
 def teacher_record(config: ml_collections.ConfigDict, r: str) -> dict:
@@ -212,26 +271,33 @@ def teacher_record(config: ml_collections.ConfigDict, r: str) -> dict:
     kind = r.split("_", 1)[1]
     workdir, train_cmd = _teacher_command(config, r)
     if not workdir:
-        raise TeacherError(f"kd.{kind}_workdir is empty: train the {kind} teacher and "
-                           f"point to it:\n  {train_cmd}")
+        raise TeacherError(
+            f"kd.{kind}_workdir is empty: train the {kind} teacher and point to it:\n  {train_cmd}"
+        )
     record = checkpoints.read_record(workdir)
     if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
-        raise TeacherError(f"No {kind} teacher checkpoint in {where}. "
-                           f"Train it first:\n  {train_cmd}")
+        raise TeacherError(
+            f"No {kind} teacher checkpoint in {where}. Train it first:\n  {train_cmd}"
+        )
     if record.get("dataset", {}).get("name") != config.dataset.name:
         raise TeacherError(
             f"the {kind} teacher in {workdir} was trained on "
             f"{record.get('dataset', {}).get('name')!r}, this run trains on "
-            f"{config.dataset.name!r}. Train a {config.dataset.name} teacher:\n  {train_cmd}")
+            f"{config.dataset.name!r}. Train a {config.dataset.name} teacher:\n  {train_cmd}"
+        )
     got_role = record.get("kd", {}).get("role")
     if got_role != r:
-        raise TeacherError(f"{workdir} holds a {got_role!r} run, not the {r!r} the "
-                           f"student needs. Train it:\n  {train_cmd}")
+        raise TeacherError(
+            f"{workdir} holds a {got_role!r} run, not the {r!r} the "
+            f"student needs. Train it:\n  {train_cmd}"
+        )
     if int(record.get("input_size", config.input_size)) != config.input_size:
-        raise TeacherError(f"the {kind} teacher in {workdir} was trained on "
-                           f"{record['input_size']}px crops, this run uses "
-                           f"{config.input_size}px")
+        raise TeacherError(
+            f"the {kind} teacher in {workdir} was trained on "
+            f"{record['input_size']}px crops, this run uses "
+            f"{config.input_size}px"
+        )
     return record
 
 
@@ -241,20 +307,24 @@ def preflight(config: ml_collections.ConfigDict) -> None:
             teacher_record(config, r)
 
 
-def load_teacher(config: ml_collections.ConfigDict, r: str, num_landmarks: int,
-                 sharding: Any = None) -> tuple[regression.LandmarkRegressor, dict]:
+def load_teacher(
+    config: ml_collections.ConfigDict, r: str, num_landmarks: int, sharding: Any = None
+) -> tuple[regression.LandmarkRegressor, dict]:
     """A frozen teacher, `r` = 'teacher_tough' | 'teacher_tolerant': (model, variables)."""
     kind = r.split("_", 1)[1]
     teacher_record(config, r)
     workdir = config.kd.get(f"{kind}_workdir", "")
     try:
-        loaded = checkpoints.load_model(workdir, config.kd.get("teacher_checkpoint", "best"),
-                                        sharding=sharding)
+        loaded = checkpoints.load_model(
+            workdir, config.kd.get("teacher_checkpoint", "best"), sharding=sharding
+        )
     except CheckpointMismatchError as e:
         raise TeacherError(f"the {kind} teacher in {workdir}: {e}") from None
     if loaded.num_landmarks != num_landmarks:
-        raise TeacherError(f"the {kind} teacher in {workdir} predicts {loaded.num_landmarks} "
-                           f"landmarks, this run's data has {num_landmarks}")
+        raise TeacherError(
+            f"the {kind} teacher in {workdir} predicts {loaded.num_landmarks} "
+            f"landmarks, this run's data has {num_landmarks}"
+        )
     logging.info("%s teacher %r from %s, step %d", kind, loaded.model_name, workdir, loaded.step)
     return loaded.model, loaded.variables
 
@@ -262,8 +332,14 @@ def load_teacher(config: ml_collections.ConfigDict, r: str, num_landmarks: int,
 # --------------------------------------------------------------------------- the task
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, train_source: Source,
-          num_landmarks: int, steps_per_epoch: int, sharding: Any = None) -> Task:
+def build(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_source: Source,
+    num_landmarks: int,
+    steps_per_epoch: int,
+    sharding: Any = None,
+) -> Task:
     r = role(config)
     tx, schedule = optim.make_optimizer(config, steps_per_epoch)
     model = build_model(config, num_landmarks)
@@ -274,12 +350,20 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_source: Source,
         tough, tough_vars = load_teacher(config, "teacher_tough", num_landmarks, sharding)
         tolerant, tol_vars = load_teacher(config, "teacher_tolerant", num_landmarks, sharding)
         loss_cfg = kd_loss.KDLossConfig.from_mapping(config.kd.loss.to_dict())
-        step = functools.partial(student_step, model=model, tough=tough, tolerant=tolerant,
-                                 tx=tx, loss_config=loss_cfg, compute_dtype=dtype)
+        step = functools.partial(
+            student_step,
+            model=model,
+            tough=tough,
+            tolerant=tolerant,
+            tx=tx,
+            loss_config=loss_cfg,
+            compute_dtype=dtype,
+        )
         return Task("regression", model, name, tx, schedule, init, step, (tough_vars, tol_vars))
     shape_model = None
     if r == "teacher_tolerant":
         shape_model = fit_or_load_asm(config, workdir, train_source, num_landmarks)
-    step = functools.partial(teacher_step, model=model, tx=tx, shape_model=shape_model,
-                             compute_dtype=dtype)
+    step = functools.partial(
+        teacher_step, model=model, tx=tx, shape_model=shape_model, compute_dtype=dtype
+    )
     return Task("regression", model, name, tx, schedule, init, step)

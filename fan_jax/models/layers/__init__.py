@@ -21,17 +21,44 @@ convolutions map to cuDNN and the MXU; $FAN_JAX_CONV_IMPL overrides it).
 
 from fan_jax.models.layers.batchnorm import BatchNorm, batch_norm_act_train
 from fan_jax.models.layers.depthwise import DepthwiseConv, depthwise_conv
-from fan_jax.models.layers.forms import (CONV_IMPL_DEFAULTS, CONV_IMPLS, Array, Initializer,
-                                         Padding, _resolve_padding, conv_impl,
-                                         default_kernel_init, same_padding, use_conv_impl)
+from fan_jax.models.layers.forms import (
+    CONV_IMPL_DEFAULTS,
+    CONV_IMPLS,
+    Array,
+    Initializer,
+    Padding,
+    _resolve_padding,
+    conv_impl,
+    default_kernel_init,
+    same_padding,
+    use_conv_impl,
+)
 from fan_jax.models.layers.pointwise import PatchConv, PointwiseConv, patch_conv
-from fan_jax.models.layers.transposed import (ConvTranspose, conv_transpose_torch,
-                                              conv_transpose_torch_reference)
+from fan_jax.models.layers.transposed import (
+    ConvTranspose,
+    conv_transpose_torch,
+    conv_transpose_torch_reference,
+)
 
 __all__ = [
-    "CONV_IMPL_DEFAULTS", "CONV_IMPLS", "conv_impl", "use_conv_impl", "same_padding",
-    "Array", "Initializer", "Padding", "default_kernel_init", "_resolve_padding",
-    "PointwiseConv", "PatchConv", "patch_conv", "DepthwiseConv", "depthwise_conv",
-    "ConvTranspose", "conv_transpose_torch", "conv_transpose_torch_reference",
-    "BatchNorm", "batch_norm_act_train",
+    "CONV_IMPLS",
+    "CONV_IMPL_DEFAULTS",
+    "Array",
+    "BatchNorm",
+    "ConvTranspose",
+    "DepthwiseConv",
+    "Initializer",
+    "Padding",
+    "PatchConv",
+    "PointwiseConv",
+    "_resolve_padding",
+    "batch_norm_act_train",
+    "conv_impl",
+    "conv_transpose_torch",
+    "conv_transpose_torch_reference",
+    "default_kernel_init",
+    "depthwise_conv",
+    "patch_conv",
+    "same_padding",
+    "use_conv_impl",
 ]

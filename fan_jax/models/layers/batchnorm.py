@@ -31,8 +31,9 @@ def _batch_moments(x: Array) -> tuple[Array, Array]:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_act_train(x: Array, scale: Array, bias: Array, epsilon: float,
-                         activation: str | None) -> Array:
+def batch_norm_act_train(
+    x: Array, scale: Array, bias: Array, epsilon: float, activation: str | None
+) -> Array:
     """act(BatchNorm(x)) with batch statistics over all but the last axis (training mode).
 
     The custom VJP recomputes the normalised input from x in the backward pass and uses
@@ -66,7 +67,7 @@ def _bn_act_bwd(epsilon, activation, res, g):
     sum_g = _channel_sum(g)
     sum_gx = _channel_sum(g * x)
     dbias = sum_g
-    dscale = (sum_gx - mean * sum_g) * rstd          # sum(g * xhat)
+    dscale = (sum_gx - mean * sum_g) * rstd  # sum(g * xhat)
     # dx = a * (g - mean(g) - xhat * mean(g * xhat)), with xhat = (x - mean) * rstd; the
     # per-channel factors are float32, the per-pixel products in the input's dtype.
     k = dscale * rstd / m
@@ -97,7 +98,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average)
+            "use_running_average", self.use_running_average, use_running_average
+        )
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
         c = x.shape[-1]

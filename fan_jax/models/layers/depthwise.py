@@ -8,8 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fan_jax.models.layers.forms import (_NHWC, Array, Initializer, Padding, _resolve_padding,
-                                         conv_impl, default_kernel_init)
+from fan_jax.models.layers.forms import (
+    _NHWC,
+    Array,
+    Initializer,
+    Padding,
+    _resolve_padding,
+    conv_impl,
+    default_kernel_init,
+)
+
 
 def _depthwise_geometry(shape, k: int, strides: int, padding: Padding):
     n, h, w, c = shape
@@ -39,7 +47,7 @@ def _depthwise_taps(xp: Array, k: int, strides: int, out_hw: tuple[int, int]):
     phases = xp.reshape(n, hp // s, s, wp // s, s, c)
     for i in range(k):
         for j in range(k):
-            yield (i, j), phases[:, i // s:i // s + ho, i % s, j // s:j // s + wo, j % s, :]
+            yield (i, j), phases[:, i // s : i // s + ho, i % s, j // s : j // s + wo, j % s, :]
 
 
 def _depthwise_padded(xp: Array, kernel: Array, strides: int, out_hw: tuple[int, int]) -> Array:
@@ -67,8 +75,9 @@ def _batch_sum(a: Array, max_terms: int = 8) -> Array:
     return out
 
 
-def _depthwise_input_grad(gp: Array, kernel: Array, strides: int, padding: Padding,
-                          x_shape) -> Array:
+def _depthwise_input_grad(
+    gp: Array, kernel: Array, strides: int, padding: Padding, x_shape
+) -> Array:
     """Transpose of the depthwise conv in x, written like the forward: from g padded by
     (k-1)//s on each side (`gp`), sum shifted slices per polyphase component of the padded
     input, then interleave and crop.
@@ -91,7 +100,7 @@ def _depthwise_input_grad(gp: Array, kernel: Array, strides: int, padding: Paddi
             for i in range(a, k, s):
                 for j in range(b, k, s):
                     di, dj = q - i // s, q - j // s
-                    term = gp[:, di:di + rows, dj:dj + cols] * kernel[i, j]
+                    term = gp[:, di : di + rows, dj : dj + cols] * kernel[i, j]
                     acc = term if acc is None else acc + term
             row.append(jnp.zeros((n, rows, cols, c), gp.dtype) if acc is None else acc)
         phases.append(row)
@@ -101,7 +110,7 @@ def _depthwise_input_grad(gp: Array, kernel: Array, strides: int, padding: Paddi
         dxp = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, hp, wp, c)
     h, w = x_shape[1:3]
     dxp = jnp.pad(dxp, ((0, 0), (0, max(pt + h - hp, 0)), (0, max(pl + w - wp, 0)), (0, 0)))
-    return dxp[:, pt:pt + h, pl:pl + w]
+    return dxp[:, pt : pt + h, pl : pl + w]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -132,7 +141,7 @@ def _depthwise_conv_bwd(strides, padding, res, g):
     # producer (the BatchNorm backward, three full reads) into every tap's fusion below.
     gp = jax.lax.optimization_barrier(gp)
     dx = _depthwise_input_grad(gp, kernel, strides, padding, x_shape)
-    g = gp[:, q:q + ho, q:q + wo]
+    g = gp[:, q : q + ho, q : q + wo]
     # d/dkernel[i, j, c] = sum over n, y, x of tap_ij * g: first an unrolled sum over the
     # batch (elementwise), then a ones-vector matmul over positions (a reduction over a
     # non-minor axis of a fused product is slow on XLA:CPU; a GEMV is not). One GEMV per
@@ -141,16 +150,21 @@ def _depthwise_conv_bwd(strides, padding, res, g):
     for _, tap in _depthwise_taps(xp, k, strides, out_hw):
         partial_sum = _batch_sum(tap * g).reshape(-1, c)
         ones = jnp.ones((partial_sum.shape[0],), partial_sum.dtype)
-        dk.append(jnp.dot(ones, partial_sum, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32))
+        dk.append(
+            jnp.dot(
+                ones,
+                partial_sum,
+                precision=jax.lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32,
+            )
+        )
     return dx, jnp.stack(dk).reshape(k, k, 1, c).astype(kernel.dtype)
 
 
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-def depthwise_conv(x: Array, kernel: Array, strides: int = 1,
-                   padding: Padding = "SAME") -> Array:
+def depthwise_conv(x: Array, kernel: Array, strides: int = 1, padding: Padding = "SAME") -> Array:
     """Depthwise conv as a sum of k*k shifted slices times per-channel weights.
 
     `kernel` is (k, k, 1, C) (the `nn.Conv(feature_group_count=C)` layout). For stride s
@@ -179,12 +193,14 @@ class DepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init,
-                            (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
+        kernel = self.param(
+            "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, c), jnp.float32
+        )
         if conv_impl() == "lax":
             pads = _resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
-            y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, pads,
-                                             dimension_numbers=_NHWC, feature_group_count=c)
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.strides,) * 2, pads, dimension_numbers=_NHWC, feature_group_count=c
+            )
         else:
             y = depthwise_conv(x, kernel, self.strides, self.padding)
         if self.use_bias:

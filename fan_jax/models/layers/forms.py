@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 from flax import linen as nn
@@ -30,8 +30,12 @@ _override: list[str] = []
 def conv_impl() -> str:
     """The form layers trace to now: a `use_conv_impl` override, $FAN_JAX_CONV_IMPL, or the
     backend's default (`CONV_IMPL_DEFAULTS`)."""
-    name = (_override[-1] if _override else os.environ.get("FAN_JAX_CONV_IMPL")
-            or CONV_IMPL_DEFAULTS.get(jax.default_backend(), "matmul"))
+    name = (
+        _override[-1]
+        if _override
+        else os.environ.get("FAN_JAX_CONV_IMPL")
+        or CONV_IMPL_DEFAULTS.get(jax.default_backend(), "matmul")
+    )
     if name not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS} (FAN_JAX_CONV_IMPL), got {name!r}")
     return name
@@ -59,8 +63,9 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _resolve_padding(padding: Padding, spatial: Sequence[int], kernel: int,
-                     stride: int) -> list[tuple[int, int]]:
+def _resolve_padding(
+    padding: Padding, spatial: Sequence[int], kernel: int, stride: int
+) -> list[tuple[int, int]]:
     if isinstance(padding, str):
         if padding.upper() == "SAME":
             return [same_padding(s, kernel, stride) for s in spatial]

@@ -10,8 +10,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fan_jax.models.layers.depthwise import _depthwise_geometry, _depthwise_pad
-from fan_jax.models.layers.forms import (_NHWC, Array, Initializer, Padding, _resolve_padding,
-                                         conv_impl, default_kernel_init)
+from fan_jax.models.layers.forms import (
+    _NHWC,
+    Array,
+    Initializer,
+    Padding,
+    _resolve_padding,
+    conv_impl,
+    default_kernel_init,
+)
+
 
 class PointwiseConv(nn.Module):
     """1x1 convolution as a `[N*H*W, Cin] @ [Cin, Cout]` matmul.
@@ -30,11 +38,13 @@ class PointwiseConv(nn.Module):
         cin = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (1, 1, cin, self.features), jnp.float32)
         if conv_impl() == "lax":
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC,
-                                             precision=self.precision)
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC, precision=self.precision
+            )
         else:
-            y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, self.features),
-                        precision=self.precision)
+            y = jnp.dot(
+                x.reshape(-1, cin), kernel.reshape(cin, self.features), precision=self.precision
+            )
             y = y.reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
@@ -69,8 +79,9 @@ class PatchConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
         if conv_impl() == "lax":
             pads = _resolve_padding(self.padding, x.shape[1:3], k, s)
-            y = jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=_NHWC,
-                                             precision=self.precision)
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (s, s), pads, dimension_numbers=_NHWC, precision=self.precision
+            )
         else:
             y = patch_conv(x, kernel, s, self.padding, self.precision)
         if self.use_bias:
@@ -78,8 +89,9 @@ class PatchConv(nn.Module):
         return y
 
 
-def patch_conv(x: Array, kernel: Array, strides: int, padding: Padding,
-               precision: Any = None) -> Array:
+def patch_conv(
+    x: Array, kernel: Array, strides: int, padding: Padding, precision: Any = None
+) -> Array:
     """`PatchConv`'s matmul form: x [N, H, W, Cin], kernel [k, k, Cin, Cout]."""
     k, _, cin, cout = kernel.shape
     s = strides
@@ -89,12 +101,14 @@ def patch_conv(x: Array, kernel: Array, strides: int, padding: Padding,
     n = xp.shape[0]
     z = xp.reshape(n, hp // s, s, wp // s, s, cin).transpose(0, 1, 3, 2, 4, 5)
     z = z.reshape(n, hp // s, wp // s, s * s * cin)
-    patches = jnp.concatenate([z[:, a:a + ho, b:b + wo] for a in range(taps) for b in range(taps)],
-                              axis=-1)
+    patches = jnp.concatenate(
+        [z[:, a : a + ho, b : b + wo] for a in range(taps) for b in range(taps)], axis=-1
+    )
     # Kernel tap (a*s + p, b*s + q) multiplies channel block (p, q) of rearranged tap (a, b);
     # taps past k are zero.
     kz = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
     kz = kz.reshape(taps, s, taps, s, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-    y = jnp.dot(patches.reshape(-1, taps * taps * s * s * cin), kz.reshape(-1, cout),
-                precision=precision)
+    y = jnp.dot(
+        patches.reshape(-1, taps * taps * s * s * cin), kz.reshape(-1, cout), precision=precision
+    )
     return y.reshape(n, ho, wo, cout)

@@ -11,8 +11,15 @@ from flax import linen as nn
 
 from fan_jax.models.layers.forms import Array, Initializer, conv_impl, default_kernel_init
 
-def conv_transpose_torch(x: Array, kernel: Array, strides: int, padding: int,
-                         output_padding: int = 0, precision: Any = None) -> Array:
+
+def conv_transpose_torch(
+    x: Array,
+    kernel: Array,
+    strides: int,
+    padding: int,
+    output_padding: int = 0,
+    precision: Any = None,
+) -> Array:
     """PyTorch `ConvTranspose2d(k, s, p, output_padding)` for NHWC input.
 
     `kernel` is (k, k, Cin, Cout) with kernel[a, b, i, o] == torch_weight[i, o, a, b]
@@ -29,8 +36,11 @@ def conv_transpose_torch(x: Array, kernel: Array, strides: int, padding: int,
     if k % s != 0:
         return conv_transpose_torch_reference(x, kernel, s, padding, output_padding, precision)
     q = k // s
-    y = jnp.dot(x.reshape(-1, cin), kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout),
-                precision=precision)
+    y = jnp.dot(
+        x.reshape(-1, cin),
+        kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout),
+        precision=precision,
+    )
     # kernel row a = qa * s + ra lands on output row (y + qa) * s + ra.
     y = y.reshape(n, h, w, q, s, q, s, cout)
     if q == 1:
@@ -39,8 +49,10 @@ def conv_transpose_torch(x: Array, kernel: Array, strides: int, padding: int,
         full = None
         for qa in range(q):
             for qb in range(q):
-                part = jnp.pad(y[:, :, :, qa, :, qb, :, :],
-                               ((0, 0), (qa, q - 1 - qa), (qb, q - 1 - qb), (0, 0), (0, 0), (0, 0)))
+                part = jnp.pad(
+                    y[:, :, :, qa, :, qb, :, :],
+                    ((0, 0), (qa, q - 1 - qa), (qb, q - 1 - qb), (0, 0), (0, 0), (0, 0)),
+                )
                 full = part if full is None else full + part
     hf, wf = full.shape[1], full.shape[2]
     full = full.transpose(0, 1, 3, 2, 4, 5).reshape(n, hf * s, wf * s, cout)
@@ -50,17 +62,28 @@ def conv_transpose_torch(x: Array, kernel: Array, strides: int, padding: int,
     if padding - output_padding < 0:
         extra = output_padding - padding
         full = jnp.pad(full, ((0, 0), (0, extra), (0, extra), (0, 0)))
-    return full[:, padding:padding + hout, padding:padding + wout, :]
+    return full[:, padding : padding + hout, padding : padding + wout, :]
 
 
-def conv_transpose_torch_reference(x: Array, kernel: Array, strides: int, padding: int,
-                                   output_padding: int = 0, precision: Any = None) -> Array:
+def conv_transpose_torch_reference(
+    x: Array,
+    kernel: Array,
+    strides: int,
+    padding: int,
+    output_padding: int = 0,
+    precision: Any = None,
+) -> Array:
     """The same PyTorch semantics through `lax.conv_transpose` (the obvious, slow form)."""
     k = kernel.shape[0]
     pad = (k - 1 - padding, k - 1 - padding + output_padding)
     return jax.lax.conv_transpose(
-        x, jnp.flip(kernel, (0, 1)), (strides, strides), (pad, pad),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+        x,
+        jnp.flip(kernel, (0, 1)),
+        (strides, strides),
+        (pad, pad),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
 
 
 class ConvTranspose(nn.Module):
@@ -83,10 +106,10 @@ class ConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                            jnp.float32)
-        form = (conv_transpose_torch_reference if conv_impl() == "lax"
-                else conv_transpose_torch)
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
+        )
+        form = conv_transpose_torch_reference if conv_impl() == "lax" else conv_transpose_torch
         y = form(x, kernel, self.strides, self.torch_padding, self.output_padding, self.precision)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
