@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | 
     args = parser.parse_args(argv)
 
     from configs import proxy
-    from fan_jax import errors, train, validate
+    from fan_jax import errors, train_logging, validate
 
     config = config or proxy.get_config()
     if args.tiny:
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None, config: ml_collections.ConfigDict | 
         if getattr(args, field) is not None:
             config.proxy[field] = getattr(args, field)
     config.proxy.ablation = config.proxy.ablation or args.ablation
-    train.quiet_library_logs()
+    train_logging.quiet_library_logs()
     from absl import logging
 
     logging.set_verbosity(logging.INFO)  # the loop's progress lines (steps/s, ETA)

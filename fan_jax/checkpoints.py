@@ -1,75 +1,33 @@
-"""A workdir's checkpoints and its record.
+"""A workdir's checkpoints: the orbax manager, resume, and loading a trained network.
 
 Layout of a training workdir:
-  config.json      the record: the config of the run that wrote the checkpoints
+  config.json      the record (`fan_jax.record`): the config of the run that wrote them
   checkpoints/N/   orbax steps: 'model' ({'params', 'batch_stats'}), 'opt', 'data'
 
-The record is what readers (eval mode, predict, export, a student's teacher loading) build
-the model from, so it is written only once a run has built its model and restored any
-checkpoint, atomically, and a rerun that disagrees with it fails before touching anything.
-Every restore goes through `check_tree_matches`. Paths go through `etils.epath`, so gs://
+Readers (eval mode, predict, export, a student's teacher loading) build the model from the
+record and restore through `check_tree_matches`. Paths go through `etils.epath`, so gs://
 workdirs work for every kind of run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from fan_jax.errors import CheckpointMismatchError, RecordMismatchError
+from fan_jax.errors import CheckpointMismatchError, CheckpointSaveError
+from fan_jax.record import CONFIG_FILE, read_record
 
 PyTree = Any
 
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
-
-# What defines the model and the data a checkpoint belongs to: never changed by a rerun.
-DEFINING_FIELDS = (
-    "model.kind",
-    "model.name",
-    "input_size",
-    "sigma",
-    "dataset.name",
-    "augment.box_source",
-    "augment.box_scale",
-    "distill.enabled",
-    "distill.fa_layers",
-    "distill.adapter_kind",
-    "kd.role",
-    "kd.teacher_model",
-)
-# Where the files are and how they are read: free to differ between machines and reruns.
-FREE_FIELDS = (
-    "mode",
-    "dataset.data_dir",
-    "dataset.manual_dir",
-    "dataset.prepare",
-    "dataset.num_workers",
-    "distill.teacher_workdir",
-    "distill.teacher_config",
-    "train.allow_changes",
-    "train.nan_at_step",
-    "eval",
-    "demo",
-    "kd.tough_workdir",
-    "kd.tolerant_workdir",
-)
-
-# Free fields a reader takes from the record unless told otherwise: where the run's data is.
-DATA_LOCATION_FIELDS = ("dataset.data_dir", "dataset.manual_dir")
-
-# Fields added after runs were recorded, with the value an older record implies: a rerun
-# of such a run with the default compares equal instead of needing allow_changes.
-ADDED_FIELDS = {"train.compute_dtype": "float32"}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -158,7 +116,7 @@ def to_dict(tree: PyTree) -> PyTree:
 def check_tree_matches(restored_meta: PyTree, expected: PyTree, what: str) -> None:
     """Raises CheckpointMismatchError naming the first parameter whose path or shape differs."""
 
-    def flat(tree):
+    def flat(tree: PyTree) -> dict[str, tuple[int, ...]]:
         return {
             "/".join(map(str, k)): tuple(getattr(v, "shape", ()))
             for k, v in traverse_util.flatten_dict(to_dict(tree)).items()
@@ -177,153 +135,6 @@ def check_tree_matches(restored_meta: PyTree, expected: PyTree, what: str) -> No
             raise CheckpointMismatchError(
                 f"{what}: {k} has shape {have[k]} in the checkpoint, {want[k]} in the model"
             )
-
-
-# --------------------------------------------------------------------------- the record
-
-
-def read_record(workdir: str) -> dict | None:
-    """The workdir's config.json as a dict, None when there is none."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RecordMismatchError(
-            f"{path}: not valid JSON ({e}); restore it from the run's logs or delete the workdir"
-        ) from e
-
-
-def write_record(config: ml_collections.ConfigDict | Mapping, workdir: str) -> None:
-    """Writes config.json atomically: a reader sees the old record or the new one, whole."""
-    directory = epath.Path(workdir)
-    directory.mkdir(parents=True, exist_ok=True)
-    text = (
-        config.to_json_best_effort(indent=2)
-        if hasattr(config, "to_json_best_effort")
-        else json.dumps(config, indent=2)
-    )
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(directory / CONFIG_FILE)
-
-
-def flatten(config: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
-    """{'a.b': value} with tuples and lists compared alike."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    out = {}
-
-    def visit(prefix, node):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                visit(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = list(node) if isinstance(node, (tuple, list)) else node
-
-    visit("", d)
-    return out
-
-
-def _is_free(field: str) -> bool:
-    return any(field == f or field.startswith(f + ".") for f in FREE_FIELDS)
-
-
-def _is_defining(field: str) -> bool:
-    return any(field == f or field.startswith(f + ".") for f in DEFINING_FIELDS)
-
-
-def record_differences(
-    config: ml_collections.ConfigDict, record: Mapping
-) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
-    """(defining, other) fields where `config` and the record differ: (field, record, config).
-    Free fields (paths, eval settings, mode) are not compared."""
-    have, want = flatten(record), flatten(config)
-    defining, other = [], []
-    for k in sorted(set(have) | set(want)):
-        if _is_free(k):
-            continue
-        a, b = have.get(k, ADDED_FIELDS.get(k, "<absent>")), want.get(k, "<absent>")
-        if a != b and not _both_numbers_equal(a, b):
-            (defining if _is_defining(k) else other).append((k, a, b))
-    return defining, other
-
-
-def _both_numbers_equal(a, b) -> bool:
-    return (
-        isinstance(a, (int, float))
-        and isinstance(b, (int, float))
-        and not isinstance(a, bool)
-        and not isinstance(b, bool)
-        and float(a) == float(b)
-    )
-
-
-def _table(diffs) -> str:
-    return "\n".join(f"  {k}: {a!r} in the record, {b!r} now" for k, a, b in diffs)
-
-
-def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, Any, Any]]:
-    """Before a rerun in a workdir with a record: the model and data fields must match it, and
-    other changes need `train.allow_changes`. Returns the allowed changes (for the log)."""
-    record = read_record(workdir)
-    if record is None:
-        return []
-    defining, other = record_differences(config, record)
-    path = epath.Path(workdir) / CONFIG_FILE
-    if defining:
-        raise RecordMismatchError(
-            f"{path}: this workdir holds a run of another model or data; these fields differ "
-            f"from its record:\n{_table(defining)}\nUse a new --workdir for a different model "
-            f"or data. Nothing was changed."
-        )
-    if other and not config.train.get("allow_changes", False):
-        raise RecordMismatchError(
-            f"{path}: rerunning with settings that differ from the run's record:\n"
-            f"{_table(other)}\nRepeat the run's settings, or pass "
-            f"--config.train.allow_changes=True to continue with these. Nothing was changed."
-        )
-    return other
-
-
-def config_from_record(
-    config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any] | None = None
-) -> ml_collections.ConfigDict:
-    """The config a reader should use: the record's model and data fields and its data
-    location (`DATA_LOCATION_FIELDS`, unless overridden), `config`'s other free fields (eval
-    settings). An override (`overrides`, the command line's) of a defining field that differs
-    from the record is an error."""
-    record = read_record(workdir)
-    if record is None:
-        return config
-    path = epath.Path(workdir) / CONFIG_FILE
-    rec = flatten(record)
-    conflicts = []
-    for k, v in (overrides or {}).items():
-        if _is_defining(k) and k in rec:
-            v = list(v) if isinstance(v, (tuple, list)) else v
-            if v != rec[k] and not _both_numbers_equal(v, rec[k]):
-                conflicts.append((k, rec[k], v))
-    if conflicts:
-        raise RecordMismatchError(
-            f"{path}: the command line overrides fields of the trained run:\n{_table(conflicts)}"
-            f"\nThe model is built from the record; drop these overrides."
-        )
-    out = ml_collections.ConfigDict(config.to_dict())
-    merged = flatten(out)
-    for k, v in rec.items():
-        # Where the run's data is comes from the record too, unless the command line (or,
-        # without `overrides`, the caller's config) says otherwise.
-        located = k in DATA_LOCATION_FIELDS and (
-            k not in overrides if overrides is not None else not merged.get(k)
-        )
-        if k in merged and (located or not _is_free(k)):
-            node = out
-            *parts, last = k.split(".")
-            for p in parts:
-                node = node[p]
-            node[last] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 # --------------------------------------------------------------------------- resume
@@ -365,19 +176,44 @@ def resume(
     return state, restored["data"]
 
 
-def commit_record(
-    config: ml_collections.ConfigDict, workdir: str, changes: list[tuple[str, Any, Any]]
-) -> None:
-    """Once the model is built and fits the checkpoint: log the allowed changes (from
-    `check_rerun`) and write the record (process 0 only)."""
-    import jax
+@contextlib.contextmanager
+def save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """An orbax save that fails (in this call, or in the background save it waits for) as one
+    CheckpointSaveError naming the directory, the cause and the last good checkpoint."""
+    try:
+        yield
+    except CheckpointSaveError:
+        raise
+    except Exception as e:  # orbax wraps OSErrors of its writer threads in ValueError/RuntimeError
+        good = [s for s in mngr.all_steps() if s != step]
+        cause = _os_error_text(e)
+        raise CheckpointSaveError(
+            f"could not write a checkpoint to {mngr.directory}: {cause}. The last good "
+            f"checkpoint ({'step ' + str(max(good)) if good else 'none'}) is intact; free space "
+            f"or fix the directory, then run the same command again to resume."
+        ) from None
 
-    for field, old_value, new_value in changes:
-        logging.warning(
-            "train.allow_changes: %s changes from %r to %r", field, old_value, new_value
-        )
-    if jax.process_index() == 0:
-        write_record(config, workdir)
+
+def _os_error_text(error: BaseException) -> str:
+    """The OS's words for a failed write ('No space left on device'), else the first line."""
+    import errno as errno_mod
+
+    text = str(error)
+    for code in (
+        errno_mod.ENOSPC,
+        errno_mod.EDQUOT,
+        errno_mod.EFBIG,
+        errno_mod.EROFS,
+        errno_mod.EACCES,
+        errno_mod.EIO,
+    ):
+        words = os.strerror(code)
+        if words in text:
+            return words
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:300]
 
 
 def restore_for_resume(

@@ -156,7 +156,9 @@ def _remove_stale_builds(version_dir: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
+def data_source(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any
+) -> Any:
     """Random-access source (tfds.data_source) of a prepared dataset's split."""
     spec = get(name)
     b = builder(name, data_dir)

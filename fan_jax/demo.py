@@ -129,7 +129,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     data.prepare("300w", data_dir=data_dir, manual_dir=manual)
     config = ml_collections.ConfigDict(config.to_dict())
     config.dataset.data_dir, config.dataset.manual_dir = data_dir, manual
-    rows = {}
+    rows: dict[str, dict] = {}
     for label, (name, c) in demo_configs(config, workdir).items():
         _demo_log(
             t0,
@@ -141,6 +141,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         if result.preempted:
             _demo_log(t0, f"stopped by SIGTERM during {label}; run the same command to resume")
             return None
+        assert result.eval_results is not None  # evaluate_at_end and not preempted
         rows[label] = result.eval_results
     kd_config = demo_kdloss_config(config)
     if kd_config is not None:
@@ -195,7 +196,7 @@ def kdloss_rows(
     config's TFDS dataset. Returns {label: eval results} rows for
     `fan_jax.evaluate.format_table`, or None when SIGTERM stopped a run (it saved first).
     """
-    rows = {}
+    rows: dict[str, dict] = {}
     dirs = {r: os.path.join(workdir, r.replace("teacher_", "")) for r in kdloss.ROLES}
     for role in kdloss.ROLES:
         c = ml_collections.ConfigDict(config.to_dict())
@@ -207,6 +208,7 @@ def kdloss_rows(
         res = train_and_evaluate(c, dirs[role], sources=sources)
         if res.preempted:
             return None
+        assert res.eval_results is not None  # evaluate_at_end and not preempted
         rows[f"kdloss_{role}"] = res.eval_results
     return rows
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -150,7 +151,7 @@ class DlibDetector:
 
     name = "dlib"
     # Per upsample count: the pyramid level a face is found at changes the box a little.
-    CALIBRATIONS = {
+    CALIBRATIONS: ClassVar[dict[int, Calibration]] = {
         0: Calibration(scale=0.904, dx=-0.007, dy=0.068),
         1: Calibration(scale=1.0, dx=0.024, dy=0.107),
     }
@@ -190,7 +191,7 @@ class DlibDetector:
 DETECTORS: dict[str, Callable[..., Detector]] = {"dlib": DlibDetector, "lbp": LBPDetector}
 
 
-def make_detector(name: str = "auto", **kwargs) -> Detector:
+def make_detector(name: str = "auto", **kwargs: Any) -> Detector:
     """A detector by name ('auto': dlib when installed, else the LBP cascade)."""
     if name == "auto":
         try:

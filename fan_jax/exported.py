@@ -32,7 +32,7 @@ class ExportedModel:
             self._interp = Interpreter(model_path=path, num_threads=num_threads)
             self._runner = self._interp.get_signature_runner("serving_default")
             spec = self._runner.get_input_details()[INPUT_NAME]
-            self.batch_size = int(spec["shape"][0])
+            self.batch_size: int | None = int(spec["shape"][0])
             self.input_size = int(spec["shape"][1])
         elif self.format == "onnx":
             import onnxruntime as ort

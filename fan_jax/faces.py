@@ -1,14 +1,21 @@
-"""Faces found on an image: the `Face` record that `fan_jax.predict` returns and
+"""Faces on an image: reading the image, the `Face` record that `fan_jax.predict` returns and
 `fan_jax.video` draws, and `draw_faces`. Shared by both so neither imports the other's module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from fan_jax.errors import FanJaxError
+
+
+class ImageReadError(FanJaxError, ValueError):
+    """A file is missing or is not an image OpenCV can decode."""
 
 
 @dataclasses.dataclass
@@ -68,3 +75,30 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
                 shift=4,
             )
     return out
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an image file; ImageReadError when it is missing or no image."""
+    if not os.path.exists(path):
+        raise ImageReadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a directory")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise ImageReadError(f"{path}: not an image OpenCV can decode")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def parse_box(text: str) -> np.ndarray:
+    """'x0,y0,x1,y1' -> [4] float32; ValueError on anything else."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or not (vals[2] > vals[0] and vals[3] > vals[1]):
+        raise ValueError(f"--box wants x0,y0,x1,y1 with x1 > x0 and y1 > y0, got {text!r}")
+    return np.asarray(vals, np.float32)

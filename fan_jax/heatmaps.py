@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def to_heatmap_coords(points: jnp.ndarray, stride: int = 4) -> jnp.ndarray:
+def to_heatmap_coords(points: jnp.ndarray, stride: float = 4) -> jnp.ndarray:
     """Crop pixel coords -> heatmap coords: h = (p + 0.5) / stride - 0.5."""
     return (points + 0.5) / stride - 0.5
 
 
-def from_heatmap_coords(points: jnp.ndarray, stride: int = 4) -> jnp.ndarray:
+def from_heatmap_coords(points: jnp.ndarray, stride: float = 4) -> jnp.ndarray:
     """Heatmap coords -> crop pixel coords: p = (h + 0.5) * stride - 0.5."""
     return (points + 0.5) * stride - 0.5
 
@@ -58,8 +58,8 @@ def decode(heatmaps: jnp.ndarray, simple_baselines: bool = False) -> jnp.ndarray
     neighbours exist, is never shifted) and returns (0, 0) for maps whose maximum is <= 0.
     Ties in the argmax go to the first pixel in row-major order, as np.argmax.
     """
-    b, h, w, l = heatmaps.shape
-    flat = jnp.moveaxis(heatmaps, -1, 1).reshape(b, l, h * w)
+    b, h, w, n = heatmaps.shape
+    flat = jnp.moveaxis(heatmaps, -1, 1).reshape(b, n, h * w)
     idx = jnp.argmax(flat, axis=-1)
     x = idx % w
     y = idx // w

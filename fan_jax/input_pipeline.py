@@ -118,9 +118,10 @@ def _photometric(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
     # Draw every factor up front so the stream does not depend on the image.
     fb, fc, fs = rng.uniform(-1.0, 1.0, size=3) * (cfg.brightness, cfg.contrast, cfg.saturation)
     x = image.astype(np.float32) * (1.0 + fb)
-    grey = x @ np.float32([0.299, 0.587, 0.114])
+    luma = np.asarray([0.299, 0.587, 0.114], np.float32)
+    grey = x @ luma
     x = grey.mean() + (x - grey.mean()) * (1.0 + fc)
-    grey = x @ np.float32([0.299, 0.587, 0.114])
+    grey = x @ luma
     x = grey[..., None] + (x - grey[..., None]) * (1.0 + fs)
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 

@@ -39,7 +39,7 @@ def normalize(images: Any) -> Any:
 def normalize_np(images: np.ndarray) -> np.ndarray:
     """numpy twin of :func:`normalize` (host-side tools, tests)."""
     x = np.asarray(images, dtype=np.float32) * (1.0 / 255.0)
-    return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 
 
 def to_normalized(points: Any, size: int) -> Any:

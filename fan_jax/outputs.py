@@ -8,6 +8,7 @@ input opened leaves the old file as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import cv2
@@ -31,10 +32,8 @@ def commit(path: str) -> None:
 
 
 def discard(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(partial_name(path))
-    except FileNotFoundError:
-        pass
 
 
 def write_text(path: str, text: str) -> None:

@@ -31,7 +31,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +39,8 @@ from fan_jax import checkpoints, compiler, detect, geometry, landmarks, outputs
 from fan_jax.checkpoints import LoadedModel
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
 
-# Face and draw_faces live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
-from fan_jax.faces import Face, draw_faces
+# Faces and image files live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
+from fan_jax.faces import Face, ImageReadError, draw_faces, parse_box, read_image
 from fan_jax.faces import as_rgb as _as_rgb
 
 PyTree = Any
@@ -51,10 +50,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 class CheckpointError(FanJaxError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model its config names."""
-
-
-class ImageReadError(FanJaxError, ValueError):
-    """A file is missing or is not an image OpenCV can decode."""
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -70,6 +65,7 @@ def _resolve_checkpoint(workdir: str | None, checkpoint: str | None, which: str)
         raise CheckpointError("pass exactly one of --workdir or --checkpoint")
     if workdir is not None:
         return workdir, which
+    assert checkpoint is not None  # exactly one of the two was given
     path = os.path.abspath(checkpoint.rstrip("/"))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
@@ -163,7 +159,7 @@ class Predictor:
         if flip_test:
             flip_perm = jnp.asarray(geometry.flip_permutation(self.num_landmarks))
 
-        def run(variables, crops):
+        def run(variables: PyTree, crops: jax.Array) -> tuple[jax.Array, jax.Array]:
             self.traced_batch_sizes.append(int(crops.shape[0]))
             return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
@@ -204,7 +200,9 @@ class Predictor:
         """Face boxes [F, 4] (x0, y0, x1, y1) in `image`, largest first."""
         return np.asarray(self.detector(_as_rgb(image)), np.float32).reshape(-1, 4)
 
-    def crop(self, image: np.ndarray, box: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    def crop(
+        self, image: np.ndarray, box: Sequence[float] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 crop [S, S, 3], image->crop affine [2, 3]) for one face box."""
         m = geometry.crop_transform(np.asarray(box, np.float64), self.input_size, self.box_scale)
         return geometry.warp_image(_as_rgb(image), m, self.input_size), m
@@ -279,34 +277,7 @@ class Predictor:
         return self.predict(image, boxes)
 
 
-# --------------------------------------------------------------------------- files
-
-
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an image file; ImageReadError when it is missing or no image."""
-    if not os.path.exists(path):
-        raise ImageReadError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ImageReadError(f"{path}: is a directory")
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read ({e.strerror})") from None
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if bgr is None:
-        raise ImageReadError(f"{path}: not an image OpenCV can decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def parse_box(text: str) -> np.ndarray:
-    """'x0,y0,x1,y1' -> [4] float32; ValueError on anything else."""
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) != 4 or not (vals[2] > vals[0] and vals[3] > vals[1]):
-        raise ValueError(f"--box wants x0,y0,x1,y1 with x1 > x0 and y1 > y0, got {text!r}")
-    return np.asarray(vals, np.float32)
+# --------------------------------------------------------------------------- the CLI
 
 
 def _draw_path(out_dir: str, image_path: str, used: set[str]) -> str:
@@ -349,41 +320,43 @@ def main(argv: list[str] | None = None) -> int:
         help="images, or one video file (.mp4, .avi, ...): then --draw is the "
         "annotated output video and --output a JSON-lines file",
     )
-    video = parser.add_argument_group("video and camera (fan_jax.video)")
-    video.add_argument(
+    video_args = parser.add_argument_group("video and camera (fan_jax.video)")
+    video_args.add_argument(
         "--camera",
         type=int,
         default=None,
         metavar="INDEX",
         help="read frames from this camera instead of files",
     )
-    video.add_argument(
+    video_args.add_argument(
         "--detect_every",
         type=int,
         default=10,
         metavar="K",
         help="run the face detector every K frames (and when a track is unsure)",
     )
-    video.add_argument(
+    video_args.add_argument(
         "--min_score",
         type=float,
         default=0.2,
         help="re-detect when a face's mean landmark score falls below this",
     )
-    video.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
-    video.add_argument(
+    video_args.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
+    video_args.add_argument(
         "--min_cutoff",
         type=float,
         default=1.0,
         help="One-Euro cutoff (Hz) for a still face: lower smooths more",
     )
-    video.add_argument(
+    video_args.add_argument(
         "--beta",
         type=float,
         default=0.05,
         help="One-Euro speed coefficient: higher lags less on fast motion",
     )
-    video.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")
+    video_args.add_argument(
+        "--max_frames", type=int, default=None, help="stop after this many frames"
+    )
     parser.add_argument(
         "--box",
         action="append",

@@ -188,8 +188,8 @@ def merge_encoder_variables(
     Every collection of ``encoder_variables`` must match ``variables[collection][name]`` exactly
     in tree structure and shapes (so a width or depth mismatch fails here, not at apply time).
     """
-    variables = unfreeze(variables)
-    encoder_variables = unfreeze(encoder_variables)
+    variables = unfreeze(dict(variables))
+    encoder_variables = unfreeze(dict(encoder_variables))
     merged = dict(variables)
     for collection, tree in encoder_variables.items():
         if collection not in variables or name not in variables[collection]:
@@ -284,13 +284,13 @@ def _as_keras_model(source: Any, build, description: str) -> Any:
                 f"('predictions' layer); {_NO_TOP_HINT}"
             )
         return model
-    if path.endswith(".h5") and not path.endswith(".weights.h5"):
-        # A legacy HDF5 file loads by layer order, so the model must have the file's layers.
-        if _legacy_h5_has_classifier(path):
-            raise WeightFileError(
-                f"{path}: the file includes the ImageNet classifier "
-                f"('predictions' layer); {_NO_TOP_HINT}"
-            )
+    # A legacy HDF5 file loads by layer order, so the model must have the file's layers.
+    legacy_h5 = path.endswith(".h5") and not path.endswith(".weights.h5")
+    if legacy_h5 and _legacy_h5_has_classifier(path):
+        raise WeightFileError(
+            f"{path}: the file includes the ImageNet classifier "
+            f"('predictions' layer); {_NO_TOP_HINT}"
+        )
     model = build(False)
     try:
         model.load_weights(path)

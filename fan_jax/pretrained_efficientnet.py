@@ -61,7 +61,7 @@ def keras_input_normalization(model: Any) -> tuple[np.ndarray, np.ndarray]:
     The Keras model maps raw pixels x to `(x / 255 - mean) / sqrt(variance)` before its stem
     (plus `1 / sqrt(IMAGENET_STD)` when built with `weights='imagenet'`).
     """
-    layers = [l for l in _all_layers(model) if type(l).__name__ == "Normalization"]
+    layers = [m for m in _all_layers(model) if type(m).__name__ == "Normalization"]
     if len(layers) != 1:
         raise ValueError(f"expected one Normalization layer, found {len(layers)}")
     layer = layers[0]

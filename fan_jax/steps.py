@@ -25,6 +25,7 @@ are larger than the image, so they never cross the host boundary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ def render_targets(
 
 def _student_forward(
     model: nn.Module, params: PyTree, batch_stats: PyTree, images: jax.Array, rng: jax.Array
-):
+) -> tuple[jax.Array, Any, PyTree]:
     # Parameters are cast to the images' dtype (float32 master weights; gradients flow back
     # through the cast in float32). BN statistics stay float32.
     (hm, taps), new_vars = model.apply(
@@ -117,7 +118,9 @@ def apply_gradients(
     state: TrainState, grads: PyTree, new_batch_stats: PyTree, tx: optax.GradientTransformation
 ) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(
+    # flax.struct dataclasses are dataclasses: .replace is dataclasses.replace, typed.
+    return dataclasses.replace(
+        state,
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=new_batch_stats,
@@ -142,7 +145,7 @@ def train_step(
     # keeps runs reproducible and resumable.
     rng = jax.random.fold_in(rng, state.step)
 
-    def loss_fn(params):
+    def loss_fn(params: PyTree) -> tuple[jax.Array, Any]:
         hm, _, new_bs = _student_forward(
             model, params["student"], state.batch_stats["student"], images, rng
         )
@@ -185,7 +188,7 @@ def distill_step(
     _, teacher_taps = teacher.apply(params_in(teacher_variables, dtype), images, train=False)
     teacher_taps = jax.lax.stop_gradient(tuple(teacher_taps))
 
-    def loss_fn(params):
+    def loss_fn(params: PyTree) -> tuple[jax.Array, Any]:
         hm, taps, new_bs = _student_forward(
             model, params["student"], state.batch_stats["student"], images, rng
         )

@@ -23,7 +23,7 @@ import numpy as np
 from fan_jax.models import fan
 
 # Table 5 of the paper (MobileFAN, MobileFAN (0.5)); the teacher's size is from the text.
-PAPER = {
+PAPER: dict[str, dict[str, Any]] = {
     "mobilefan": {"label": "MobileFAN", "params": 2.02e6, "flops": 0.72e9},
     "mobilefan_0.5": {"label": "MobileFAN (0.5)", "params": 1.84e6, "flops": 0.45e9},
     "teacher": {"label": "Teacher (ResNet-50)", "params": 34e6, "flops": None},
@@ -40,6 +40,7 @@ def model_summary(name: str, num_landmarks: int = 98, size: int = 256) -> dict[s
     cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
         cost = cost[0]
+    assert cost is not None, "XLA gave no cost analysis for this backend"
     return {"name": name, "params": params, "flops": float(cost["flops"])}
 
 

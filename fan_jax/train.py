@@ -27,10 +27,8 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
-import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -48,12 +46,15 @@ from fan_jax import (
     data,
     evaluate,
     input_pipeline,
+    preemption,
+    record,
     steps,
     tasks,
+    train_logging,
     validate,
     workdir_lock,
 )
-from fan_jax.errors import CheckpointMismatchError, CheckpointSaveError, NonFiniteLossError
+from fan_jax.errors import CheckpointMismatchError, NonFiniteLossError
 
 PyTree = Any
 Source = Sequence[Mapping[str, Any]]
@@ -71,158 +72,6 @@ class TrainResult:
 def make_mesh() -> Mesh:
     """All devices of all hosts on one 'batch' axis."""
     return Mesh(np.asarray(jax.devices()), ("batch",))
-
-
-# --------------------------------------------------------------------------- logging, faults
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading_is_main():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-    def stop_now(self, step: int, check_every: int) -> bool:
-        """Whether to save and stop before `step`. On pods every host must reach the same
-        decision, so hosts only compare flags every `check_every` steps."""
-        if jax.process_count() > 1 and step % check_every:
-            return False
-        return self.any_host()
-
-    def any_host(self) -> bool:
-        """Whether any host was asked to stop (a collective on pods: call at the same steps)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        return bool(np.any(flags))
-
-
-def quiet_library_logs() -> None:
-    """Drops orbax's per-save INFO chatter from the absl log; warnings still pass."""
-    import logging as py_logging
-
-    noise = ("tracked_metric", "read only", "read_only=True", "Waiting for previous save")
-
-    def keep(record: py_logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname:
-            return True
-        if record.levelno >= py_logging.ERROR:
-            # A failed save reaches the user as one CheckpointSaveError; orbax's threads each
-            # log it with a traceback first. Keep their one-line messages only.
-            record.exc_info = record.exc_text = None
-            return True
-        if record.levelno < py_logging.WARNING:
-            return False
-        msg = str(record.msg)
-        return record.levelno > py_logging.WARNING or not any(n in msg for n in noise)
-
-    absl_logger = logging.get_absl_logger()
-    if not any(getattr(f, "_fan_jax", False) for f in absl_logger.filters):
-        keep._fan_jax = True  # type: ignore[attr-defined]
-        absl_logger.addFilter(keep)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class _Writer:
-    """TensorBoard scalars from process 0 (no-op elsewhere)."""
-
-    def __init__(self, workdir: str):
-        self._w = None
-        if jax.process_index() == 0:
-            from flax.metrics import tensorboard
-
-            self._w = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        if self._w is not None:
-            for k, v in values.items():
-                self._w.scalar(k, v, step)
-
-    def flush(self) -> None:
-        if self._w is not None:
-            self._w.flush()
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-
-
-# --------------------------------------------------------------------------- loop
-
-
-# --------------------------------------------------------------------------- loop
-
-
-@contextlib.contextmanager
-def _save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
-    """An orbax save that fails (in this call, or in the background save it waits for) as one
-    CheckpointSaveError naming the directory, the cause and the last good checkpoint."""
-    try:
-        yield
-    except CheckpointSaveError:
-        raise
-    except Exception as e:  # orbax wraps OSErrors of its writer threads in ValueError/RuntimeError
-        good = [s for s in mngr.all_steps() if s != step]
-        cause = _os_error_text(e)
-        raise CheckpointSaveError(
-            f"could not write a checkpoint to {mngr.directory}: {cause}. The last good "
-            f"checkpoint ({'step ' + str(max(good)) if good else 'none'}) is intact; free space "
-            f"or fix the directory, then run the same command again to resume."
-        ) from None
-
-
-def _os_error_text(error: BaseException) -> str:
-    """The OS's words for a failed write ('No space left on device'), else the first line."""
-    import errno as errno_mod
-
-    text = str(error)
-    for code in (
-        errno_mod.ENOSPC,
-        errno_mod.EDQUOT,
-        errno_mod.EFBIG,
-        errno_mod.EROFS,
-        errno_mod.EACCES,
-        errno_mod.EIO,
-    ):
-        words = os.strerror(code)
-        if words in text:
-            return words
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    first = text.splitlines()[0] if text else type(error).__name__
-    return first[:300]
 
 
 def augment_settings(config: ml_collections.ConfigDict) -> dict:
@@ -262,14 +111,14 @@ def train_and_evaluate(
     `sources` ({split: random-access source}) replaces the TFDS dataset (tests, demos).
     SIGTERM from here on saves a checkpoint at the next step boundary and returns.
     """
-    quiet_library_logs()
+    train_logging.quiet_library_logs()
     mesh = make_mesh()
     # Before anything is read or written: bad values fail here with the workdir untouched;
     # then the lock (one run per workdir), a rerun that disagrees with the workdir's record,
     # and missing teachers.
     validate.check(config, num_devices=mesh.devices.size)
-    with workdir_lock.hold(workdir, "training"), _Preemption() as preemption:
-        return _train_locked(config, workdir, sources, evaluate_at_end, preemption, mesh)
+    with workdir_lock.hold(workdir, "training"), preemption.Preemption() as stop:
+        return _train_locked(config, workdir, sources, evaluate_at_end, stop, mesh)
 
 
 def _train_locked(
@@ -277,12 +126,12 @@ def _train_locked(
     workdir: str,
     sources: Mapping[str, Source] | None,
     evaluate_at_end: bool,
-    preemption: _Preemption,
+    stop: preemption.Preemption,
     mesh: Mesh,
 ) -> TrainResult:
     t = config.train
     n_dev = mesh.devices.size
-    changes = checkpoints.check_rerun(config, workdir)
+    changes = record.check_rerun(config, workdir)
     tasks.preflight(config)
     if sources is None:
         if config.dataset.prepare:
@@ -312,7 +161,7 @@ def _train_locked(
     )
     mngr = checkpoints.manager(checkpoints.checkpoint_dir(workdir), keep=t.keep_checkpoints)
     state, train_iter = checkpoints.resume(mngr, state, train_iter, repl)
-    checkpoints.commit_record(config, workdir, changes)  # the model is built and fits
+    record.commit_record(config, workdir, changes)  # the model is built and fits
 
     jitted = jax.jit(
         task.step,
@@ -327,7 +176,7 @@ def _train_locked(
     eval_every = _every(t.eval_every_steps, epoch_steps) if val_source is not None else 0
     ckpt_every = _every(t.checkpoint_every_steps, epoch_steps)
     log_every = max(1, t.log_every_steps)
-    writer = _Writer(workdir)
+    writer = train_logging.Writer(workdir)
     evaluator = evaluate.Evaluator(task.kind, task.model) if eval_every else None
     step = int(jax.device_get(state.step.addressable_data(0)))
     start_step = step
@@ -371,7 +220,7 @@ def _train_locked(
         if step > step_log:
             sps = (step - step_log) / max(now - t_log, 1e-9)
             rate = {"train/steps_per_sec": sps}
-            speed = f"{sps:.2f} steps/s | ETA {_format_eta((num_steps - step) / sps)}"
+            speed = f"{sps:.2f} steps/s | ETA {train_logging.format_eta((num_steps - step) / sps)}"
         else:
             speed = "compiled"
         means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
@@ -395,7 +244,7 @@ def _train_locked(
     def save(metrics: dict | None) -> None:
         if step in mngr.all_steps():
             return
-        with _save_errors(mngr, step):
+        with checkpoints.save_errors(mngr, step):
             mngr.save(
                 step,
                 args=ocp.args.Composite(
@@ -409,7 +258,7 @@ def _train_locked(
 
     try:
         while step < num_steps:
-            if preemption.stop_now(step, log_every):
+            if stop.stop_now(step, log_every):
                 flush()
                 save(None)
                 preempted = True
@@ -442,6 +291,7 @@ def _train_locked(
             val_metrics = None
             if do_eval:
                 t_eval = time.perf_counter()
+                assert evaluator is not None and val_source is not None  # eval_every > 0
                 last_val = evaluate.validation_nme(
                     config, evaluator, checkpoints.student_variables(state), val_source
                 )
@@ -463,7 +313,7 @@ def _train_locked(
             save(None)
     finally:
         try:
-            with _save_errors(mngr, step):
+            with checkpoints.save_errors(mngr, step):
                 mngr.wait_until_finished()
         finally:
             with contextlib.suppress(Exception):  # the save error above is the one to report
@@ -526,8 +376,8 @@ def evaluate_workdir(
 
     The model and data settings come from the workdir's record, not from `config`; an entry
     of `overrides` (the command line's) that contradicts the record is an error."""
-    quiet_library_logs()
-    config = checkpoints.config_from_record(config, workdir, overrides)
+    train_logging.quiet_library_logs()
+    config = record.config_from_record(config, workdir, overrides)
     validate.check(config)
     if sources is None:
         # Eval reads the data the run trained on; building it would write outside the workdir.

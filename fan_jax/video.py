@@ -81,6 +81,7 @@ class OneEuroFilter:
         if self._x is None or self._x.shape != x.shape:
             self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
             return x.copy()
+        assert self._t is not None  # set with self._x
         dt = max(float(t) - self._t, 1e-6)
         dx = (x - self._x) / dt
         self._dx = self._dx + self._alpha(self.d_cutoff, dt) * (dx - self._dx)
@@ -259,7 +260,8 @@ def open_writer(path: str, fps: float, width: int, height: int) -> cv2.VideoWrit
     if ext not in _FOURCC:
         raise VideoError(f"{path}: output video must end in one of {sorted(_FOURCC)}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*_FOURCC[ext]), fps, (width, height))
+    fourcc = cv2.VideoWriter_fourcc(*_FOURCC[ext])  # type: ignore[attr-defined]  # not in cv2 5 stubs
+    writer = cv2.VideoWriter(path, fourcc, fps, (width, height))
     if not writer.isOpened():
         raise VideoError(
             f"{path}: OpenCV has no {_FOURCC[ext]} encoder for {ext} here; try "
@@ -301,8 +303,8 @@ def run(
     (`fan_jax.outputs`) that replace `draw` and `jsonl` at the end: an input that cannot be
     read leaves existing files as they were. When the stream ends early or an error stops it,
     the frames written so far are kept (flushed per frame) and still replace the old files."""
-    if progress == "stderr":  # the stream of the moment (tests and notebooks swap it)
-        progress = sys.stderr
+    # "stderr": the stream of the moment (tests and notebooks swap sys.stderr).
+    report = sys.stderr if isinstance(progress, str) else progress
     cap, fps, total = open_capture(source)
     what = f"camera {source}" if isinstance(source, int) else str(source)
     writer = None
@@ -336,8 +338,8 @@ def run(
                 shown = [Face(box=f.box, landmarks=f.landmarks, scores=f.scores) for f in faces]
                 writer.write(cv2.cvtColor(draw_faces(frame, shown), cv2.COLOR_RGB2BGR))
             n += 1
-            if progress is not None and (n % 10 == 0 or n == total):
-                _progress(n, total, t0, progress)
+            if report is not None and (n % 10 == 0 or n == total):
+                _progress(n, total, t0, report)
     finally:
         cap.release()
         if writer is not None:
@@ -353,11 +355,11 @@ def run(
             elif path:
                 outputs.discard(path)
     elapsed = time.perf_counter() - t0
-    if progress is not None:
-        progress.write("\n")
+    if report is not None:
+        report.write("\n")
     if n == 0:
         raise VideoError(f"{what}: no frame could be read (empty, truncated or not a video)")
-    summary = {
+    summary: dict[str, Any] = {
         "frames": n,
         "expected_frames": total or None,
         "faces": faces_seen,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_predict import trained_student_workdir
 
-from fan_jax import checkpoints, export, heatmaps, landmarks, predict
+from fan_jax import checkpoints, export, export_graph, heatmaps, landmarks, predict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.sections import export as export_bench
@@ -41,7 +41,7 @@ def student(workdir):
 @pytest.fixture(scope="module")
 def jax_fn(student):
     """The reference: the training layers as they are (depthwise convs as shifted slices)."""
-    return jax.jit(export.inference_fn(student.model, student.variables, native_convs=False))
+    return jax.jit(export_graph.inference_fn(student.model, student.variables, native_convs=False))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_decode_landmarks_matches_heatmaps_decode():
     hm[2, 4, 5, 4] = hm[2, 4, 3, 4] = 1.0
     hm[2, 3, 4, 4] = hm[2, 5, 4, 4] = 2.0
     want = heatmaps.from_heatmap_coords(heatmaps.decode(jnp.asarray(hm)), stride=4)
-    got = jax.jit(export.decode_landmarks)(hm)
+    got = jax.jit(export_graph.decode_landmarks)(hm)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -191,8 +191,8 @@ def test_onnx_has_named_symbolic_batch(exported):
 
 def test_native_convs_match_the_training_layers(student):
     images = _random_images(2, student.input_size, seed=3)
-    native = jax.jit(export.inference_fn(student.model, student.variables, native_convs=True))
-    plain = jax.jit(export.inference_fn(student.model, student.variables, native_convs=False))
+    native = jax.jit(export_graph.inference_fn(student.model, student.variables, native_convs=True))
+    plain = jax.jit(export_graph.inference_fn(student.model, student.variables, native_convs=False))
     np.testing.assert_allclose(
         np.asarray(native(images)[0]), np.asarray(plain(images)[0]), atol=1e-5
     )

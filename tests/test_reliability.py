@@ -308,7 +308,7 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
         def all_steps(self):
             return [3, 6, 9]
 
-    with pytest.raises(errors.CheckpointSaveError) as info, train._save_errors(Manager(), 9):
+    with pytest.raises(errors.CheckpointSaveError) as info, checkpoints.save_errors(Manager(), 9):
         raise ValueError(
             'RESOURCE_EXHAUSTED: Error writing "x": Failed to write 1 bytes '
             "to file 7: No space left on device [os_error_code='28']"
@@ -317,7 +317,7 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
     assert str(tmp_path / "checkpoints") in msg and "No space left on device" in msg
     assert "(step 6)" in msg
     with pytest.raises(errors.CheckpointSaveError, match="Read-only file system"):
-        with train._save_errors(Manager(), 1):
+        with checkpoints.save_errors(Manager(), 1):
             raise OSError(30, os.strerror(30))
 
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from fan_jax import checkpoints, errors, synthetic_300w, train, validate
+from fan_jax import errors, record, synthetic_300w, train, validate
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _train_helpers as helpers
@@ -134,27 +134,27 @@ def test_other_settings_need_allow_changes(trained, tmp_path):
         evaluate_at_end=False,
     )
     assert r.step == 3
-    assert checkpoints.read_record(workdir)["train"]["num_train_steps"] == 3
+    assert record.read_record(workdir)["train"]["num_train_steps"] == 3
 
 
 def test_record_is_written_after_restore_and_atomically(tmp_path, monkeypatch):
     """A model that cannot be built leaves no record; the record never appears half-written."""
     workdir = str(tmp_path / "w")
     written = []
-    real = checkpoints.write_record
+    real = record.write_record
 
     def spy(config, wd):
         # By the time the record is written the run has its checkpoint manager open.
         written.append(os.path.isdir(os.path.join(wd, "checkpoints")))
         real(config, wd)
 
-    monkeypatch.setattr(checkpoints, "write_record", spy)
+    monkeypatch.setattr(record, "write_record", spy)
     train.train_and_evaluate(
         _config(), workdir, sources=helpers.fake_sources(), evaluate_at_end=False
     )
     assert written == [True]
     assert not os.path.exists(os.path.join(workdir, "config.json.tmp"))
-    assert checkpoints.read_record(workdir)["model"]["name"] == "tiny_student"
+    assert record.read_record(workdir)["model"]["name"] == "tiny_student"
 
 
 # ------------------------------------------------------------------------- 2. the tree check

@@ -100,7 +100,8 @@ def benchmark_exports(
     import jax.numpy as jnp
 
     from fan_jax import compiler, predict
-    from fan_jax.export import export, file_size, inference_fn, load_exported, synthetic_crops
+    from fan_jax.export import export, file_size, load_exported, synthetic_crops
+    from fan_jax.export_graph import inference_fn
     from fan_jax.models import fan
 
     if quick:

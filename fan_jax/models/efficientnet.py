@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +69,9 @@ VARIANTS = {
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
     """Keras's channel rounding: nearest multiple of `divisor`, at most 10% below."""
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
         new += divisor
     return int(new)
 
@@ -193,6 +194,6 @@ class EfficientNetEncoder(nn.Module):
         return x
 
 
-def efficientnet_b3(**kwargs) -> EfficientNetEncoder:
+def efficientnet_b3(**kwargs: Any) -> EfficientNetEncoder:
     """EfficientNet-B3 encoder (1536 output channels)."""
     return EfficientNetEncoder(variant="b3", **kwargs)

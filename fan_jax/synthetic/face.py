@@ -23,9 +23,8 @@ def _draw_face(img: np.ndarray, f: SimpleNamespace, g: dict, features: bool = Tr
     _fill(img, g["body"], f.clothes)
     _fill(img, g["neck"], skin * 0.72)
     long_hair = f.hair_style == "long"
-    if f.hair_style in ("short", "long"):
-        if not long_hair:
-            _fill(img, g["hair_back"], f.hair)
+    if f.hair_style == "short":
+        _fill(img, g["hair_back"], f.hair)
     for k in range(2):
         ax = g["ear_axes"][k]
         c = g["ears"][k] + g["right"] * (-1 if k == 0 else 1) * ax[0] * 0.4
@@ -201,7 +200,7 @@ def _draw_face(img: np.ndarray, f: SimpleNamespace, g: dict, features: bool = Tr
                 def tint(layer, origin, c=c, axes=axes):
                     layer[...] = np.array(_colour(f.glasses_colour * 0.25), np.uint8)
 
-                lens = cv2.ellipse2Poly(
+                lens = cv2.ellipse2Poly(  # type: ignore[attr-defined]  # cv2 stubs: a Sequence
                     tuple(int(v) for v in c),
                     tuple(int(v) for v in axes),
                     int(g["angle"]),

@@ -264,8 +264,8 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
     )
 
     # Irises: at the eye centre plus gaze, pushed slightly forward of the lids.
-    irises3 = []
-    for k, idx in enumerate((RIGHT_EYE, LEFT_EYE)):
+    iris_list = []
+    for idx in (RIGHT_EYE, LEFT_EYE):
         corner_a, corner_b = pts3[idx[0]], pts3[idx[3]]
         c = 0.5 * (corner_a + corner_b)
         lo = 0.5 * (pts3[idx[4], 1] + pts3[idx[5], 1])
@@ -273,15 +273,15 @@ def _layout(f: SimpleNamespace, height: int, width: int, rng: np.random.Generato
         c = c + np.array(
             [f.gaze[0] * f.eye_w * 0.25, 0.5 * (lo + up) - c[1] + f.gaze[1] * f.eye_w, 0.04]
         )
-        irises3.append(c)
-    irises3 = np.array(irises3)
+        iris_list.append(c)
+    irises3 = np.array(iris_list)
 
     # Nose wings: short arcs rising from the nostril ends.
     wings3 = []
     for i, side in ((31, -1.0), (35, 1.0)):
         b = pts3[i]
         wings3.append(
-            np.array([[*b, side * 0.015, -0.17, -0.03], [*b, side * 0.045, -0.08, -0.02], b])
+            np.array([b + [side * 0.015, -0.17, -0.03], b + [side * 0.045, -0.08, -0.02], b])  # noqa: RUF005 (b is an array: elementwise +)
         )
 
     ry, rx = _rotations(f.yaw, f.pitch)

@@ -28,7 +28,11 @@ def _render(
     pose = (yaw, pitch, roll) in degrees replaces the sampled pose.
     """
     rng = _as_rng(rng)
-    height, width = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    height, width = (
+        (int(size), int(size))
+        if isinstance(size, int | np.integer)
+        else (int(size[0]), int(size[1]))
+    )
     seeds = rng.integers(0, 2**63, 5)
     face_rng, place_rng, bg_rng, occ_rng, post_rng = (np.random.default_rng(int(x)) for x in seeds)
     f = _sample_face(face_rng, challenging)

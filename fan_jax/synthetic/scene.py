@@ -121,7 +121,7 @@ def _occluders(img, f, g, rng):
             box = cv2.boxPoints((tuple(centre), (2 * r, 2 * r), ang))
             tex = _tile_crop(rng, "cloud", img.shape[0], img.shape[1])
 
-            def paint(layer, origin, box=box, colour=colour):
+            def paint(layer, origin, tex=tex, colour=colour):
                 th, tw = layer.shape[:2]
                 layer[...] = (tex[:th, :tw] * (colour / 255.0)).astype(np.uint8)
 

@@ -50,7 +50,8 @@ def run_once(fn: Callable, *args: Any) -> Any:
     """jit(fn)(*args), compiled without XLA's expensive optimisations."""
     lowered = jax.jit(fn).lower(*args)
     try:
-        compiled = lowered.compile(_RUN_ONCE_OPTIONS)
+        # XLA takes int option values; jax annotates the dict as str | bool only.
+        compiled = lowered.compile(_RUN_ONCE_OPTIONS)  # type: ignore[arg-type]
     except Exception:
         compiled = lowered.compile()
     return compiled(*args)

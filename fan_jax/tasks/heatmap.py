@@ -19,6 +19,7 @@ from etils import epath
 from fan_jax import checkpoints, optim, steps
 from fan_jax.errors import CheckpointMismatchError, TeacherError
 from fan_jax.models import fan
+from fan_jax.record import read_record
 from fan_jax.tasks.base import Task, label, run_once
 
 PyTree = Any
@@ -72,7 +73,7 @@ def teacher_record(config: ml_collections.ConfigDict) -> dict:
             f"teacher and point to it:\n  {train_cmd}\n  then "
             "--config.distill.teacher_workdir=<that workdir>"
         )
-    record = checkpoints.read_record(workdir)
+    record = read_record(workdir)
     if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
         raise TeacherError(

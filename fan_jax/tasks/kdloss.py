@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from fan_jax import asm, checkpoints, geometry, input_pipeline, kd_loss, optim, 
 from fan_jax.errors import CheckpointMismatchError, TeacherError
 from fan_jax.landmarks import prepare_images, to_normalized
 from fan_jax.models import regression
+from fan_jax.record import read_record
 from fan_jax.tasks.base import Task, label
 
 PyTree = Any
@@ -170,12 +171,15 @@ def _forward(
     images: jax.Array,
     rng: jax.Array,
 ) -> tuple[jax.Array, PyTree]:
-    pred, new_vars = model.apply(
-        {"params": steps.cast_floating(params, images.dtype), "batch_stats": batch_stats},
-        images,
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": rng},
+    pred, new_vars = cast(
+        tuple[jax.Array, PyTree],
+        model.apply(
+            {"params": steps.cast_floating(params, images.dtype), "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        ),
     )
     return pred.astype(jnp.float32), new_vars["batch_stats"]
 
@@ -183,7 +187,9 @@ def _forward(
 def _frozen_forward(
     model: regression.LandmarkRegressor, variables: PyTree, images: jax.Array
 ) -> jax.Array:
-    pred = model.apply(steps.params_in(variables, images.dtype), images, train=False)
+    pred = cast(
+        jax.Array, model.apply(steps.params_in(variables, images.dtype), images, train=False)
+    )
     return jax.lax.stop_gradient(pred.astype(jnp.float32))
 
 
@@ -215,6 +221,9 @@ def teacher_step(
     return steps.apply_gradients(state, grads, new_bs, tx), metrics
 
 
+_DEFAULT_LOSS = kd_loss.KDLossConfig()  # frozen dataclass: one shared default is safe
+
+
 def student_step(
     state: TrainState,
     frozen: tuple[PyTree, PyTree],
@@ -225,7 +234,7 @@ def student_step(
     tough: regression.LandmarkRegressor,
     tolerant: regression.LandmarkRegressor,
     tx: optax.GradientTransformation,
-    loss_config: kd_loss.KDLossConfig = kd_loss.KDLossConfig(),
+    loss_config: kd_loss.KDLossConfig = _DEFAULT_LOSS,
     compute_dtype: str = "float32",
 ) -> tuple[TrainState, Metrics]:
     """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables."""
@@ -274,7 +283,7 @@ def teacher_record(config: ml_collections.ConfigDict, r: str) -> dict:
         raise TeacherError(
             f"kd.{kind}_workdir is empty: train the {kind} teacher and point to it:\n  {train_cmd}"
         )
-    record = checkpoints.read_record(workdir)
+    record = read_record(workdir)
     if record is None or not checkpoints.has_checkpoints(workdir):
         where = workdir if "://" in workdir else str(epath.Path(workdir).resolve())
         raise TeacherError(

@@ -43,13 +43,15 @@ def batch_norm_act_train(
     return _bn_act_fwd(x, scale, bias, epsilon, activation)[0]
 
 
-def _normalise(x, mean, a, bias):
+def _normalise(x: Array, mean: Array, a: Array, bias: Array) -> Array:
     # Statistics are float32; the output keeps the input's dtype (bfloat16 stays bfloat16).
     a = a.astype(x.dtype)
     return x * a + (bias.astype(jnp.float32) - mean * a.astype(jnp.float32)).astype(x.dtype)
 
 
-def _bn_act_fwd(x, scale, bias, epsilon, activation):
+def _bn_act_fwd(
+    x: Array, scale: Array, bias: Array, epsilon: float, activation: str | None
+) -> tuple[Array, tuple[Array, ...]]:
     mean, var = _batch_moments(x)
     rstd = jax.lax.rsqrt(var + epsilon)
     act = _ACTIVATIONS[activation][0]
@@ -57,7 +59,9 @@ def _bn_act_fwd(x, scale, bias, epsilon, activation):
     return act(_normalise(x, mean, a, bias)), (x, scale, bias, mean, rstd)
 
 
-def _bn_act_bwd(epsilon, activation, res, g):
+def _bn_act_bwd(
+    epsilon: float, activation: str | None, res: tuple[Array, ...], g: Array
+) -> tuple[Array, Array, Array]:
     x, scale, bias, mean, rstd = res
     m = x.size // x.shape[-1]
     mask_fn = _ACTIVATIONS[activation][1]

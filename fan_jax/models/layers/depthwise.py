@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -19,8 +20,11 @@ from fan_jax.models.layers.forms import (
 )
 
 
-def _depthwise_geometry(shape, k: int, strides: int, padding: Padding):
-    n, h, w, c = shape
+def _depthwise_geometry(
+    shape: tuple[int, ...], k: int, strides: int, padding: Padding
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """((top, left) padding, padded (h, w), output (h, w))."""
+    _, h, w, _ = shape
     s = strides
     (pt, pb), (pl, pr) = _resolve_padding(padding, (h, w), k, s)
     ho = (h + pt + pb - k) // s + 1
@@ -39,7 +43,9 @@ def _depthwise_pad(x: Array, k: int, strides: int, padding: Padding) -> Array:
     return xp[:, :hp, :wp]
 
 
-def _depthwise_taps(xp: Array, k: int, strides: int, out_hw: tuple[int, int]):
+def _depthwise_taps(
+    xp: Array, k: int, strides: int, out_hw: tuple[int, int]
+) -> Iterator[tuple[tuple[int, int], Array]]:
     """Yields ((i, j), tap) with tap [N, Ho, Wo, C] the input pixels kernel tap (i, j) reads."""
     n, hp, wp, c = xp.shape
     s = strides
@@ -57,6 +63,7 @@ def _depthwise_padded(xp: Array, kernel: Array, strides: int, out_hw: tuple[int,
     for (i, j), tap in _depthwise_taps(xp, k, strides, out_hw):
         term = tap * kernel[i, j]
         out = term if out is None else out + term
+    assert out is not None  # k >= 1 taps
     return out
 
 
@@ -76,7 +83,7 @@ def _batch_sum(a: Array, max_terms: int = 8) -> Array:
 
 
 def _depthwise_input_grad(
-    gp: Array, kernel: Array, strides: int, padding: Padding, x_shape
+    gp: Array, kernel: Array, strides: int, padding: Padding, x_shape: tuple[int, int, int, int]
 ) -> Array:
     """Transpose of the depthwise conv in x, written like the forward: from g padded by
     (k-1)//s on each side (`gp`), sum shifted slices per polyphase component of the padded
@@ -120,7 +127,9 @@ def _depthwise_conv(x: Array, kernel: Array, strides: int, padding: Padding) -> 
     return _depthwise_padded(_depthwise_pad(x, k, strides, padding), kernel, strides, out_hw)
 
 
-def _depthwise_conv_fwd(x, kernel, strides, padding):
+def _depthwise_conv_fwd(
+    x: Array, kernel: Array, strides: int, padding: Padding
+) -> tuple[Array, tuple[Array, Array, tuple[int, ...]]]:
     k = kernel.shape[0]
     _, _, out_hw = _depthwise_geometry(x.shape, k, strides, padding)
     xp = _depthwise_pad(x, k, strides, padding)
@@ -129,10 +138,14 @@ def _depthwise_conv_fwd(x, kernel, strides, padding):
     return _depthwise_padded(xp, kernel, strides, out_hw), (xp, kernel, x.shape)
 
 
-def _depthwise_conv_bwd(strides, padding, res, g):
-    xp, kernel, x_shape = res
+def _depthwise_conv_bwd(
+    strides: int, padding: Padding, res: tuple[Array, Array, tuple[int, ...]], g: Array
+) -> tuple[Array, Array]:
+    xp, kernel, shape = res
+    x_shape = (shape[0], shape[1], shape[2], shape[3])
     k, c = kernel.shape[0], kernel.shape[-1]
-    out_hw = ho, wo = g.shape[1:3]
+    ho, wo = g.shape[1], g.shape[2]
+    out_hw = (ho, wo)
     # XLA fuses g's producer (a BatchNorm backward) into the pad and materialises it once;
     # every tap below then reads the padded copy instead of recomputing it.
     q = (k - 1) // strides
@@ -172,7 +185,7 @@ def depthwise_conv(x: Array, kernel: Array, strides: int = 1, padding: Padding =
     a contiguous slice. A custom VJP keeps only the padded input for the backward pass.
     """
     if not isinstance(padding, str):
-        padding = tuple(tuple(int(v) for v in p) for p in padding)
+        padding = tuple((int(p[0]), int(p[1])) for p in padding)
     return _depthwise_conv(x, kernel, int(strides), padding)
 
 

@@ -72,4 +72,4 @@ def _resolve_padding(
         if padding.upper() == "VALID":
             return [(0, 0)] * len(spatial)
         raise ValueError(f"unknown padding {padding!r}")
-    return [tuple(p) for p in padding]
+    return [(int(p[0]), int(p[1])) for p in padding]

@@ -54,6 +54,7 @@ def conv_transpose_torch(
                     ((0, 0), (qa, q - 1 - qa), (qb, q - 1 - qb), (0, 0), (0, 0), (0, 0)),
                 )
                 full = part if full is None else full + part
+    assert full is not None  # q >= 1: the loops above ran
     hf, wf = full.shape[1], full.shape[2]
     full = full.transpose(0, 1, 3, 2, 4, 5).reshape(n, hf * s, wf * s, cout)
     # Full (uncropped) output is (h-1)*s + k; crop p before and p - output_padding after.
