@@ -316,9 +316,11 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
     msg = str(info.value)
     assert str(tmp_path / "checkpoints") in msg and "No space left on device" in msg
     assert "(step 6)" in msg
-    with pytest.raises(errors.CheckpointSaveError, match="Read-only file system"):
-        with train._save_errors(Manager(), 1):
-            raise OSError(30, os.strerror(30))
+    with (
+        pytest.raises(errors.CheckpointSaveError, match="Read-only file system"),
+        train._save_errors(Manager(), 1),
+    ):
+        raise OSError(30, os.strerror(30))
 
 
 def test_misspelt_config_field_and_missing_config_file(tmp_path):
