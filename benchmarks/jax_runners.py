@@ -211,9 +211,9 @@ class DistillParts:
 
         from fan_jax import steps
 
-        put = lambda t: jax.tree_util.tree_map(
-            lambda x: jax.device_put(np.asarray(x), self.device), t
-        )
+        def put(t: Any) -> Any:
+            return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), self.device), t)
+
         params = put(
             {
                 "student": self.student_vars["params"],

@@ -92,7 +92,9 @@ def measure_per_jit(
             for n in names
         }
         times = time_interleaved(
-            {n: (lambda r=r: r.run(iters)) for n, r in runners.items()}, repeats, warmup=1
+            {n: (lambda r=r, iters=iters: r.run(iters)) for n, r in runners.items()},
+            repeats,
+            warmup=1,
         )
         for n in names:
             out[n][f"infer_ms_b{b}"] = 1e3 * statistics.median(times[n]) / iters
@@ -164,13 +166,13 @@ def main(argv: list[str] | None = None) -> dict:
         out = measure_per_jit(names, (1, batch), size, 98, max(args.repeats, 7))
         print(
             f"{'candidate':28s} "
-            + " ".join(f"{'b%d ms' % b:>8s} {'x default':>9s}" for b in (1, batch))
+            + " ".join(f"{f'b{b} ms':>8s} {'x default':>9s}" for b in (1, batch))
         )
         for name, s in out.items():
             print(
                 f"{name:28s} "
                 + " ".join(
-                    f"{s['infer_ms_b%d' % b]:8.2f} {s.get('ratio_vs_default_b%d' % b, float('nan')):9.3f}"
+                    f"{s[f'infer_ms_b{b}']:8.2f} {s.get(f'ratio_vs_default_b{b}', float('nan')):9.3f}"
                     for b in (1, batch)
                 )
                 + f"  {s['flags']}"

@@ -11,6 +11,7 @@ x=j, y=i; points are (x, y).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -274,7 +275,7 @@ class TarSource(FileSource):
     def __init__(self, path: os.PathLike | str, strip_prefix: str = ""):
         self.path = os.fspath(path)
         try:
-            self._tar = tarfile.open(self.path, "r:*")
+            self._tar = tarfile.open(self.path, "r:*")  # noqa: SIM115 - held open by the source; close() closes it
             self._members = {}
             for m in self._tar.getmembers():
                 name = _normalise_member(m.name, strip_prefix, self.path)
@@ -360,10 +361,8 @@ def find_file(root: os.PathLike | str, name: str, max_depth: int = 2) -> str | N
                 return candidate
         next_frontier = []
         for d in frontier:
-            try:
+            with contextlib.suppress(OSError):
                 next_frontier += sorted(e.path for e in os.scandir(d) if e.is_dir())
-            except OSError:
-                pass
         frontier = next_frontier
     return None
 

@@ -85,7 +85,7 @@ def test_matches_naive_pca():
     shapes = random_shapes(50, seed=5)
     model = asm.fit(shapes, 100)
     x = shapes.reshape(50, -1)
-    u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    _u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
     np.testing.assert_allclose(model.eigenvalues, (s**2 / 49)[: model.num_modes], rtol=1e-9)
     # Same subspaces mode by mode (up to sign).
     np.testing.assert_allclose(

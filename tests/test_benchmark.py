@@ -243,7 +243,7 @@ def test_torch_runners_cover_every_thread_setting_in_one_format():
 def test_quick_inference_reports_torch_at_both_thread_settings():
     pytest.importorskip("torch")
     cfg = harness.Config.quick_config(torch_threads=None)
-    report, rows = bench.run_sections(cfg, ["machine", "inference"], log=lambda s: None)
+    report, _rows = bench.run_sections(cfg, ["machine", "inference"], log=lambda s: None)
     sec = report["sections"]["inference"]
     by = sec["torch_by_threads"]
     assert set(by) == {str(t) for t in torch_runners.torch_thread_candidates(cfg)}
@@ -488,7 +488,7 @@ def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):
         assert s["train_ms"] > 0 and s["infer_ms"] > 0 and np.isfinite(s["rounds"][0]["final_loss"])
     assert out["default"]["train_ratio_vs_default"] == 1.0
     assert (
-        json.load(open(tmp_path / "f.json"))["candidates"]["no_xnnpack"]["flags"]
+        json.loads((tmp_path / "f.json").read_text())["candidates"]["no_xnnpack"]["flags"]
         == "--xla_cpu_use_xnnpack=false"
     )
     with pytest.raises(ValueError, match="--candidates: unknown"):
@@ -520,7 +520,7 @@ def test_xla_flags_per_jit_applies_each_candidate_to_its_own_function(monkeypatc
     )
     assert set(out) == {"default", "no_ynn"}
     assert out["no_ynn"]["infer_ms_b1"] > 0 and out["default"]["ratio_vs_default_b2"] == 1.0
-    assert json.load(open(tmp_path / "p.json"))["per_jit"] is True
+    assert json.loads((tmp_path / "p.json").read_text())["per_jit"] is True
     # The options reach XLA: one it does not know fails at compile time.
     monkeypatch.setitem(xla_flags.CANDIDATES, "bogus", "--xla_cpu_no_such_flag=true")
     with pytest.raises(Exception, match="xla_cpu_no_such_flag"):

@@ -75,7 +75,7 @@ def raw_images(n: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def test_block_layout_matches_keras():
-    names = {l.name for l in keras_b3().layers}
+    names = {layer.name for layer in keras_b3().layers}
     configs = en.block_configs("b3")
     assert len(configs) == 26  # ceil(1.4 * [1, 2, 2, 3, 3, 4, 1])
     for cfg in configs:

@@ -164,7 +164,8 @@ def test_sidecar_describes_the_interface(exported, student):
     for name, path in exported.items():
         if name.endswith(":stdout"):
             continue
-        info = json.loads(open(path.rstrip("/") + ".json").read())
+        with open(path.rstrip("/") + ".json") as f:
+            info = json.load(f)
         assert info["num_landmarks"] == 68
         assert info["input"]["name"] == "image" and info["input"]["range"] == [0, 255]
         assert "mean" in info["input"]["normalization"]
@@ -253,7 +254,7 @@ def test_cli_errors(tmp_path, capsys, workdir):
 def test_cli_verifies_against_jax(exported):
     lines = exported["tflite:stdout"].splitlines()
     assert any(ln.startswith("Wrote ") and "MiB" in ln for ln in lines)
-    line = [ln for ln in lines if ln.startswith("Check against JAX")][0]
+    line = next(ln for ln in lines if ln.startswith("Check against JAX"))
     check = json.loads(line.split(":", 1)[1])
     assert check["max_abs_heatmap_diff"] < 1e-4 and check["max_landmark_diff_px"] == 0.0
     assert not any(
@@ -277,7 +278,7 @@ def test_benchmark_exports_reports_latency_and_size(workdir):
     assert res["image_size"] == 64 and res["num_landmarks"] == 68
     assert res["tflite"]["latency_ms"] > 0 and res["jax"]["latency_ms"] > 0
     assert res["tflite"]["size_mib"] > 1
-    metric, ours, baseline, speed, spread = res["rows"][0]
+    metric, ours, baseline, _speed, _spread = res["rows"][0]
     assert "tflite" in metric and float(ours) > 0 and float(baseline) > 0
     assert set(res["summary"]) >= {
         "export_tflite_latency_ms",

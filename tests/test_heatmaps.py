@@ -19,11 +19,11 @@ def test_coordinate_maps():
 
 
 def _render_reference(points, size, sigma):
-    b, l, _ = points.shape
+    b, n_lm, _ = points.shape
     yy, xx = np.mgrid[0:size, 0:size]
-    out = np.zeros((b, size, size, l))
+    out = np.zeros((b, size, size, n_lm))
     for i in range(b):
-        for k in range(l):
+        for k in range(n_lm):
             x, y = points[i, k]
             out[i, :, :, k] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
     return out
@@ -61,10 +61,10 @@ def test_render_then_decode_within_quarter_pixel(offgrid):
 
 def _decode_reference(heat, simple_baselines):
     """Slow loop over images and landmarks; simple_baselines follows get_final_preds literally."""
-    b, h, w, l = heat.shape
-    out = np.zeros((b, l, 2))
+    b, h, w, n_lm = heat.shape
+    out = np.zeros((b, n_lm, 2))
     for n in range(b):
-        for k in range(l):
+        for k in range(n_lm):
             m = heat[n, :, :, k]
             idx = int(np.argmax(m))
             px, py = idx % w, idx // w

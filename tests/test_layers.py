@@ -239,7 +239,7 @@ def test_batch_norm_matches_flax(activation):
         outs = []
         for module, f in ((ours, lambda y: y), (ref, act)):
 
-            def loss(params, x):
+            def loss(params, x, module=module, f=f):
                 y, upd = module.apply(
                     {"params": params, "batch_stats": stats},
                     x,
@@ -283,8 +283,8 @@ def test_lax_form_equals_the_matmul_form(monkeypatch):
             y = model.apply(p, x)
         return jnp.sum(y**2), y
 
-    (l_m, y_m), g_m = jax.value_and_grad(loss, has_aux=True)(params, "matmul")
-    (l_l, y_l), g_l = jax.value_and_grad(loss, has_aux=True)(params, "lax")
+    (_l_m, y_m), g_m = jax.value_and_grad(loss, has_aux=True)(params, "matmul")
+    (_l_l, y_l), g_l = jax.value_and_grad(loss, has_aux=True)(params, "lax")
     np.testing.assert_allclose(y_l, y_m, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_l), jax.tree.leaves(g_m)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(b))))

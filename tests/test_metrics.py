@@ -27,7 +27,7 @@ def test_300w_inter_pupil_is_distance_between_eye_point_means():
     gt = np.zeros((1, 68, 2))
     angles = np.linspace(0, 2 * np.pi, 6, endpoint=False)
     ring = np.stack([np.cos(angles), np.sin(angles)], -1) * 5
-    gt[0, 36:42] = ring + (10, 20)  # six points whose mean is the left pupil (10, 20)
+    gt[0, 36:42] = ring + np.array([10, 20])  # six points whose mean is the left pupil (10, 20)
     gt[0, 42:48] = ring * 0.8 + (40, 24)
     gt[0, 36] += (0.6, 0.0)  # move one point: the mean moves by 0.1 in x
     expected = np.hypot(40 - 10.1, 24 - 20)

@@ -279,7 +279,7 @@ def test_encoder_matches_plain_flax_reference(monkeypatch):
         outs = []
         for m in (fast, ref):
 
-            def loss(params, x):
+            def loss(params, x, m=m):
                 y, upd = m.apply(
                     {"params": params, "batch_stats": variables["batch_stats"]},
                     x,

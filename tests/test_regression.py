@@ -95,8 +95,8 @@ def test_registry_and_shapes():
     x = jnp.zeros((1, SIZE, SIZE, 3))
     for name, channels in (("mobilenet_v2_reg", 1280), ("efficientnet_b3_reg", 1536)):
         model = reg.build_regressor(name, L)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-        out = jax.eval_shape(lambda v: model.apply(v, x, train=False), shapes)
+        shapes = jax.eval_shape(lambda model=model: model.init(jax.random.key(0), x, train=False))
+        out = jax.eval_shape(lambda v, model=model: model.apply(v, x, train=False), shapes)
         assert out.shape == (1, L, 2)
         assert shapes["params"]["head"]["out"]["kernel"].shape == (channels, 2 * L)
     teacher = reg.build_regressor("efficientnet_b3_reg", L)

@@ -300,7 +300,6 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last(tree, tmp_
 
 def test_save_errors_name_the_directory_and_the_cause(tmp_path):
     """The wrapper alone, on orbax's way of reporting a writer thread's failure."""
-    from fan_jax import train
 
     class Manager:
         directory = tmp_path / "checkpoints"
@@ -316,9 +315,11 @@ def test_save_errors_name_the_directory_and_the_cause(tmp_path):
     msg = str(info.value)
     assert str(tmp_path / "checkpoints") in msg and "No space left on device" in msg
     assert "(step 6)" in msg
-    with pytest.raises(errors.CheckpointSaveError, match="Read-only file system"):
-        with checkpoints.save_errors(Manager(), 1):
-            raise OSError(30, os.strerror(30))
+    with (
+        pytest.raises(errors.CheckpointSaveError, match="Read-only file system"),
+        checkpoints.save_errors(Manager(), 1),
+    ):
+        raise OSError(30, os.strerror(30))
 
 
 def test_misspelt_config_field_and_missing_config_file(tmp_path):

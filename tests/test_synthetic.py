@@ -126,7 +126,7 @@ def test_mirror_symmetry_matches_flip_permutation():
 
 def test_yaw_moves_nose_toward_far_side():
     for seed in range(6):
-        _, lm0, _ = S._render(S.image_rng(seed, 0, 78), 320, pose=(0, 0, 0))
+        _, _lm0, _ = S._render(S.image_rng(seed, 0, 78), 320, pose=(0, 0, 0))
         _, lm, _ = S._render(S.image_rng(seed, 0, 78), 320, pose=(30, 0, 0))
         # Positive yaw turns the face toward +x: nose past the jaw midline, far (left-eye) side narrower.
         mid = 0.5 * (lm[0, 0] + lm[16, 0])
@@ -253,9 +253,11 @@ def test_write_300w_tree(tmp_path):
     for folder in names:
         for name in names[folder]:
             for p in (name, os.path.splitext(name)[0] + ".pts"):
-                with open(os.path.join(out, folder, p), "rb") as fa:
-                    with open(os.path.join(out2, folder, p), "rb") as fb:
-                        assert fa.read() == fb.read()
+                with (
+                    open(os.path.join(out, folder, p), "rb") as fa,
+                    open(os.path.join(out2, folder, p), "rb") as fb,
+                ):
+                    assert fa.read() == fb.read()
     small = T.write_300w_tree(out, 2, 2, seed=3, size=size, overwrite=True)
     n_files = sum(len(os.listdir(os.path.join(out, s[0]))) for s in S.SUBSETS)
     assert n_files == 2 * small["total"]

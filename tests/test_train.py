@@ -218,7 +218,7 @@ def test_keeps_latest_and_best(tmp_path):
     assert sorted(nmes) == list(range(1, STEPS + 1))
     best = min(nmes, key=nmes.get)
     assert _steps_in(workdir) == sorted({best, STEPS})
-    restored, step = checkpoints.restore_model(workdir, "best")
+    _restored, step = checkpoints.restore_model(workdir, "best")
     assert step == best
 
 

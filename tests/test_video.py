@@ -39,7 +39,7 @@ class Centroids:
     def apply(self, variables, x, train=False):
         import jax.numpy as jnp
 
-        b, h, w, _ = x.shape
+        b, h, _w, _ = x.shape
         hm = h // 4
         pooled = x.reshape(b, hm, 4, hm, 4, 3).mean(axis=(2, 4))
         ys, xs = jnp.meshgrid(
@@ -220,7 +220,8 @@ def test_cli_tracks_a_real_photo_through_a_clip(workdir, tmp_path, capsys):
         ]
     )
     assert status == 0, capsys.readouterr().err
-    lines = [json.loads(x) for x in open(out_json)]
+    with open(out_json) as f:
+        lines = [json.loads(x) for x in f]
     assert [r["frame"] for r in lines] == list(range(len(frames)))
     assert all(0 in [f["id"] for f in r["faces"]] for r in lines), "the face, one id, every frame"
     assert sum(f["detected"] for r in lines for f in r["faces"] if f["id"] == 0) == 4  # 0,6,12,18

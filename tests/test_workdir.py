@@ -91,7 +91,8 @@ def test_rerun_with_other_model_or_data_changes_nothing(trained, tmp_path, overr
             evaluate_at_end=False,
         )
     message = str(info.value)
-    old = json.loads(open(os.path.join(workdir, "config.json")).read())
+    with open(os.path.join(workdir, "config.json")) as f:
+        old = json.load(f)
     node = old
     for p in field.split("."):
         node = node[p]
@@ -198,7 +199,8 @@ def test_eval_mode_builds_the_model_from_the_record(trained, tmp_path):
 
 
 def test_readme_and_default_agree_on_the_scored_checkpoint():
-    readme = open(os.path.join(helpers.REPO_ROOT, "README.md")).read()
+    with open(os.path.join(helpers.REPO_ROOT, "README.md")) as f:
+        readme = f.read()
     default = helpers.load_config("default").eval.checkpoint
     assert f"`eval.checkpoint` (default `{default}`" in readme
 

@@ -128,13 +128,15 @@ def _layer_forms(cfg: Config, device: Any) -> Json:
         params = jax.device_put(layer.init(jax.random.PRNGKey(0), x), device)
         fns, flops = {}, {}
         for impl in ("matmul", "lax"):
-            loss = traced_with(impl, lambda p, x: jnp.sum(jnp.square(layer.apply(p, x))))
+            loss = traced_with(
+                impl, lambda p, x, layer=layer: jnp.sum(jnp.square(layer.apply(p, x)))
+            )
             exe = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
             flops[impl] = flops_of(exe)
-            fns[impl] = lambda e=exe: jax.block_until_ready(e(params, x))
+            fns[impl] = lambda e=exe, p=params, x=x: jax.block_until_ready(e(p, x))
         iters = cfg.accel_iters_per_repeat
         times = time_interleaved(
-            {k: (lambda f=f: [f() for _ in range(iters)]) for k, f in fns.items()},
+            {k: (lambda f=f, n=iters: [f() for _ in range(n)]) for k, f in fns.items()},
             cfg.repeats,
             cfg.warmup,
         )

@@ -189,11 +189,12 @@ def streaming_rates(device: Any, sizes: tuple[int, ...], repeats: int) -> list[t
     for nbytes in sizes:
         n = max(1024, nbytes // (2 * F32))
         passes = max(1, (256 << 20) // (2 * F32 * n))
-        f = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, x: x * 0.999 + 0.001, x))
-        x = jax.device_put(jnp.ones((n,), jnp.float32), device)
-        t = summarize(
-            time_interleaved({"s": lambda: f(x).block_until_ready()}, repeats, warmup=1)["s"]
+        f = jax.jit(
+            lambda x, passes=passes: jax.lax.fori_loop(0, passes, lambda i, x: x * 0.999 + 0.001, x)
         )
+        x = jax.device_put(jnp.ones((n,), jnp.float32), device)
+        run = {"s": lambda f=f, x=x: f(x).block_until_ready()}
+        t = summarize(time_interleaved(run, repeats, warmup=1)["s"])
         out.append((2 * F32 * n, 2 * F32 * n * passes / t["median_s"]))
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import h5py
 import numpy as np
@@ -131,7 +132,9 @@ class Builder(common.LandmarkBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Face crops with margin, to_original affine, occlusion flags."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Face crops with margin, to_original affine, occlusion flags."
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import posixpath
 from collections import defaultdict
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -152,7 +153,9 @@ class Builder(common.LandmarkBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Face crops with margin, to_original affine, subset names."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Face crops with margin, to_original affine, subset names."
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:

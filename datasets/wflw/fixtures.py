@@ -94,7 +94,7 @@ def write_tree(root: str, seed: int = 0) -> Fixture:
     for split, entries in _LAYOUT.items():
         lines = []
         faces[split] = []
-        for k, (path, w, h, boxes) in enumerate(entries):
+        for path, w, h, boxes in entries:
             data = common.encode_file(common.fixture_image(w, h, seed=len(images)), ".jpg")
             full = os.path.join(root, wflw.IMAGES_DIR, path)
             os.makedirs(os.path.dirname(full), exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -127,7 +128,9 @@ class Builder(common.LandmarkBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Face crops with margin, to_original affine, attributes."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Face crops with margin, to_original affine, attributes."
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
