@@ -248,8 +248,13 @@ def export(
     metadata: Mapping[str, Any] | None = None,
     num_representative: int = 64,
     kind: str = "heatmap",
+    representative: np.ndarray | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> str:
-    """Exports to `out` in format `fmt` and writes the `<out>.json` sidecar; returns `out`."""
+    """Exports to `out` in format `fmt` and writes the `<out>.json` sidecar; returns `out`.
+
+    int8 calibrates on `representative` uint8 crops (described by `calibration` in the
+    sidecar), else on `num_representative` synthetic faces."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if quantize != "none" and fmt != "tflite":
@@ -277,8 +282,15 @@ def export(
             quantize=quantize,
             batch_size=batch_size,
             num_representative=num_representative,
+            representative=representative,
             kind=kind,
         )
+        if quantize == "int8":
+            info["calibration"] = dict(
+                calibration
+                if representative is not None and calibration
+                else {"source": "synthetic", "split": None, "count": num_representative}
+            )
     elif fmt == "onnx":
         export_onnx(
             model,
@@ -392,8 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num_representative",
         type=int,
-        default=64,
-        help="int8: synthetic faces used to calibrate activation ranges",
+        default=300,
+        help="int8: crops of the run's own training split that calibrate activation ranges "
+        "(synthetic faces, with a warning, when that split cannot be read)",
+    )
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="score the new file and the checkpoint side by side on the run's test splits "
+        "(the sidecar records both; plots in <out>.eval/)",
     )
     parser.add_argument(
         "--no_verify",
@@ -410,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quantize != "none" and args.format != "tflite":
         parser.error("--quantize applies to --format tflite only")
+    from fan_jax import score_exported
+
+    representative, calibration = None, None
+    if args.quantize == "int8":
+        representative, calibration = score_exported.calibration_set(
+            loaded.workdir, args.num_representative
+        )
     t0 = time.perf_counter()
     try:
         export(
@@ -423,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             metadata=loaded.describe(),
             num_representative=args.num_representative,
             kind=loaded.kind,
+            representative=representative,
+            calibration=calibration,
         )
     except OSError as e:  # an unwritable --out
         print(f"ERROR: {args.out}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -438,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
                 _verify(loaded.model, loaded.variables, loaded.input_size, args.out, loaded.kind)
             ),
         )
+    if args.evaluate:
+        try:
+            print(score_exported.evaluate_export(loaded, args.out))
+        except (FanJaxError, OSError) as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
