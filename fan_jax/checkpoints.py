@@ -384,6 +384,7 @@ class LoadedModel:
             "step": self.step,
             "num_landmarks": self.num_landmarks,
             "input_size": self.input_size,
+            "box_scale": self.box_scale,
         }
 
 

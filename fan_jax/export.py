@@ -49,11 +49,18 @@ from fan_jax.errors import FanJaxError
 from fan_jax.export_graph import inference_fn, output_names
 
 # The runtimes live in fan_jax.exported; these names are kept for existing callers.
-from fan_jax.exported import INPUT_NAME, OUTPUT_NAMES, ExportedModel, detect_format, load_exported  # noqa: F401
+from fan_jax.exported import (  # noqa: F401
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    SIDE_CAR_SUFFIX,
+    ExportedModel,
+    detect_format,
+    load_exported,
+    sidecar_path,
+)
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "float16", "int8")
-SIDE_CAR_SUFFIX = ".json"
 
 
 # --------------------------------------------------------------------------- exporters
@@ -302,7 +309,7 @@ def export(
         )
     else:
         export_savedmodel(model, variables, input_size, out, kind=kind)
-    with open(out.rstrip("/") + SIDE_CAR_SUFFIX, "w") as f:
+    with open(sidecar_path(out), "w") as f:
         json.dump(info, f, indent=2)
     return out
 

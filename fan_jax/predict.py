@@ -11,6 +11,9 @@ all faces of all images are batched, and the jitted model runs once per padded b
 (1, 2, 4, 8, 16, 32), so a handful of shapes is ever compiled. Landmarks come back in the
 original image's pixel coordinates (0-based pixel centres).
 
+The JAX, flax and orbax imports are deferred to where a workdir's model is loaded, so
+`--model FILE` (an exported file, `fan_jax.exported.ExportedPredictor`) never imports them.
+
 Exit status: 0 when every image gave at least one face; 1 when some image could not be read
 or had no face (the others are still processed and reported); 2 for a missing or
 incompatible checkpoint or bad arguments.
@@ -29,23 +32,21 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fan_jax import checkpoints, compiler, detect, geometry, landmarks, outputs
-from fan_jax.checkpoints import LoadedModel
+from fan_jax import detect, geometry, outputs
 from fan_jax.errors import CheckpointMismatchError, FanJaxError
+from fan_jax.face_landmarks import BATCH_BUCKETS, LandmarkPipeline, bucket_size
 
 # Faces and image files live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
-from fan_jax.faces import Face, ImageReadError, draw_faces, parse_box, read_image
-from fan_jax.faces import as_rgb as _as_rgb
+from fan_jax.faces import ImageReadError, draw_faces, parse_box, read_image
+
+if TYPE_CHECKING:
+    from fan_jax.checkpoints import LoadedModel
 
 PyTree = Any
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 class CheckpointError(FanJaxError, RuntimeError):
@@ -86,6 +87,10 @@ def load_student(
     `which`: 'best' (by validation NME; the latest when no step has a metric), 'latest' or a
     step number. Raises CheckpointError with what is missing or which parameter differs.
     """
+    import jax
+
+    from fan_jax import checkpoints
+
     workdir, which = _resolve_checkpoint(workdir, checkpoint, which)
     if "://" not in workdir and not os.path.isdir(workdir):
         raise CheckpointError(f"workdir {workdir} does not exist")
@@ -114,16 +119,8 @@ suppress_overlaps = detect.suppress_overlaps
 # --------------------------------------------------------------------------- predictor
 
 
-def bucket_size(n: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
-    """The smallest bucket >= n (the largest bucket when n exceeds them all)."""
-    for b in buckets:
-        if b >= n:
-            return b
-    return buckets[-1]
-
-
-class Predictor:
-    """Face landmarks on numpy RGB uint8 images with a trained student.
+class Predictor(LandmarkPipeline):
+    """Face landmarks on numpy RGB uint8 images with a trained student (JAX).
 
     `Predictor(variables, model, num_landmarks, input_size)`; `variables` is the student's
     {'params', 'batch_stats'} (a training checkpoint's 'model' item also works: the
@@ -143,23 +140,25 @@ class Predictor:
         detector: str | Callable[[np.ndarray], np.ndarray] = "auto",
         buckets: Sequence[int] = BATCH_BUCKETS,
     ):
+        import jax
+        import jax.numpy as jnp
+
+        from fan_jax import checkpoints, compiler, landmarks
+
+        super().__init__(
+            num_landmarks, input_size, kind=kind, box_scale=box_scale, detector=detector
+        )
         self.variables = jax.device_put(
             jax.tree.map(jnp.asarray, checkpoints.student_variables(variables))
         )
-        self.kind = kind
         self.model = model
-        self.num_landmarks = int(num_landmarks)
-        self.input_size = int(input_size)
-        self.box_scale = float(box_scale)
         self.buckets = tuple(sorted(buckets))
-        self._detector = detector
-        self.info: dict = {}
         self.traced_batch_sizes: list[int] = []  # one entry per compilation (tests, logging)
         flip_perm = None
         if flip_test:
             flip_perm = jnp.asarray(geometry.flip_permutation(self.num_landmarks))
 
-        def run(variables: PyTree, crops: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def run(variables: PyTree, crops: Any) -> tuple[Any, Any]:
             self.traced_batch_sizes.append(int(crops.shape[0]))
             return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
@@ -188,24 +187,6 @@ class Predictor:
         )
         p.info = loaded.describe()
         return p
-
-    @property
-    def detector(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The face detector (built on first use from its `fan_jax.detect` name)."""
-        if isinstance(self._detector, str):
-            self._detector = detect.make_detector(self._detector)
-        return self._detector
-
-    def detect(self, image: np.ndarray) -> np.ndarray:
-        """Face boxes [F, 4] (x0, y0, x1, y1) in `image`, largest first."""
-        return np.asarray(self.detector(_as_rgb(image)), np.float32).reshape(-1, 4)
-
-    def crop(
-        self, image: np.ndarray, box: Sequence[float] | np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 crop [S, S, 3], image->crop affine [2, 3]) for one face box."""
-        m = geometry.crop_transform(np.asarray(box, np.float64), self.input_size, self.box_scale)
-        return geometry.warp_image(_as_rgb(image), m, self.input_size), m
 
     def predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 crops [N, S, S, 3] -> (landmarks [N, L, 2] in crop pixels, scores [N, L]).
@@ -236,46 +217,6 @@ class Predictor:
             scores.append(np.asarray(s)[:k])
         return np.concatenate(pts), np.concatenate(scores)
 
-    def predict_many(
-        self,
-        images: Sequence[np.ndarray],
-        boxes: Sequence[np.ndarray | Sequence[Sequence[float]] | None] | None = None,
-    ) -> list[list[Face]]:
-        """Faces of several images, all crops in shared batches. boxes[i] None: detect."""
-        if boxes is None:
-            boxes = [None] * len(images)
-        if len(boxes) != len(images):
-            raise ValueError(f"{len(boxes)} box lists for {len(images)} images")
-        crops, mats, owners, face_boxes = [], [], [], []
-        for i, (image, bxs) in enumerate(zip(images, boxes)):
-            image = _as_rgb(image)
-            bxs = self.detect(image) if bxs is None else np.asarray(bxs, np.float32).reshape(-1, 4)
-            for box in bxs:
-                c, m = self.crop(image, box)
-                crops.append(c)
-                mats.append(m)
-                owners.append(i)
-                face_boxes.append(box)
-        out: list[list[Face]] = [[] for _ in images]
-        if not crops:
-            return out
-        pts, scores = self.predict_crops(np.stack(crops))
-        back = geometry.invert_affine(np.stack(mats))
-        orig = geometry.apply_affine(back, pts.astype(np.float64)).astype(np.float32)
-        for i, box, lm, sc in zip(owners, face_boxes, orig, scores):
-            out[i].append(Face(box=np.asarray(box, np.float32), landmarks=lm, scores=sc))
-        return out
-
-    def predict(
-        self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]] | None = None
-    ) -> list[Face]:
-        """Faces of one RGB image (uint8 [H, W, 3]; grey [H, W] is accepted): detected, or one
-        per given box (x0, y0, x1, y1)."""
-        return self.predict_many([image], [boxes])[0]
-
-    def __call__(self, image: np.ndarray, boxes: Any = None) -> list[Face]:
-        return self.predict(image, boxes)
-
 
 # --------------------------------------------------------------------------- the CLI
 
@@ -290,9 +231,16 @@ def _draw_path(out_dir: str, image_path: str, used: set[str]) -> str:
     return os.path.join(out_dir, name)
 
 
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """--workdir | --checkpoint, and --which: the arguments of `load_student`."""
+def add_checkpoint_args(parser: argparse.ArgumentParser, exported: bool = False) -> None:
+    """--workdir | --checkpoint, and --which: the arguments of `load_student` (and, with
+    `exported`, --model: an exported file instead)."""
     src = parser.add_mutually_exclusive_group(required=True)
+    if exported:
+        src.add_argument(
+            "--model",
+            help="an exported file (.tflite, .onnx, SavedModel; fan_jax.export) with its "
+            ".json sidecar beside it, run in its own runtime instead of JAX",
+        )
     src.add_argument("--workdir", help="training workdir (its config.json and checkpoints/)")
     src.add_argument(
         "--checkpoint", help="a checkpoint step directory <workdir>/checkpoints/<step>"
@@ -312,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit status: 0 all images had faces; 1 some image unreadable or without a "
         "face; 2 checkpoint or argument errors.",
     )
-    add_checkpoint_args(parser)
+    add_checkpoint_args(parser, exported=True)
     parser.add_argument(
         "images",
         nargs="*",
@@ -392,13 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"ERROR: {e}", file=sys.stderr)
             return 2
+    if args.model and args.flip_test:
+        parser.error("--flip_test needs the JAX model (--workdir or --checkpoint)")
+    predictor: LandmarkPipeline
     try:
-        predictor = Predictor.from_loaded(
-            load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
-            flip_test=args.flip_test,
-            detector=args.detector,
-        )
-    except (FanJaxError, OSError) as e:  # the checkpoint or its record
+        if args.model:
+            from fan_jax.exported import ExportedPredictor
+
+            predictor = ExportedPredictor(args.model, detector=args.detector)
+        else:
+            predictor = Predictor.from_loaded(
+                load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
+                flip_test=args.flip_test,
+                detector=args.detector,
+            )
+    except (FanJaxError, OSError) as e:  # the checkpoint, its record, or the exported file
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 
@@ -451,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _run_video(args: argparse.Namespace, predictor: Predictor) -> int:
+def _run_video(args: argparse.Namespace, predictor: LandmarkPipeline) -> int:
     from fan_jax import video
 
     source = args.camera if args.camera is not None else args.images[0]

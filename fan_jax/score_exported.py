@@ -11,7 +11,6 @@ every disagreement between file, sidecar and workdir is one `ExportedFileError` 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -21,74 +20,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fan_jax import data, evaluate, geometry, landmarks, outputs
+from fan_jax import data, evaluate, geometry, landmarks
 from fan_jax.errors import FanJaxError
-from fan_jax.exported import ExportedModel, detect_format, load_exported
+from fan_jax.exported import (
+    ExportedFileError,
+    ExportedModel,
+    open_model,
+    read_sidecar,
+    write_sidecar,
+)
 from fan_jax.record import CONFIG_FILE, read_record
 
 if TYPE_CHECKING:
     from fan_jax.checkpoints import LoadedModel
-
-SIDE_CAR_SUFFIX = ".json"
-
-
-class ExportedFileError(FanJaxError, ValueError):
-    """An exported file, or its sidecar, that cannot be used as it is."""
-
-
-def sidecar_path(path: str) -> str:
-    return path.rstrip("/") + SIDE_CAR_SUFFIX
-
-
-def read_sidecar(path: str) -> dict:
-    """The sidecar `fan_jax.export` wrote beside `path`."""
-    side = sidecar_path(path)
-    if not os.path.exists(side):
-        raise ExportedFileError(
-            f"{side}: missing; it describes {path}'s interface (python -m fan_jax.export writes "
-            "it beside the model file: keep the two together)"
-        )
-    try:
-        with open(side) as f:
-            info = json.load(f)
-        fields = (int(info["num_landmarks"]), int(info["input"]["shape"][1]), info["kind"])
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ExportedFileError(f"{side}: not a fan_jax export sidecar ({e!r})") from None
-    if fields[2] not in landmarks.KINDS:
-        raise ExportedFileError(f"{side}: unknown model kind {fields[2]!r}")
-    return info
-
-
-def open_model(path: str, sidecar: Mapping[str, Any] | None = None) -> ExportedModel:
-    """The file in its runtime, checked against its sidecar (input size, landmark count)."""
-    info = read_sidecar(path) if sidecar is None else sidecar
-    if not os.path.exists(path):
-        raise ExportedFileError(f"{path}: no such file")
-    try:
-        detect_format(path)
-    except ValueError as e:  # an extension no runtime reads
-        raise ExportedFileError(str(e)) from None
-    try:
-        model = load_exported(path)
-    except Exception as e:  # each runtime raises its own type for a truncated or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportedFileError(
-            f"{path}: the {os.path.splitext(path)[1] or 'SavedModel'} runtime cannot load it "
-            f"(truncated, or not a model of this format): {first[:300]}"
-        ) from None
-    want = int(info["input"]["shape"][1])
-    if model.input_size != want:
-        raise ExportedFileError(
-            f"{path}: takes {model.input_size} px crops, its sidecar {sidecar_path(path)} says "
-            f"{want}"
-        )
-    probe = model(np.zeros((1, want, want, 3), np.float32))
-    have = int(probe["landmarks"].shape[1])
-    if have != int(info["num_landmarks"]):
-        raise ExportedFileError(
-            f"{path}: predicts {have} landmarks, its sidecar says {info['num_landmarks']}"
-        )
-    return model
 
 
 def run_config(workdir: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
@@ -239,11 +183,6 @@ def evaluate_export(loaded: LoadedModel, out: str) -> str:
     write_sidecar(out, info)
     name = os.path.basename(out.rstrip("/"))
     return evaluate.format_table({f"JAX checkpoint (step {loaded.step})": ref, name: got})
-
-
-def write_sidecar(path: str, info: Mapping[str, Any]) -> None:
-    """Rewrites the sidecar whole (a reader never sees half of it)."""
-    outputs.write_text(sidecar_path(path), json.dumps(info, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

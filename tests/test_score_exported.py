@@ -168,3 +168,118 @@ def test_bad_files_sidecars_and_workdirs_are_one_named_line(run, exported, tmp_p
     for path, wd, needles in cases:
         assert score_exported.main(["--model", path, "--workdir", wd]) == 2, path
         _one_error(capsys, *needles)
+
+
+# ------------------------------------------------------------------------- predict --model
+
+
+def _face_photo(tmp_path):
+    """A synthetic face (the model's training distribution) on a larger canvas, with its box."""
+    import cv2
+
+    from fan_jax import geometry, synthetic
+
+    img, lm = synthetic.render_face(4321, size=160)
+    path = str(tmp_path / "face.png")
+    cv2.imwrite(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return path, geometry.box_from_landmarks(lm)
+
+
+def test_predict_from_an_exported_file_matches_the_workdir(run, exported, tmp_path, capsys):
+    from fan_jax import predict
+
+    workdir, _ = run
+    photo, box = _face_photo(tmp_path)
+    box_arg = ",".join(f"{v:.2f}" for v in box)
+    got = {}
+    for name, src in (("jax", ["--workdir", workdir]), ("file", ["--model", exported["none"]])):
+        out = str(tmp_path / f"{name}.json")
+        assert predict.main([*src, photo, "--box", box_arg, "-o", out]) == 0
+        with open(out) as f:
+            got[name] = np.asarray(json.load(f)["images"][0]["faces"][0]["landmarks"])
+    capsys.readouterr()
+    # In crop pixels (64 px crop of a 1.25 x box side window): the export's own tolerance,
+    # at most one heatmap pixel (4 crop px) on a near tie, and most points identical.
+    per_crop_px = 64 / (1.25 * max(box[2] - box[0], box[3] - box[1]))
+    diff = np.abs(got["jax"] - got["file"]).max(axis=-1) * per_crop_px
+    assert diff.max() <= 4.0 + 1e-3, np.sort(diff)[-5:]
+    assert np.median(diff) < 0.05, np.median(diff)
+
+
+def test_predict_and_video_from_an_exported_file_find_the_astronaut(
+    run, exported, tmp_path, capsys
+):
+    import cv2
+    from skimage import data as skdata
+
+    from fan_jax import predict
+
+    workdir, _ = run
+    photo = str(tmp_path / "astronaut.png")
+    cv2.imwrite(photo, cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))
+    out = str(tmp_path / "faces.json")
+    assert predict.main(["--model", exported["none"], photo, "-o", out]) == 0
+    with open(out) as f:
+        report = json.load(f)
+    (face,) = report["images"][0]["faces"]
+    x0, y0, x1, y1 = face["box"]
+    assert 140 < (x0 + x1) / 2 < 260 and 50 < (y0 + y1) / 2 < 170  # the face, not the suit
+    assert report["model"]["model_file"] == exported["none"]
+    # A clip: the same detector, tracking and JSON lines as the workdir's JAX model.
+    clip = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"MJPG"), 10, (512, 512))
+    for _ in range(6):
+        writer.write(cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))
+    writer.release()
+    tracks = {}
+    for name, src in (("jax", ["--workdir", workdir]), ("file", ["--model", exported["none"]])):
+        lines = str(tmp_path / f"{name}.jsonl")
+        assert predict.main([*src, clip, "-o", lines, "--min_score", "-1"]) == 0
+        with open(lines) as f:
+            tracks[name] = [json.loads(x) for x in f]
+    capsys.readouterr()
+    assert len(tracks["file"]) == len(tracks["jax"]) == 6
+    for a, b in zip(tracks["jax"], tracks["file"]):
+        assert [f["id"] for f in a["faces"]] == [f["id"] for f in b["faces"]]
+        assert any(140 < (f["box"][0] + f["box"][2]) / 2 < 260 for f in b["faces"])
+        for fa, fb in zip(a["faces"], b["faces"]):
+            assert np.abs(np.subtract(fa["box"], fb["box"])).max() < 8, (fa["box"], fb["box"])
+
+
+def test_the_exported_path_imports_no_flax_orbax_or_training_module(exported, tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+
+    photo = str(tmp_path / "grey.png")
+    cv2.imwrite(photo, np.full((96, 96, 3), 128, np.uint8))
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['fan_jax.predict', '--model', sys.argv[1], sys.argv[2], '--box', "
+        "'10,10,80,80']\n"
+        "try:\n    runpy.run_module('fan_jax.predict', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('EXIT', code)\n"
+        "print('MODULES', ' '.join(sorted(sys.modules)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, exported["none"], photo],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "EXIT 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    modules = r.stdout.split("MODULES ", 1)[1].split()
+    heavy = {"flax", "orbax", "optax", "grain", "jax"}
+    training = {
+        "fan_jax.train",
+        "fan_jax.checkpoints",
+        "fan_jax.steps",
+        "fan_jax.tasks",
+        "fan_jax.input_pipeline",
+        "fan_jax.data",
+        "fan_jax.models",
+    }
+    loaded = {m for m in modules if m.split(".")[0] in heavy or m in training}
+    assert not loaded, sorted(loaded)
