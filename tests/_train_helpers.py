@@ -168,6 +168,19 @@ def tiny_config(name: str = "300w_mobilefan", **overrides):
     return c
 
 
+def tiny_student_workdir(workdir: str) -> str:
+    """A tiny heatmap student trained 2 steps on noise into `workdir`: for tests of the CLI
+    paths (predict, video), not of accuracy."""
+    from fan_jax import train
+
+    register_tiny_models()
+    config = tiny_config(
+        "300w_mobilefan", **{"model.name": "tiny_student", "train.num_train_steps": 2}
+    )
+    train.train_and_evaluate(config, workdir, sources=fake_sources(), evaluate_at_end=False)
+    return workdir
+
+
 def params_npz(state) -> dict[str, np.ndarray]:
     """Flat {path: array} of a TrainState's params and batch_stats (host copies)."""
     from flax import traverse_util

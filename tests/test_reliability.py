@@ -344,14 +344,7 @@ def test_misspelt_config_field_and_missing_config_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    from fan_jax import train
-
-    wd = str(tmp_path_factory.mktemp("student"))
-    config = helpers.tiny_config(
-        "300w_mobilefan", **{"model.name": "tiny_student", "train.num_train_steps": 2}
-    )
-    train.train_and_evaluate(config, wd, sources=helpers.fake_sources(), evaluate_at_end=False)
-    return wd
+    return helpers.tiny_student_workdir(str(tmp_path_factory.mktemp("student")))
 
 
 def test_outputs_of_an_unreadable_video_leave_old_files(student, tmp_path, capsys):

@@ -185,14 +185,7 @@ def _moving_turning_clip(n=24, size=256):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny trained heatmap student (2 steps): the CLI path, not accuracy, is under test."""
-    from fan_jax import train
-
-    wd = str(tmp_path_factory.mktemp("video_student"))
-    config = helpers.tiny_config(
-        "300w_mobilefan", **{"model.name": "tiny_student", "train.num_train_steps": 2}
-    )
-    train.train_and_evaluate(config, wd, sources=helpers.fake_sources(), evaluate_at_end=False)
-    return wd
+    return helpers.tiny_student_workdir(str(tmp_path_factory.mktemp("video_student")))
 
 
 def test_cli_tracks_a_real_photo_through_a_clip(workdir, tmp_path, capsys):
