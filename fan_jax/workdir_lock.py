@@ -35,16 +35,35 @@ class WorkdirLockedError(FanJaxError, RuntimeError):
     """Another process holds the workdir's lock."""
 
 
-def _holder(path: str) -> str:
+def _holder(path: str, wait_s: float = 1.0) -> str:
+    """The holder's details; waits up to `wait_s` for a holder that has just taken the lock
+    to write them (until then the file is absent, or a dead run's)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            pid = int(info.get("pid"))
+            if info.get("host") != socket.gethostname() or _alive(pid):
+                return (
+                    f"pid {pid} on host {info.get('host')}, {info.get('what', 'a run')} "
+                    f"since {info.get('since')}"
+                )
+        except (OSError, ValueError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            return "a process whose details could not be read"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
     try:
-        with open(path) as f:
-            info = json.load(f)
-        return (
-            f"pid {info.get('pid')} on host {info.get('host')}, {info.get('what', 'a run')} "
-            f"since {info.get('since')}"
-        )
-    except (OSError, ValueError):
-        return "a process whose details could not be read"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -112,19 +131,3 @@ def _write_holder(path: str, what: str) -> None:
         os.replace(path + ".tmp", path)
     except OSError as e:  # a read-only workdir: still locked, only unnamed
         logging.warning("could not write %s (%s); the lock is held all the same", path, e)
-
-
-def holder(workdir: str) -> str | None:
-    """Who holds `workdir`'s lock in another process, or None when it is free."""
-    if "://" in workdir or not os.path.isdir(workdir) or os.path.realpath(workdir) in _HELD:
-        return None
-    import fcntl
-
-    fd = os.open(workdir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(os.path.join(workdir, LOCK_FILE))
-    finally:
-        os.close(fd)
-    return None

@@ -168,6 +168,12 @@ def test_bad_files_sidecars_and_workdirs_are_one_named_line(run, exported, tmp_p
     for path, wd, needles in cases:
         assert score_exported.main(["--model", path, "--workdir", wd]) == 2, path
         _one_error(capsys, *needles)
+    # The photo path reads the same sidecar and fails the same way.
+    from fan_jax import predict
+
+    for path, needles in ((no_sidecar, [no_sidecar + ".json"]), (truncated, [truncated])):
+        assert predict.main(["--model", path, str(tmp_path / "any.png")]) == 2
+        _one_error(capsys, *needles)
 
 
 # ------------------------------------------------------------------------- predict --model
