@@ -41,7 +41,7 @@ from fan_jax.errors import CheckpointMismatchError, FanJaxError
 from fan_jax.face_landmarks import BATCH_BUCKETS, LandmarkPipeline, bucket_size
 
 # Faces and image files live in fan_jax.faces (shared with fan_jax.video); kept here for callers.
-from fan_jax.faces import ImageReadError, draw_faces, parse_box, read_image
+from fan_jax.faces import Face, ImageReadError, draw_faces, parse_box, read_image  # noqa: F401
 
 if TYPE_CHECKING:
     from fan_jax.checkpoints import LoadedModel
