@@ -59,6 +59,13 @@ class LandmarkPipeline:
         """Face boxes [F, 4] (x0, y0, x1, y1) in `image`, largest first."""
         return np.asarray(self.detector(_as_rgb(image)), np.float32).reshape(-1, 4)
 
+    def detect_scored(
+        self, image: np.ndarray, min_face: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes [F, 4], detector confidence [F]); `min_face` (px): the smallest face
+        wanted, which lets a detector search a smaller copy (`detect.scored_detections`)."""
+        return detect.scored_detections(self.detector, _as_rgb(image), min_face)
+
     def crop(
         self, image: np.ndarray, box: Sequence[float] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:

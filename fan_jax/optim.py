@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 
@@ -12,9 +13,10 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam and its schedule (`train.lr_schedule`):
     'piecewise'     x lr_decay_factor at each of `lr_decay_epochs` (the paper: 30 and 50),
-                    after a linear warm-up of `warmup_steps` from 0;
+                    counted from the end of the warm-up;
     'inverse_time'  lr / (1 + lr_inverse_time_decay * step) (Keras's legacy `decay`, the
                     KD-Loss public code).
+    Either is scaled by a linear warm-up from 0 over the first `warmup_steps`.
     """
     t = config.train
     kind = t.get("lr_schedule", "piecewise")
@@ -25,11 +27,16 @@ def make_optimizer(
     elif kind == "piecewise":
         boundaries = {int(round(e * steps_per_epoch)): t.lr_decay_factor for e in t.lr_decay_epochs}
         schedule = optax.piecewise_constant_schedule(t.learning_rate, boundaries)
-        warmup = int(t.get("warmup_steps", 0))
-        if warmup > 0:
-            schedule = optax.join_schedules(
-                [optax.linear_schedule(0.0, t.learning_rate, warmup), schedule], [warmup]
-            )
     else:
         raise ValueError(f"train.lr_schedule must be 'inverse_time' or 'piecewise', got {kind!r}")
+    warmup = int(t.get("warmup_steps", 0))
+    if warmup > 0 and kind == "piecewise":
+        # The decay boundaries count from the end of the warm-up.
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, t.learning_rate, warmup), schedule], [warmup]
+        )
+    elif warmup > 0:
+        # The inverse-time decay counts from the first step, warm-up included.
+        decayed = schedule
+        schedule = lambda step: jnp.minimum(step / warmup, 1.0) * decayed(step)  # noqa: E731
     return optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2, eps=eps), schedule

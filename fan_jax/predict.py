@@ -289,6 +289,35 @@ def main(argv: list[str] | None = None) -> int:
         default=0.2,
         help="re-detect when a face's mean landmark score falls below this",
     )
+    video_args.add_argument(
+        "--detection",
+        choices=("auto", "sync", "async"),
+        default="auto",
+        help="async: the detector runs on a worker thread and no frame waits for it (the "
+        "real-time mode); sync: each round finishes on its frame (reproducible output); "
+        "auto: async for --camera, sync for files",
+    )
+    video_args.add_argument(
+        "--confirm_hits",
+        type=int,
+        default=3,
+        metavar="N",
+        help="detector rounds that must see a new face before it is output",
+    )
+    video_args.add_argument(
+        "--confirm_score",
+        type=float,
+        default=0.6,
+        help="mean detector confidence those rounds need (dlib: ~1 on faces, ~0.3 on false "
+        "positives)",
+    )
+    video_args.add_argument(
+        "--max_misses",
+        type=int,
+        default=3,
+        metavar="N",
+        help="drop a face the detector has missed in this many rounds running",
+    )
     video_args.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
     video_args.add_argument(
         "--min_cutoff",
@@ -415,6 +444,11 @@ def _run_video(args: argparse.Namespace, predictor: LandmarkPipeline) -> int:
         predictor,
         detect_every=args.detect_every,
         min_score=args.min_score,
+        confirm_hits=args.confirm_hits,
+        confirm_score=args.confirm_score,
+        max_misses=args.max_misses,
+        async_detect=args.detection == "async"
+        or (args.detection == "auto" and args.camera is not None),
         smoothing=not args.no_smooth,
         min_cutoff=args.min_cutoff,
         beta=args.beta,
@@ -435,7 +469,12 @@ def _run_video(args: argparse.Namespace, predictor: LandmarkPipeline) -> int:
     print(
         f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
         f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
-        f"{summary['frames_per_s']} frames/s",
+        f"{summary['frames_per_s']} frames/s"
+        + (
+            f" ({summary['steady_frames_per_s']} after the first {video.WARMUP_FRAMES})"
+            if "steady_frames_per_s" in summary
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0 if summary["faces"] else 1

@@ -82,6 +82,9 @@ def _tracker(box_half=40.0, box_from_landmarks=None, **kw):
         c = np.asarray(lm).mean(axis=0)
         return np.array([c[0] - box_half, c[1] - box_half, c[0] + box_half, c[1] + box_half])
 
+    # One detection confirms a face here: these tests are about smoothing (tests/test_tracking.py
+    # tests confirmation).
+    kw.setdefault("confirm_hits", 1)
     return video.FaceTracker(pred, box_from_landmarks=box_from_landmarks or box, **kw)
 
 
@@ -154,7 +157,7 @@ def test_detections_keep_face_ids_and_new_faces_get_new_ones():
     pred = predict.Predictor(
         {"params": {}}, PooledColour(), num_landmarks=3, input_size=64, detector=detector
     )
-    tracker = video.FaceTracker(pred, detect_every=3, min_score=-1e9)
+    tracker = video.FaceTracker(pred, detect_every=3, min_score=-1e9, confirm_hits=1)
     photo = _photo()
     ids = [sorted(f.id for f in tracker.update(photo, i / FPS)) for i in range(9)]
     assert len(calls) == 3  # frames 0, 3, 6
@@ -216,9 +219,12 @@ def test_cli_tracks_a_real_photo_through_a_clip(workdir, tmp_path, capsys):
     with open(out_json) as f:
         lines = [json.loads(x) for x in f]
     assert [r["frame"] for r in lines] == list(range(len(frames)))
-    assert all(0 in [f["id"] for f in r["faces"]] for r in lines), "the face, one id, every frame"
-    assert sum(f["detected"] for r in lines for f in r["faces"] if f["id"] == 0) == 4  # 0,6,12,18
-    assert len(lines[0]["faces"][0]["landmarks"]) == 68
+    # Confirmed by its third detection (frames 0, 1, 2), then one id in every frame.
+    assert all(0 in [f["id"] for f in r["faces"]] for r in lines[2:]), "one id, every frame"
+    assert not lines[0]["faces"] and not lines[1]["faces"]
+    # Rounds at frames 0, 1, 2, then every 6 frames: 8, 14, 20.
+    assert sum(f["detected"] for r in lines for f in r["faces"] if f["id"] == 0) == 4
+    assert len(lines[2]["faces"][0]["landmarks"]) == 68
     cap = cv2.VideoCapture(out_video)
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == len(frames)
     cap.release()

@@ -44,21 +44,40 @@ class MobileNetV2Full(MobileNetV2Encoder):
         return nn.relu6(self._bn("Conv_1_bn", train)(x))
 
 
+HEAD_POOLS = ("avg", "flatten")
+
+
 class RegressionHead(nn.Module):
-    """Global average pooling -> dropout -> dense to 2L, reshaped to [B, L, 2]."""
+    """Pooling -> dropout -> dense to 2L, reshaped to [B, L, 2].
+
+    pool 'avg' (the public code: global average pooling) or 'flatten' (every cell of the
+    final feature map feeds the dense layer, so where a feature fires is an input of the
+    regression instead of something the convs must learn to encode in their channels).
+    """
 
     num_landmarks: int
     dropout_rate: float = 0.5
     # The output bias starts at the crop centre, so early steps learn shape, not offset.
     bias_init_value: float = 0.5
+    pool: str = "avg"
 
     @nn.compact
     def __call__(self, features: Array, train: bool = False) -> Array:
-        x = jnp.mean(features, axis=(1, 2))
+        if self.pool not in HEAD_POOLS:
+            raise ValueError(f"head pool must be one of {HEAD_POOLS}, got {self.pool!r}")
+        if self.pool == "avg":
+            x = jnp.mean(features, axis=(1, 2))
+        else:
+            x = features.reshape(features.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(
             2 * self.num_landmarks,
             name="out",
+            # Thousands of flattened inputs would start the outputs far outside the crop
+            # (an MSE of about 2 in crop units): start at the centre and learn from there.
+            kernel_init=(
+                nn.initializers.zeros if self.pool == "flatten" else nn.initializers.lecun_normal()
+            ),
             bias_init=nn.initializers.constant(self.bias_init_value),
         )(x)
         return x.reshape(x.shape[0], self.num_landmarks, 2)
@@ -75,12 +94,16 @@ class LandmarkRegressor(nn.Module):
 
 
 def mobilenet_v2_regressor(
-    num_landmarks: int, width: float = 1.0, dropout_rate: float = 0.1, bn_momentum: float = 0.9
+    num_landmarks: int,
+    width: float = 1.0,
+    dropout_rate: float = 0.1,
+    bn_momentum: float = 0.9,
+    pool: str = "avg",
 ) -> LandmarkRegressor:
     """The KD-Loss student: full MobileNetV2 + GAP + dropout + dense(2L)."""
     return LandmarkRegressor(
         encoder=MobileNetV2Full(width=width, bn_momentum=bn_momentum),
-        head=RegressionHead(num_landmarks, dropout_rate),
+        head=RegressionHead(num_landmarks, dropout_rate, pool=pool),
     )
 
 
@@ -90,6 +113,7 @@ def efficientnet_b3_regressor(
     keras_imagenet_input: bool = True,
     drop_connect_rate: float = 0.2,
     bn_momentum: float = 0.99,
+    pool: str = "avg",
 ) -> LandmarkRegressor:
     """A KD-Loss teacher (Tough or Tolerant): EfficientNet-B3 + GAP + dropout 0.5 + dense(2L).
 
@@ -101,18 +125,30 @@ def efficientnet_b3_regressor(
         encoder=EfficientNetEncoder(
             "b3", drop_connect_rate=drop_connect_rate, input_scale=scale, bn_momentum=bn_momentum
         ),
-        head=RegressionHead(num_landmarks, dropout_rate),
+        head=RegressionHead(num_landmarks, dropout_rate, pool=pool),
     )
 
 
 def efficientnet_b0_regressor(
-    num_landmarks: int, dropout_rate: float = 0.5, **kwargs: Any
+    num_landmarks: int, dropout_rate: float = 0.5, pool: str = "avg", **kwargs: Any
 ) -> LandmarkRegressor:
     """A small EfficientNet-B0 teacher (quick runs, demos); same head as B3."""
     scale = KERAS_IMAGENET_INPUT_SCALE if kwargs.pop("keras_imagenet_input", True) else None
     return LandmarkRegressor(
         encoder=EfficientNetEncoder("b0", input_scale=scale, **kwargs),
-        head=RegressionHead(num_landmarks, dropout_rate),
+        head=RegressionHead(num_landmarks, dropout_rate, pool=pool),
+    )
+
+
+def resnet18_regressor(
+    num_landmarks: int, dropout_rate: float = 0.5, pool: str = "avg"
+) -> LandmarkRegressor:
+    """A ResNet-18 teacher (torchvision layout, 11M parameters in the trunk): the demo's
+    teachers, whose trunk can start from the heatmap demo's trained ResNet-18 teacher."""
+    from fan_jax.models.resnet import ResNetEncoder
+
+    return LandmarkRegressor(
+        encoder=ResNetEncoder(depth=18), head=RegressionHead(num_landmarks, dropout_rate, pool=pool)
     )
 
 
@@ -120,21 +156,25 @@ REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
     "mobilenet_v2_reg": mobilenet_v2_regressor,
     "efficientnet_b3_reg": efficientnet_b3_regressor,
     "efficientnet_b0_reg": efficientnet_b0_regressor,
+    "resnet18_reg": resnet18_regressor,
 }
 
 
 def config_kwargs(model_config: Any) -> dict:
     """Constructor overrides from a config's model section (negative dropout = the default)."""
-    kw = {}
+    kw: dict[str, Any] = {}
     rate = model_config.get("dropout_rate", -1.0)
     if rate is not None and rate >= 0:
         kw["dropout_rate"] = float(rate)
+    pool = model_config.get("head_pool", "avg")
+    if pool != "avg":
+        kw["pool"] = str(pool)
     return kw
 
 
 def build_regressor(name: str, num_landmarks: int, **kwargs: Any) -> LandmarkRegressor:
     """Registry: 'mobilenet_v2_reg' (student), 'efficientnet_b3_reg' (teacher),
-    'efficientnet_b0_reg' (small teacher)."""
+    'efficientnet_b0_reg' (small teacher), 'resnet18_reg' (the demo's teachers)."""
     if name not in REGRESSORS:
         raise ValueError(f"unknown regression model {name!r}; expected one of {sorted(REGRESSORS)}")
     return REGRESSORS[name](num_landmarks, **kwargs)

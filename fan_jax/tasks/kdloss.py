@@ -41,13 +41,16 @@ Metrics = dict[str, jax.Array]
 TrainState = steps.TrainState
 
 ROLES = ("teacher_tough", "teacher_tolerant", "student")
+# The student network trained alone, on the MSE to the ground truth (the Tough teacher's loss):
+# the baseline KD-Loss must beat. Not one of ROLES, which are the method's three runs.
+ALONE = "student_alone"
 ASM_FILE = "asm.npz"
 
 
 def role(config: ml_collections.ConfigDict) -> str:
     r = config.kd.role
-    if r not in ROLES:
-        raise ValueError(f"kd.role must be one of {ROLES}, got {r!r}")
+    if r not in (*ROLES, ALONE):
+        raise ValueError(f"kd.role must be one of {(*ROLES, ALONE)}, got {r!r}")
     return r
 
 
@@ -72,7 +75,54 @@ def init_variables(
     if config.model.get("pretrained", ""):
         logging.info("Initialising the encoder from %s", config.model.pretrained)
         variables = regression.init_encoder_from_keras(model, variables, config.model.pretrained)
+    if config.model.get("init_from", ""):
+        variables = encoder_from_run(
+            variables, config.model.init_from, config.model.get("init_from_checkpoint", "latest")
+        )
     return {"student": variables["params"]}, {"student": variables.get("batch_stats", {})}
+
+
+def encoder_from_run(variables: PyTree, workdir: str, which: str = "latest") -> dict:
+    """`variables` with its encoder taken from another run's checkpoint (a heatmap or a
+    regression workdir of the same trunk; layers that run lacks, such as MobileNetV2's final
+    1x1 conv behind MobileFAN's encoder, keep their init)."""
+    from flax import traverse_util
+
+    try:
+        src = checkpoints.load_model(workdir, which).variables
+    except (FileNotFoundError, CheckpointMismatchError) as e:
+        raise TeacherError(f"model.init_from={workdir}: {e}") from None
+    out = dict(variables)
+    copied = kept = 0
+    for collection in ("params", "batch_stats"):
+        if collection not in variables:
+            continue
+        old = traverse_util.flatten_dict(dict(variables[collection])["encoder"])
+        new = traverse_util.flatten_dict(dict(src.get(collection, {})).get("encoder", {}))
+        bad = [
+            "/".join(k)
+            for k, v in new.items()
+            if k not in old or tuple(old[k].shape) != tuple(v.shape)
+        ]
+        if bad or not new:
+            raise TeacherError(
+                f"model.init_from={workdir}: its encoder does not fit this model's "
+                f"({collection}: {bad[:3] or 'no encoder'}): use a run of the same trunk"
+            )
+        copied += len(new)
+        kept += len(old) - len(new)
+        merged = {k: jnp.asarray(new.get(k, v), v.dtype) for k, v in old.items()}
+        tree = dict(variables[collection])
+        tree["encoder"] = traverse_util.unflatten_dict(merged)
+        out[collection] = tree
+    logging.info(
+        "Encoder from %s (%s checkpoint): %d arrays copied, %d kept at init",
+        workdir,
+        which,
+        copied,
+        kept,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- ASM
@@ -369,7 +419,7 @@ def build(
             compute_dtype=dtype,
         )
         return Task("regression", model, name, tx, schedule, init, step, (tough_vars, tol_vars))
-    shape_model = None
+    shape_model = None  # teacher_tough and student_alone: MSE to the ground truth
     if r == "teacher_tolerant":
         shape_model = fit_or_load_asm(config, workdir, train_source, num_landmarks)
     step = functools.partial(
