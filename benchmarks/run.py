@@ -44,9 +44,18 @@ from benchmarks import harness
 from benchmarks.harness import Config, Json
 
 # Importing the section modules registers their sections; their order is the report's.
-from benchmarks.sections import accelerator, distill, export, fs_loss, layers, pipeline, speed  # noqa: F401
+from benchmarks.sections import (  # noqa: F401
+    accelerator,
+    distill,
+    export,
+    fs_loss,
+    layers,
+    pipeline,
+    realtime,
+    speed,
+)
 
-LATENCY_FIRST = ("machine", "inference", "export")
+LATENCY_FIRST = ("machine", "e2e", "inference", "export", "video")
 
 # --------------------------------------------------------------------------------------------
 # Report

@@ -59,15 +59,22 @@ def decode(heatmaps: jnp.ndarray, simple_baselines: bool = False) -> jnp.ndarray
     Ties in the argmax go to the first pixel in row-major order, as np.argmax.
     """
     b, h, w, n = heatmaps.shape
-    flat = jnp.moveaxis(heatmaps, -1, 1).reshape(b, n, h * w)
-    idx = jnp.argmax(flat, axis=-1)
+    # Pixels stay on the major axis and landmarks on the minor one (no transpose), and the
+    # argmax is a max then the first pixel holding it: two vectorised reductions, about 3x
+    # faster under XLA:CPU than argmax over a transposed copy (benchmarks/run.py e2e).
+    flat = heatmaps.reshape(b, h * w, n)
+    peak = jnp.max(flat, axis=1, keepdims=True)
+    pixel = jnp.arange(h * w, dtype=jnp.int32)[None, :, None]
+    idx = jnp.min(jnp.where(flat == peak, pixel, h * w), axis=1)
+    # A map holding NaN has no pixel equal to its max: report pixel 0 for it.
+    idx = jnp.where(idx == h * w, 0, idx)
     x = idx % w
     y = idx // w
 
     def value_at(yy: jnp.ndarray, xx: jnp.ndarray) -> jnp.ndarray:
         # Clipped reads are masked out below; clipping only keeps the gather in bounds.
         j = jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)
-        return jnp.take_along_axis(flat, j[..., None], axis=-1)[..., 0]
+        return jnp.take_along_axis(flat, j[:, None, :], axis=1)[:, 0, :]
 
     sx = jnp.sign(value_at(y, x + 1) - value_at(y, x - 1))
     sy = jnp.sign(value_at(y + 1, x) - value_at(y - 1, x))
@@ -80,7 +87,7 @@ def decode(heatmaps: jnp.ndarray, simple_baselines: bool = False) -> jnp.ndarray
     py = y.astype(jnp.float32) + jnp.where(ok_y, 0.25 * sy, 0.0)
     out = jnp.stack([px, py], axis=-1).astype(jnp.float32)
     if simple_baselines:
-        positive = jnp.max(flat, axis=-1) > 0
+        positive = peak[:, 0, :] > 0
         out = jnp.where(positive[..., None], out, 0.0)
     return out
 

@@ -139,11 +139,13 @@ class Predictor(LandmarkPipeline):
         flip_test: bool = False,
         detector: str | Callable[[np.ndarray], np.ndarray] = "auto",
         buckets: Sequence[int] = BATCH_BUCKETS,
+        precision: str = "float32",
     ):
         import jax
         import jax.numpy as jnp
 
         from fan_jax import checkpoints, compiler, landmarks
+        from fan_jax.models.layers import use_dot_dtype
 
         super().__init__(
             num_landmarks, input_size, kind=kind, box_scale=box_scale, detector=detector
@@ -158,11 +160,51 @@ class Predictor(LandmarkPipeline):
         if flip_test:
             flip_perm = jnp.asarray(geometry.flip_permutation(self.num_landmarks))
 
+        self.precision = "float32"
+        self._flip_perm = flip_perm
+
         def run(variables: PyTree, crops: Any) -> tuple[Any, Any]:
             self.traced_batch_sizes.append(int(crops.shape[0]))
-            return landmarks.landmarks(kind, model, variables, crops, flip_perm)
+            with use_dot_dtype(self.precision):
+                return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
+        self._run_fn = run
         self._run = jax.jit(run, compiler_options=compiler.compiler_options("predict"))
+        self.info = {**self.info, "precision": "float32"}
+        if precision != "float32":
+            self.set_precision(precision)
+
+    def set_precision(self, precision: str) -> str:
+        """'float32'; 'bfloat16': the 1x1, stem and transposed convs multiply in bf16 (float32
+        elsewhere); 'auto': bf16 where the CPU has bf16 matmul units and it measures faster
+        than float32 at batch 1 on this model (`fan_jax.precision`). Returns the one used."""
+        import jax
+
+        from fan_jax import compiler
+        from fan_jax import precision as precision_lib
+
+        if precision == "auto":
+            precision, reason = precision_lib.choose(self)
+            self.info = {**self.info, "precision_auto": reason}
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+        if precision != self.precision:
+            self.precision = precision
+            self._run = jax.jit(self._run_fn, compiler_options=compiler.compiler_options("predict"))
+        self.info = {**self.info, "precision": precision}
+        return precision
+
+    def network_fn(self) -> Callable[[PyTree, Any], Any]:
+        """The network alone on uint8 crops -> raw outputs (benchmarks: the decode's share)."""
+        from fan_jax import landmarks
+        from fan_jax.models.layers import use_dot_dtype
+
+        def net(variables: PyTree, crops: Any) -> Any:
+            with use_dot_dtype(self.precision):
+                x = landmarks.normalize(crops)
+                return landmarks.raw_outputs(self.kind, self.model, variables, x)
+
+        return net
 
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "best", **kwargs: Any) -> Predictor:
@@ -185,7 +227,7 @@ class Predictor(LandmarkPipeline):
             kind=loaded.kind,
             **kwargs,
         )
-        p.info = loaded.describe()
+        p.info = {**loaded.describe(), **p.info}
         return p
 
     def predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,72 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         help="images, or one video file (.mp4, .avi, ...): then --draw is the "
         "annotated output video and --output a JSON-lines file",
     )
-    video_args = parser.add_argument_group("video and camera (fan_jax.video)")
-    video_args.add_argument(
-        "--camera",
-        type=int,
-        default=None,
-        metavar="INDEX",
-        help="read frames from this camera instead of files",
-    )
-    video_args.add_argument(
-        "--detect_every",
-        type=int,
-        default=10,
-        metavar="K",
-        help="run the face detector every K frames (and when a track is unsure)",
-    )
-    video_args.add_argument(
-        "--min_score",
-        type=float,
-        default=0.2,
-        help="re-detect when a face's mean landmark score falls below this",
-    )
-    video_args.add_argument(
-        "--detection",
-        choices=("auto", "sync", "async"),
-        default="auto",
-        help="async: the detector runs on a worker thread and no frame waits for it (the "
-        "real-time mode); sync: each round finishes on its frame (reproducible output); "
-        "auto: async for --camera, sync for files",
-    )
-    video_args.add_argument(
-        "--confirm_hits",
-        type=int,
-        default=3,
-        metavar="N",
-        help="detector rounds that must see a new face before it is output",
-    )
-    video_args.add_argument(
-        "--confirm_score",
-        type=float,
-        default=0.6,
-        help="mean detector confidence those rounds need (dlib: ~1 on faces, ~0.3 on false "
-        "positives)",
-    )
-    video_args.add_argument(
-        "--max_misses",
-        type=int,
-        default=3,
-        metavar="N",
-        help="drop a face the detector has missed in this many rounds running",
-    )
-    video_args.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
-    video_args.add_argument(
-        "--min_cutoff",
-        type=float,
-        default=1.0,
-        help="One-Euro cutoff (Hz) for a still face: lower smooths more",
-    )
-    video_args.add_argument(
-        "--beta",
-        type=float,
-        default=0.05,
-        help="One-Euro speed coefficient: higher lags less on fast motion",
-    )
-    video_args.add_argument(
-        "--max_frames", type=int, default=None, help="stop after this many frames"
-    )
+    from fan_jax import video
+
+    video.add_video_args(parser)
     parser.add_argument(
         "--box",
         action="append",
@@ -351,13 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draw", metavar="OUT_DIR", help="write each image with its landmarks")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the JSON here, not stdout")
     parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: the 1x1, stem and transposed convs multiply in bf16, the rest stays "
+        "float32; auto: bf16 only on a CPU with bf16 units where it measures faster "
+        "(fan_jax.precision, cached per CPU and model)",
+    )
+    parser.add_argument(
         "--flip_test",
         action="store_true",
         help="average with the mirrored crop's heatmaps (twice the compute)",
     )
     args = parser.parse_args(argv)
-    from fan_jax import video
-
     is_video = args.camera is not None or (len(args.images) == 1 and video.is_video(args.images[0]))
     if not args.images and args.camera is None:
         parser.error("give images, a video file or --camera INDEX")
@@ -371,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.model and args.flip_test:
         parser.error("--flip_test needs the JAX model (--workdir or --checkpoint)")
+    if args.model and args.precision != "float32":
+        parser.error("--precision applies to the JAX model; an exported file keeps its own")
     predictor: LandmarkPipeline
     try:
         if args.model:
@@ -382,13 +369,14 @@ def main(argv: list[str] | None = None) -> int:
                 load_student(workdir=args.workdir, checkpoint=args.checkpoint, which=args.which),
                 flip_test=args.flip_test,
                 detector=args.detector,
+                precision=args.precision,
             )
     except (FanJaxError, OSError) as e:  # the checkpoint, its record, or the exported file
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
 
     if is_video:
-        return _run_video(args, predictor)
+        return video.run_cli(args, predictor)
     records: list[dict] = []
     images, slots = [], []
     for path in args.images:
@@ -434,50 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return status
-
-
-def _run_video(args: argparse.Namespace, predictor: LandmarkPipeline) -> int:
-    from fan_jax import video
-
-    source = args.camera if args.camera is not None else args.images[0]
-    tracker = video.FaceTracker(
-        predictor,
-        detect_every=args.detect_every,
-        min_score=args.min_score,
-        confirm_hits=args.confirm_hits,
-        confirm_score=args.confirm_score,
-        max_misses=args.max_misses,
-        async_detect=args.detection == "async"
-        or (args.detection == "auto" and args.camera is not None),
-        smoothing=not args.no_smooth,
-        min_cutoff=args.min_cutoff,
-        beta=args.beta,
-    )
-    try:
-        summary = video.run(
-            tracker,
-            source,
-            draw=args.draw,
-            jsonl=args.output or sys.stdout,
-            max_frames=args.max_frames,
-        )
-    except (FanJaxError, OSError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
-    if "warning" in summary:
-        print(f"WARNING: {summary['warning']}", file=sys.stderr)
-    print(
-        f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
-        f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
-        f"{summary['frames_per_s']} frames/s"
-        + (
-            f" ({summary['steady_frames_per_s']} after the first {video.WARMUP_FRAMES})"
-            if "steady_frames_per_s" in summary
-            else ""
-        ),
-        file=sys.stderr,
-    )
-    return 0 if summary["faces"] else 1
 
 
 if __name__ == "__main__":

@@ -3,16 +3,8 @@
     python -m fan_jax.predict --workdir=DIR clip.mp4 --draw out.mp4 -o landmarks.jsonl
     python -m fan_jax.predict --workdir=DIR --camera 0 --draw out.mp4
 
-Tracking: the detector runs on the first frame, every `detect_every` frames, and whenever a
-track's confidence (its mean per-point score, the heatmap peak) drops below `min_score`. In
-between, each face is cropped from the box of its previous frame's landmarks, so a face the
-frontal cascade misses (turned, tilted) is still followed. Detections are matched to tracks
-by box overlap, so faces keep their ids. All faces of a frame run in one padded batch.
-
-Smoothing: a One-Euro filter (Casiez et al., CHI 2012) per track on the landmarks: a
-low-pass whose cutoff rises with speed, so a still face stops jittering and a moving one
-does not lag. `min_cutoff` (Hz) sets the still-face smoothing, `beta` how fast the cutoff
-rises with speed.
+Tracking and smoothing live in `fan_jax.tracking` (`FaceTracker`, re-exported here); this
+module reads frames, runs the tracker on each and writes what it finds, timing each stage.
 
 Output: one JSON line per frame {frame, time_s, faces: [{id, box, landmarks, scores}]},
 written and flushed as frames are processed, so an error mid-clip keeps what came before.
@@ -20,22 +12,27 @@ written and flushed as frames are processed, so an error mid-clip keeps what cam
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
+import argparse
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import cv2
 import numpy as np
 
-from fan_jax import geometry, outputs
+from fan_jax import outputs
 from fan_jax.errors import FanJaxError
 from fan_jax.faces import Face, draw_faces
+from fan_jax.tracking import (  # noqa: F401 (the tracker's names, where callers find them)
+    DetectorWorker,
+    FaceTracker,
+    OneEuroFilter,
+    TrackedFace,
+    iou,
+)
 
 WARMUP_FRAMES = 10
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -48,347 +45,6 @@ class VideoError(FanJaxError, RuntimeError):
 
 def is_video(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
-
-
-# --------------------------------------------------------------------------- smoothing
-
-
-class OneEuroFilter:
-    """One-Euro filter over arrays of any shape (each element filtered independently).
-
-    `filter(x, t)` takes the raw value at time `t` (seconds) and returns the smoothed one.
-    """
-
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 0.05, d_cutoff: float = 1.0):
-        if min_cutoff <= 0 or d_cutoff <= 0 or beta < 0:
-            raise ValueError(
-                f"One-Euro needs min_cutoff > 0, d_cutoff > 0, beta >= 0; got "
-                f"{min_cutoff}, {d_cutoff}, {beta}"
-            )
-        self.min_cutoff, self.beta, self.d_cutoff = float(min_cutoff), float(beta), float(d_cutoff)
-        self.reset()
-
-    def reset(self) -> None:
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
-        self._t: float | None = None
-
-    @staticmethod
-    def _alpha(cutoff: Any, dt: float) -> Any:
-        tau = 1.0 / (2 * math.pi * cutoff)
-        return 1.0 / (1.0 + tau / dt)
-
-    def __call__(self, x: np.ndarray, t: float) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        if self._x is None or self._x.shape != x.shape:
-            self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
-            return x.copy()
-        assert self._t is not None  # set with self._x
-        dt = max(float(t) - self._t, 1e-6)
-        dx = (x - self._x) / dt
-        self._dx = self._dx + self._alpha(self.d_cutoff, dt) * (dx - self._dx)
-        cutoff = self.min_cutoff + self.beta * np.abs(self._dx)
-        self._x = self._x + self._alpha(cutoff, dt) * (x - self._x)
-        self._t = float(t)
-        return self._x.copy()
-
-
-# --------------------------------------------------------------------------- tracking
-
-
-@dataclasses.dataclass
-class TrackedFace:
-    id: int
-    box: np.ndarray  # the box this frame's crop came from (x0, y0, x1, y1)
-    landmarks: np.ndarray  # [L, 2] image pixels (smoothed when smoothing is on)
-    raw_landmarks: np.ndarray  # [L, 2] before smoothing
-    scores: np.ndarray  # [L]
-    detected: bool  # this frame's box came from the detector
-
-    @property
-    def score(self) -> float:
-        return float(np.mean(self.scores)) if len(self.scores) else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "box": [round(float(v), 2) for v in self.box],
-            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
-            "scores": [round(float(s), 4) for s in self.scores],
-            "detected": self.detected,
-        }
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-class DetectorWorker:
-    """Runs the face detector on a thread of its own, so the landmark path never waits for
-    it: `submit(frame, min_face)` starts a search when the worker is idle (else returns
-    False) and `poll()` returns its (boxes, scores, frame index) once, when done. dlib and
-    OpenCV release the GIL in their C++ loops, so the search uses the other core."""
-
-    def __init__(self, detect: Callable[..., tuple[np.ndarray, np.ndarray]]):
-        self._detect = detect
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fan_jax-detect")
-        self._future: concurrent.futures.Future | None = None
-        self._frame = -1
-        self.busy_s = 0.0  # time spent detecting (benchmarks)
-
-    @property
-    def idle(self) -> bool:
-        return self._future is None
-
-    def _run(self, frame: np.ndarray, min_face: float | None) -> tuple[np.ndarray, np.ndarray]:
-        t0 = time.perf_counter()
-        try:
-            return self._detect(frame, min_face)
-        finally:
-            self.busy_s += time.perf_counter() - t0
-
-    def submit(self, frame: np.ndarray, index: int, min_face: float | None) -> bool:
-        if self._future is not None:
-            return False
-        self._frame = index
-        # A copy: the caller may reuse its frame buffer while the search runs.
-        self._future = self._pool.submit(self._run, np.array(frame), min_face)
-        return True
-
-    def poll(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray, int] | None:
-        if self._future is None or not (wait or self._future.done()):
-            return None
-        future, self._future = self._future, None
-        boxes, scores = future.result()  # a detector error surfaces here, in the caller
-        return boxes, scores, self._frame
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class FaceTracker:
-    """Follows faces through frames with a `fan_jax.face_landmarks.LandmarkPipeline`.
-
-    A detection starts a *tentative* track; it is confirmed (output and drawn) once the
-    detector has matched it in `confirm_hits` rounds running with a mean detector confidence
-    of at least `confirm_score` (dlib's SVM score: about 1 on a face, 0.3 on its typical false
-    positive on clothing, which it fires on for many frames running). A tentative track the
-    detector misses once is dropped; a confirmed one after `max_misses` rounds in a row,
-    whatever its landmark scores. A face that leaves the frame is dropped that way and gets a
-    new id when it comes back.
-
-    Between rounds each face is cropped from the box of its previous landmarks
-    (`box_from_landmarks`; default the tight landmark box, the training crop), so a face
-    the detector misses for a round or two is still followed. Rounds run every
-    `detect_every` frames, on the next frames while a track is tentative, and when a track's
-    mean landmark score drops below `min_score`. With `async_detect` they run on a worker
-    thread (`DetectorWorker`) and their boxes join the frame after they finish: no frame
-    waits for the detector. While faces are tracked, the detector only looks for faces at
-    least half the smallest one's size (dlib then skips upsampling and searches a smaller
-    copy: a fraction of the cost); every `full_search_every`-th round searches everything.
-    """
-
-    def __init__(
-        self,
-        predictor: Any,
-        *,
-        detect_every: int = 10,
-        min_score: float = 0.2,
-        max_faces: int = 8,
-        match_iou: float = 0.3,
-        confirm_hits: int = 3,
-        confirm_score: float = 0.6,
-        max_misses: int = 3,
-        async_detect: bool = False,
-        full_search_every: int = 4,
-        smoothing: bool = True,
-        min_cutoff: float = 1.0,
-        beta: float = 0.05,
-        d_cutoff: float = 1.0,
-        box_from_landmarks: Callable[[np.ndarray], np.ndarray] | None = None,
-    ):
-        self.predictor = predictor
-        self.detect_every = max(1, int(detect_every))
-        self.min_score, self.max_faces, self.match_iou = float(min_score), int(max_faces), match_iou
-        self.confirm_hits, self.confirm_score = max(1, int(confirm_hits)), float(confirm_score)
-        self.max_misses = max(1, int(max_misses))
-        self.full_search_every = max(1, int(full_search_every))
-        self.smoothing = smoothing
-        self._filter_args = dict(min_cutoff=min_cutoff, beta=beta, d_cutoff=d_cutoff)
-        self._box_from_landmarks = box_from_landmarks or geometry.box_from_landmarks
-        self._tracks: dict[int, dict] = {}
-        self._next_id = 0  # the next confirmed face's id
-        self._next_key = 0  # the next track's key (tentative tracks included)
-        self._frame = 0
-        self._last_round = -(10**9)  # frame index of the last detection round started
-        self._worker = DetectorWorker(self._detect_scored) if async_detect else None
-        self.detections = 0  # detector rounds started (progress reports, tests)
-        self.stage_s: dict[str, float] = {"detect": 0.0, "crop": 0.0, "network": 0.0, "smooth": 0.0}
-
-    # ------------------------------------------------------------------ detection rounds
-
-    def _detect_scored(
-        self, frame: np.ndarray, min_face: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if hasattr(self.predictor, "detect_scored"):
-            return self.predictor.detect_scored(frame, min_face=min_face)
-        boxes = np.asarray(self.predictor.detect(frame), np.float32).reshape(-1, 4)
-        return boxes, np.ones(len(boxes), np.float32)
-
-    def _min_face(self) -> float | None:
-        """The smallest face this round must find (None: any size)."""
-        if not self._tracks or self.detections % self.full_search_every == 0:
-            return None
-        boxes = [tr["detected_box"] for tr in self._tracks.values()]
-        return 0.5 * min(float(max(b[2] - b[0], b[3] - b[1])) for b in boxes)
-
-    def _new_track(self, box: np.ndarray, score: float) -> None:
-        self._tracks[self._next_key] = {
-            "id": None,  # given at confirmation, so output ids count faces, not candidates
-            "box": np.asarray(box, np.float32),
-            "detected_box": np.asarray(box, np.float32),
-            "filter": OneEuroFilter(**self._filter_args),
-            "score": 1.0,
-            "hits": 1,
-            "det_scores": [float(score)],
-            "misses": 0,
-            "confirmed": False,
-        }
-        self._next_key += 1
-        self._confirm(self._next_key - 1)
-
-    def _confirm(self, tid: int) -> None:
-        tr = self._tracks[tid]
-        if (
-            not tr["confirmed"]
-            and tr["hits"] >= self.confirm_hits
-            and float(np.mean(tr["det_scores"])) >= self.confirm_score
-        ):
-            tr["confirmed"] = True
-            tr["id"] = self._next_id
-            self._next_id += 1
-
-    def _apply_detections(self, boxes: np.ndarray, scores: np.ndarray) -> None:
-        order = np.argsort(-scores, kind="stable")[: self.max_faces]
-        matched: dict[int, np.ndarray] = {}
-        for i in order:
-            box, score = boxes[i], float(scores[i])
-            best, best_iou = None, self.match_iou
-            for tid, tr in self._tracks.items():
-                # Against where the face was last detected too: a box drawn from poor
-                # landmarks must not break the face's id.
-                overlap = max(iou(box, tr["box"]), iou(box, tr["detected_box"]))
-                if tid not in matched and overlap > best_iou:
-                    best, best_iou = tid, overlap
-            if best is None:
-                if len(self._tracks) < self.max_faces:
-                    self._new_track(box, score)
-                    matched[self._next_key - 1] = box
-                continue
-            tr = self._tracks[best]
-            tr["box"] = tr["detected_box"] = np.asarray(box, np.float32)
-            tr["hits"] += 1
-            tr["misses"] = 0
-            tr["det_scores"] = [*tr["det_scores"], score][-self.confirm_hits :]
-            self._confirm(best)
-            matched[best] = box
-        for tid in list(self._tracks):
-            if tid in matched:
-                continue
-            tr = self._tracks[tid]
-            tr["misses"] += 1
-            if not tr["confirmed"] or tr["misses"] >= self.max_misses:
-                del self._tracks[tid]
-
-    def _round_due(self) -> bool:
-        if not self._tracks or self._frame - self._last_round >= self.detect_every:
-            return True
-        return any(
-            not tr["confirmed"] or tr["score"] < self.min_score for tr in self._tracks.values()
-        )
-
-    def _detect(self, frame: np.ndarray) -> bool:
-        """Runs (sync) or collects and starts (async) a detection round; True when this
-        frame's tracks came from fresh detections."""
-        t0 = time.perf_counter()
-        fresh = False
-        if self._worker is None:
-            if self._round_due():
-                boxes, scores = self._detect_scored(frame, self._min_face())
-                self.detections += 1
-                self._last_round = self._frame
-                self._apply_detections(boxes, scores)
-                fresh = True
-        else:
-            done = self._worker.poll()
-            if done is not None:
-                self._apply_detections(done[0], done[1])
-                fresh = True
-            if self._round_due() and self._worker.submit(frame, self._frame, self._min_face()):
-                self.detections += 1
-                self._last_round = self._frame
-        self.stage_s["detect"] += time.perf_counter() - t0
-        return fresh
-
-    @property
-    def detector_busy_s(self) -> float:
-        """Seconds the detector ran (on the worker thread in async mode)."""
-        return self._worker.busy_s if self._worker is not None else self.stage_s["detect"]
-
-    def close(self) -> None:
-        """Stops the detector worker (async mode)."""
-        if self._worker is not None:
-            self._worker.close()
-
-    # ------------------------------------------------------------------ per frame
-
-    def update(self, frame: np.ndarray, t: float) -> list[TrackedFace]:
-        """The confirmed faces of one RGB frame at time `t` (seconds)."""
-        detected = self._detect(frame)
-        self._frame += 1
-        if not self._tracks:
-            return []
-        t0 = time.perf_counter()
-        ids = sorted(self._tracks)
-        crop_boxes = {tid: self._tracks[tid]["box"].copy() for tid in ids}
-        crops, mats = [], []
-        for tid in ids:
-            crop, m = self.predictor.crop(frame, self._tracks[tid]["box"])
-            crops.append(crop)
-            mats.append(m)
-        t1 = time.perf_counter()
-        pts, scores = self.predictor.predict_crops(np.stack(crops))
-        t2 = time.perf_counter()
-        back = geometry.invert_affine(np.stack(mats))
-        image_pts = geometry.apply_affine(back, pts.astype(np.float64))
-        out = []
-        for tid, lm, sc in zip(ids, image_pts, scores):
-            tr = self._tracks[tid]
-            tr["score"] = float(np.mean(sc))
-            # The next crop follows the raw landmarks: smoothing is for output, not for
-            # where to look.
-            tr["box"] = np.asarray(self._box_from_landmarks(lm), np.float32)
-            if not tr["confirmed"]:
-                continue
-            smoothed = tr["filter"](lm, t) if self.smoothing else lm
-            out.append(
-                TrackedFace(
-                    id=tr["id"],
-                    box=crop_boxes[tid],
-                    landmarks=smoothed.astype(np.float32),
-                    raw_landmarks=lm.astype(np.float32),
-                    scores=np.asarray(sc),
-                    detected=detected,
-                )
-            )
-        self.stage_s["crop"] += t1 - t0
-        self.stage_s["network"] += t2 - t1
-        self.stage_s["smooth"] += time.perf_counter() - t2
-        return out
 
 
 # --------------------------------------------------------------------------- video I/O
@@ -559,3 +215,119 @@ def run(
             "(truncated file?); the output covers the frames read"
         )
     return summary
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def add_video_args(parser: argparse.ArgumentParser) -> None:
+    """`python -m fan_jax.predict`'s video and camera flags."""
+    video_args = parser.add_argument_group("video and camera (fan_jax.video)")
+    video_args.add_argument(
+        "--camera",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="read frames from this camera instead of files",
+    )
+    video_args.add_argument(
+        "--detect_every",
+        type=int,
+        default=10,
+        metavar="K",
+        help="run the face detector every K frames (and when a track is unsure)",
+    )
+    video_args.add_argument(
+        "--min_score",
+        type=float,
+        default=0.2,
+        help="re-detect when a face's mean landmark score falls below this",
+    )
+    video_args.add_argument(
+        "--detection",
+        choices=("auto", "sync", "async"),
+        default="auto",
+        help="async: the detector runs on a worker thread and no frame waits for it (the "
+        "real-time mode); sync: each round finishes on its frame (reproducible output); "
+        "auto: async for --camera, sync for files",
+    )
+    video_args.add_argument(
+        "--confirm_hits",
+        type=int,
+        default=3,
+        metavar="N",
+        help="detector rounds that must see a new face before it is output",
+    )
+    video_args.add_argument(
+        "--confirm_score",
+        type=float,
+        default=0.6,
+        help="mean detector confidence those rounds need (dlib: ~1 on faces, ~0.3 on false "
+        "positives)",
+    )
+    video_args.add_argument(
+        "--max_misses",
+        type=int,
+        default=3,
+        metavar="N",
+        help="drop a face the detector has missed in this many rounds running",
+    )
+    video_args.add_argument("--no_smooth", action="store_true", help="turn One-Euro smoothing off")
+    video_args.add_argument(
+        "--min_cutoff",
+        type=float,
+        default=1.0,
+        help="One-Euro cutoff (Hz) for a still face: lower smooths more",
+    )
+    video_args.add_argument(
+        "--beta",
+        type=float,
+        default=0.05,
+        help="One-Euro speed coefficient: higher lags less on fast motion",
+    )
+    video_args.add_argument(
+        "--max_frames", type=int, default=None, help="stop after this many frames"
+    )
+
+
+def run_cli(args: argparse.Namespace, predictor: Any) -> int:
+    """Tracks the faces of `args`' video file or camera; the exit status of the CLI."""
+    source = args.camera if args.camera is not None else args.images[0]
+    tracker = FaceTracker(
+        predictor,
+        detect_every=args.detect_every,
+        min_score=args.min_score,
+        confirm_hits=args.confirm_hits,
+        confirm_score=args.confirm_score,
+        max_misses=args.max_misses,
+        async_detect=args.detection == "async"
+        or (args.detection == "auto" and args.camera is not None),
+        smoothing=not args.no_smooth,
+        min_cutoff=args.min_cutoff,
+        beta=args.beta,
+    )
+    try:
+        summary = run(
+            tracker,
+            source,
+            draw=args.draw,
+            jsonl=args.output or sys.stdout,
+            max_frames=args.max_frames,
+        )
+    except (FanJaxError, OSError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    if "warning" in summary:
+        print(f"WARNING: {summary['warning']}", file=sys.stderr)
+    print(
+        f"{summary['frames']} frame(s), {summary['faces']} face(s) in "
+        f"{len(summary['track_ids'])} track(s), {summary['detector_calls']} detector call(s); "
+        f"{summary['frames_per_s']} frames/s"
+        + (
+            f" ({summary['steady_frames_per_s']} after the first {WARMUP_FRAMES})"
+            if "steady_frames_per_s" in summary
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    return 0 if summary["faces"] else 1

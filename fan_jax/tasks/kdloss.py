@@ -286,8 +286,13 @@ def student_step(
     tx: optax.GradientTransformation,
     loss_config: kd_loss.KDLossConfig = _DEFAULT_LOSS,
     compute_dtype: str = "float32",
+    coordinate_scale: float = 1.0,
 ) -> tuple[TrainState, Metrics]:
-    """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables."""
+    """One Adam step on the KD-Loss; `frozen` = (tough, tolerant) variables.
+
+    `coordinate_scale` multiplies every coordinate before the loss (1: crop widths, as the
+    public code; the crop side: crop pixels), which moves where the main loss turns from
+    linear to quadratic relative to the errors (`kd.loss_coordinate_scale`)."""
     images = prepare_images(batch["image"]).astype(steps.dtype_of(compute_dtype))
     gt = to_normalized(batch["landmarks"], images.shape[1])
     rng = jax.random.fold_in(rng, state.step)
@@ -297,7 +302,8 @@ def student_step(
 
     def loss_fn(params):
         pred, new_bs = _forward(model, params["student"], state.batch_stats["student"], images, rng)
-        total, terms = kd_loss.kd_loss(pred, gt, t_tough, t_tol, loss_config)
+        k = coordinate_scale
+        total, terms = kd_loss.kd_loss(k * pred, k * gt, k * t_tough, k * t_tol, loss_config)
         metrics = {
             "loss": total,
             **terms,
@@ -417,6 +423,7 @@ def build(
             tx=tx,
             loss_config=loss_cfg,
             compute_dtype=dtype,
+            coordinate_scale=float(config.kd.get("loss_coordinate_scale", 1.0)),
         )
         return Task("regression", model, name, tx, schedule, init, step, (tough_vars, tol_vars))
     shape_model = None  # teacher_tough and student_alone: MSE to the ground truth

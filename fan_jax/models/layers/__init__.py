@@ -30,8 +30,10 @@ from fan_jax.models.layers.forms import (
     _resolve_padding,
     conv_impl,
     default_kernel_init,
+    dot_dtype,
     same_padding,
     use_conv_impl,
+    use_dot_dtype,
 )
 from fan_jax.models.layers.pointwise import PatchConv, PointwiseConv, patch_conv
 from fan_jax.models.layers.transposed import (
@@ -58,7 +60,9 @@ __all__ = [
     "conv_transpose_torch_reference",
     "default_kernel_init",
     "depthwise_conv",
+    "dot_dtype",
     "patch_conv",
     "same_padding",
     "use_conv_impl",
+    "use_dot_dtype",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -51,6 +52,39 @@ def use_conv_impl(name: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+_dot_dtypes: list[str] = []
+
+
+def dot_dtype() -> str:
+    """The dtype the layers' matmuls run in now: 'float32', or 'bfloat16' inside
+    `use_dot_dtype('bfloat16')` (inputs rounded to bf16, products summed in float32)."""
+    return _dot_dtypes[-1] if _dot_dtypes else "float32"
+
+
+@contextlib.contextmanager
+def use_dot_dtype(name: str) -> Iterator[None]:
+    """`with use_dot_dtype('bfloat16'): ...`: the 1x1, stem and transposed convs traced inside
+    multiply in bf16 (AMX / AVX512-BF16 units) and everything else stays float32."""
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dot dtype must be 'float32' or 'bfloat16', got {name!r}")
+    _dot_dtypes.append(name)
+    try:
+        yield
+    finally:
+        _dot_dtypes.pop()
+
+
+def dot(a: Array, b: Array, precision: Any = None) -> Array:
+    """`jnp.dot` in the `dot_dtype` of the moment, with a float32 result either way."""
+    import jax.numpy as jnp
+
+    if dot_dtype() == "bfloat16" and a.dtype == jnp.float32:
+        return jnp.dot(
+            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+        )
+    return jnp.dot(a, b, precision=precision)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")

@@ -18,6 +18,7 @@ from fan_jax.models.layers.forms import (
     _resolve_padding,
     conv_impl,
     default_kernel_init,
+    dot,
 )
 
 
@@ -42,7 +43,7 @@ class PointwiseConv(nn.Module):
                 x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC, precision=self.precision
             )
         else:
-            y = jnp.dot(
+            y = dot(
                 x.reshape(-1, cin), kernel.reshape(cin, self.features), precision=self.precision
             )
             y = y.reshape(*x.shape[:-1], self.features)
@@ -108,7 +109,7 @@ def patch_conv(
     # taps past k are zero.
     kz = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
     kz = kz.reshape(taps, s, taps, s, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-    y = jnp.dot(
+    y = dot(
         patches.reshape(-1, taps * taps * s * s * cin), kz.reshape(-1, cout), precision=precision
     )
     return y.reshape(n, ho, wo, cout)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fan_jax.models.layers.forms import Array, Initializer, conv_impl, default_kernel_init
+from fan_jax.models.layers.forms import Array, Initializer, conv_impl, default_kernel_init, dot
 
 
 def conv_transpose_torch(
@@ -36,7 +36,7 @@ def conv_transpose_torch(
     if k % s != 0:
         return conv_transpose_torch_reference(x, kernel, s, padding, output_padding, precision)
     q = k // s
-    y = jnp.dot(
+    y = dot(
         x.reshape(-1, cin),
         kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout),
         precision=precision,
