@@ -1,12 +1,35 @@
-"""KD-Loss demo on synthetic 68-point faces: Tough and Tolerant teachers, then the student.
+"""KD-Loss on the demo's synthetic 68-point faces: Tough and Tolerant teachers, the student
+alone (the baseline) and the student with KD-Loss.
 
-  python -m fan_jax.main --config=configs/demo_kdloss.py --workdir=/tmp/demo_kdloss --mode=demo
+  python -m fan_jax.main --config=configs/demo_compare.py --workdir=<demo>   # after configs/demo.py
 
-Small everything (64px crops, EfficientNet-B0 teachers, 200 steps each) so the three runs fit
-a few minutes of CPU, most of it XLA compiling the three train steps (measured on a shared,
-loaded 2-core machine: ~180 s to compile the B0 teacher step, ~95 s the student step, then
-0.33 s / 0.52 s per step). The numbers show the pipeline works, not the paper's accuracy.
-`fan_jax.demo.kdloss_rows` gives the rows for a combined table with the heatmap demo.
+configs/demo_compare.py runs this after the heatmap demo, on the same built 300W data, and puts
+the four rows in its table. Every change from the public recipe (configs/kdloss.py: 224 px,
+EfficientNet-B3 teachers, Adam 1e-3, 150 epochs) is here with its reason, measured on these
+faces (the sweep in the README's "Two distillation methods" section):
+
+- Encoders start from the heatmap demo's trained networks: the teachers' ResNet-18 trunk from
+  its ResNet-18 teacher, the student's MobileNetV2 from its MobileFAN encoder (the final 1x1
+  conv to 1280, which MobileFAN lacks, starts at init). This stands in for the ImageNet
+  initialisation the method's networks get (nothing can be downloaded here). From scratch, 200
+  steps of coordinate regression only learn the mean shape (20-24% NME).
+- Teachers: ResNet-18 regressors (11M-parameter trunk, 5x the student's) instead of
+  EfficientNet-B3: a larger network than the student, whose train step compiles in seconds
+  rather than minutes, with a trained trunk to start from.
+- 128 px crops: the resolution the heatmap demo's encoders were trained at.
+- The head flattens the final 4x4 feature map instead of averaging it (keeps where each feature
+  fires), with its kernel at zero so the first outputs are the crop centre, not far outside it.
+- Adam at 2e-5 with a 50-step warm-up (inverse-time decay as the public code): at 1e-4 the
+  student alone reaches 10.1% NME, at 2e-5 7.0%; at 5e-4 without warm-up the loss blows up to ~2
+  in crop units within 50 steps (thousands of head inputs move together).
+- Batch 8, 300 teacher steps and 400 student steps: about 8 minutes for the four runs on a
+  2-core CPU.
+
+The method itself is unchanged: both teachers are trained as the paper says (Tough on the ground
+truth, Tolerant on ASM soft landmarks), frozen, and the student's loss is the public code's
+KD-Loss (main loss plus one assistive loss per teacher, `fan_jax.kd_loss`) with its weights.
+Standalone (`--mode=demo` with this file) the KD-Loss roles run on in-memory faces from scratch:
+that shows the pipeline, not the method, because there is no trained encoder to start from.
 """
 
 import ml_collections
@@ -20,15 +43,24 @@ def get_config():
     c.dataset.prepare = False
     c.dataset.val_split = "test"
     c.augment.box_source = "landmarks"
-    c.input_size = 64
-    c.kd.teacher_model = "efficientnet_b0_reg"
-    c.train.batch_size = 16
-    c.train.num_train_steps = 200
+    c.input_size = 128
+    c.model.head_pool = "flatten"
+    c.model.init_from = ""  # configs/demo_compare.py: <demo>/mobilefan (student_init_from_demo)
+    c.kd.teacher_model = "resnet18_reg"
+    c.kd.teacher_steps = 300
+    c.kd.teacher_init_from = ""  # configs/demo_compare.py: <demo>/teacher
+    c.kd.teacher_init_from_demo = True
+    c.kd.student_init_from_demo = True
+    c.kd.student_alone = True  # the baseline row: the student on the MSE to the ground truth
+    c.train.batch_size = 8
+    c.train.num_train_steps = 400
+    c.train.learning_rate = 2e-5
+    c.train.warmup_steps = 50
     c.train.lr_schedule = "inverse_time"
     c.train.lr_inverse_time_decay = 1e-3
-    c.train.log_every_steps = 50
+    c.train.log_every_steps = 100
     c.train.eval_every_steps = -1  # the final evaluation only
-    c.train.checkpoint_every_steps = 100
+    c.train.checkpoint_every_steps = 200
     c.eval.batch_size = 32
     c.eval.checkpoint = "latest"
 

@@ -97,6 +97,15 @@ def demo_kdloss_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return kd
 
 
+def _init_from_demo(kd: ml_collections.ConfigDict, workdir: str) -> None:
+    """Starts the KD-Loss teachers' trunks from the demo's heatmap teacher (ResNet-18) and the
+    students' from its MobileFAN encoder (configs/demo_kdloss.py says why)."""
+    if kd.kd.get("teacher_init_from_demo", False):
+        kd.kd.teacher_init_from = os.path.join(workdir, "teacher")
+    if kd.kd.get("student_init_from_demo", False):
+        kd.model.init_from = os.path.join(workdir, "mobilefan")
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict] | None:
     """The whole pipeline on synthetic faces (a KD-Loss config: `run_kdloss_demo`): draw a
     300W-layout tree, build it with the 300W TFDS builder, train a teacher, MobileFAN and MobileFAN + KD, then (`demo.kdloss`) the
@@ -152,6 +161,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
             f" steps each, {kd_config.input_size}x{kd_config.input_size} crops -> "
             f"{workdir}/kdloss",
         )
+        _init_from_demo(kd_config, workdir)
         kd_rows = kdloss_rows(kd_config, os.path.join(workdir, "kdloss"))
         if kd_rows is None:
             _demo_log(t0, "stopped by SIGTERM during KD-Loss; run the same command to resume")
@@ -159,7 +169,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         labels = {
             "kdloss_teacher_tough": "KD-Loss Tough teacher",
             "kdloss_teacher_tolerant": "KD-Loss Tolerant teacher",
-            "kdloss_student": "KD-Loss student (MobileNetV2 regression)",
+            "kdloss_student_alone": "MobileNetV2 regression alone",
+            "kdloss_student": "MobileNetV2 regression + KD-Loss",
         }
         rows.update({labels.get(k, k): v for k, v in kd_rows.items()})
     table = evaluate.format_table(rows)
@@ -189,7 +200,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
 def kdloss_rows(
     config: ml_collections.ConfigDict, workdir: str, sources: Mapping[str, Source] | None = None
 ) -> dict[str, dict] | None:
-    """Trains Tough, Tolerant and the student in `workdir/{tough,tolerant,student}`.
+    """Trains Tough, Tolerant, the student alone (`kd.student_alone`, MSE to the ground truth,
+    the baseline) and the KD-Loss student in `workdir/{tough,tolerant,student_alone,student}`.
 
     `config` is one KD-Loss config (e.g. configs/demo_kdloss.py); the roles, workdirs and
     `kd.teacher_model` for the teachers are filled in here. `sources=None` reads the
@@ -197,14 +209,21 @@ def kdloss_rows(
     `fan_jax.evaluate.format_table`, or None when SIGTERM stopped a run (it saved first).
     """
     rows: dict[str, dict] = {}
-    dirs = {r: os.path.join(workdir, r.replace("teacher_", "")) for r in kdloss.ROLES}
-    for role in kdloss.ROLES:
+    roles = (*kdloss.ROLES[:2], kdloss.ALONE, kdloss.ROLES[2])
+    dirs = {r: os.path.join(workdir, r.replace("teacher_", "")) for r in roles}
+    for role in roles:
+        if role == kdloss.ALONE and not config.kd.get("student_alone", True):
+            continue
         c = ml_collections.ConfigDict(config.to_dict())
         c.kd.role = role
         c.kd.tough_workdir, c.kd.tolerant_workdir = dirs["teacher_tough"], dirs["teacher_tolerant"]
-        if role != "student":
+        if role.startswith("teacher"):
             c.model.name = config.kd.get("teacher_model", "efficientnet_b3_reg")
             c.model.dropout_rate = -1.0
+            c.model.init_from = config.kd.get("teacher_init_from", "")
+            c.train.num_train_steps = int(
+                config.kd.get("teacher_steps", 0) or config.train.num_train_steps
+            )
         res = train_and_evaluate(c, dirs[role], sources=sources)
         if res.preempted:
             return None
