@@ -22,7 +22,13 @@ faces (the sweep in the README's "Two distillation methods" section):
 - Adam at 2e-5 with a 50-step warm-up (inverse-time decay as the public code): at 1e-4 the
   student alone reaches 10.1% NME, at 2e-5 7.0%; at 5e-4 without warm-up the loss blows up to ~2
   in crop units within 50 steps (thousands of head inputs move together).
-- Batch 8, 300 teacher steps and 400 student steps: about 8 minutes for the four runs on a
+- The KD-Loss is computed in crop pixels (`kd.loss_coordinate_scale` = 128) instead of crop
+  widths. Its main loss is linear up to the Tolerant teacher's error and quadratic beyond; in
+  crop widths the errors are ~0.02, where e^2 is far below 3e, so the quadratic branch pushes
+  large errors *less* than small ones. In pixels it pushes them more, as the method intends.
+  Measured, one seed: 9.44% NME in crop widths, 7.06% in pixels (the paper's figure weights
+  instead of the public code's: 8.06% in widths, 7.06% in pixels).
+- Batch 8, 300 teacher steps and 400 student steps: about 7 minutes for the four runs on a
   2-core CPU.
 
 The method itself is unchanged: both teachers are trained as the paper says (Tough on the ground
@@ -52,6 +58,7 @@ def get_config():
     c.kd.teacher_init_from_demo = True
     c.kd.student_init_from_demo = True
     c.kd.student_alone = True  # the baseline row: the student on the MSE to the ground truth
+    c.kd.loss_coordinate_scale = 128.0  # the loss in crop pixels (see above)
     c.train.batch_size = 8
     c.train.num_train_steps = 400
     c.train.learning_rate = 2e-5

@@ -50,6 +50,9 @@ def experiment(dataset: str, role: str) -> ml_collections.ConfigDict:
 
     # fan_jax.kd_loss.KDLossConfig; defaults are the public code's. The paper's figures draw
     # alpha 1, alpha_neg -0.5, beta ~0.4 and a main loss without the factor 3.
+    # The KD-Loss sees coordinates x this: 1 = crop widths, the public code's normalisation
+    # (configs/demo_kdloss.py measures crop pixels, where the main loss's quadratic branch bites).
+    c.kd.loss_coordinate_scale = 1.0
     c.kd.loss = ml_collections.ConfigDict()
     c.kd.loss.alpha_tough = 1.9
     c.kd.loss.alpha_neg_tough = -0.45

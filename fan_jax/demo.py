@@ -156,10 +156,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     if kd_config is not None:
         _demo_log(
             t0,
-            f"KD-Loss: Tough and Tolerant teachers ({kd_config.kd.teacher_model}), "
-            f"then the {kd_config.model.name} student, {kd_config.train.num_train_steps}"
-            f" steps each, {kd_config.input_size}x{kd_config.input_size} crops -> "
-            f"{workdir}/kdloss",
+            f"KD-Loss: Tough and Tolerant teachers ({kd_config.kd.teacher_model}, "
+            f"{kd_config.kd.get('teacher_steps', 0) or kd_config.train.num_train_steps} steps), "
+            f"then the {kd_config.model.name} student alone and with KD-Loss "
+            f"({kd_config.train.num_train_steps} steps each), "
+            f"{kd_config.input_size}x{kd_config.input_size} crops -> {workdir}/kdloss",
         )
         _init_from_demo(kd_config, workdir)
         kd_rows = kdloss_rows(kd_config, os.path.join(workdir, "kdloss"))

@@ -242,3 +242,18 @@ def test_dlib_small_search_finds_the_large_face_faster_than_the_full_one():
     assert len(full) >= 1 and len(small) >= 1
     assert video.iou(full[0], small[0]) > 0.6
     assert full_scores[0] > 0.6 and small_scores[0] > 0.6
+
+
+def test_follow_landmarks_false_holds_the_crop_on_the_detection():
+    det = Scripted([([FACE], [1.0])] * 10)
+    boxes = {}
+    for follow in (True, False):
+        tracker = video.FaceTracker(
+            Crops(det), detect_every=100, smoothing=False, follow_landmarks=follow, confirm_hits=1
+        )
+        frame = np.zeros((480, 640, 3), np.uint8)
+        faces = [tracker.update(frame, i / FPS) for i in range(3)]
+        boxes[follow] = faces[-1][0].box
+    np.testing.assert_allclose(boxes[False], FACE)
+    # Crops' corner 'landmarks' give the box they span (geometry.box_from_landmarks), not FACE.
+    assert not np.allclose(boxes[True], FACE)
