@@ -73,6 +73,11 @@ class LandmarkPipeline:
         m = geometry.crop_transform(np.asarray(box, np.float64), self.input_size, self.box_scale)
         return geometry.warp_image(_as_rgb(image), m, self.input_size), m
 
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2)) -> None:
+        """Runs each batch size once, so no later frame waits for a compilation."""
+        for n in batch_sizes:
+            self.predict_crops(np.zeros((n, self.input_size, self.input_size, 3), np.uint8))
+
     def predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 crops [N, S, S, 3] -> (landmarks [N, L, 2] in crop pixels, scores [N, L])."""
         raise NotImplementedError

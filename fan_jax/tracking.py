@@ -205,7 +205,12 @@ class FaceTracker:
         self._next_key = 0  # the next track's key (tentative tracks included)
         self._frame = 0
         self._last_round = -(10**9)  # frame index of the last detection round started
-        self._worker = DetectorWorker(self._detect_scored) if async_detect else None
+        self._worker = None
+        if async_detect:
+            # Build the detector here: importing and loading it on the worker thread, while
+            # this thread runs the network, stalled its first round for seconds.
+            getattr(predictor, "detector", None)
+            self._worker = DetectorWorker(self._detect_scored)
         self.detections = 0  # detector rounds started (progress reports, tests)
         self.stage_s: dict[str, float] = {"detect": 0.0, "crop": 0.0, "network": 0.0, "smooth": 0.0}
 
@@ -287,8 +292,12 @@ class FaceTracker:
     def _round_due(self) -> bool:
         if not self._tracks or self._frame - self._last_round >= self.detect_every:
             return True
+        # A tentative track asks for the next frame's round only while it can still be
+        # confirmed: a weak detection (dlib's suit, ~0.3) waits for the regular rounds.
         return any(
-            not tr["confirmed"] or tr["score"] < self.min_score for tr in self._tracks.values()
+            (not tr["confirmed"] and float(np.mean(tr["det_scores"])) >= self.confirm_score)
+            or (tr["confirmed"] and tr["score"] < self.min_score)
+            for tr in self._tracks.values()
         )
 
     def _detect(self, frame: np.ndarray) -> bool:
@@ -330,10 +339,12 @@ class FaceTracker:
         """The confirmed faces of one RGB frame at time `t` (seconds)."""
         detected = self._detect(frame)
         self._frame += 1
-        if not self._tracks:
+        # Only confirmed faces run through the network: a tentative track keeps its detected
+        # box until the detector confirms or drops it.
+        ids = sorted(tid for tid, tr in self._tracks.items() if tr["confirmed"])
+        if not ids:
             return []
         t0 = time.perf_counter()
-        ids = sorted(self._tracks)
         crop_boxes = {tid: self._tracks[tid]["box"].copy() for tid in ids}
         crops, mats = [], []
         for tid in ids:
@@ -353,8 +364,6 @@ class FaceTracker:
             # where to look.
             if self.follow_landmarks:
                 tr["box"] = np.asarray(self._box_from_landmarks(lm), np.float32)
-            if not tr["confirmed"]:
-                continue
             smoothed = tr["filter"](lm, t) if self.smoothing else lm
             out.append(
                 TrackedFace(

@@ -90,6 +90,12 @@ def e2e_section(cfg: Config) -> Json:
         )
     net = jax.jit(p.network_fn())
     runners["fan_jax_network_only"] = lambda: np.asarray(net(p.variables, crop))
+    # The decode alone, on this network's heatmaps: its share of the network's time.
+    from fan_jax import landmarks
+
+    hm = jax.device_put(net(p.variables, crop))
+    decode = jax.jit(lambda h: landmarks.decode("heatmap", h, size))
+    runners["fan_jax_decode_only"] = lambda: np.asarray(decode(hm)[0])
 
     notes: Json = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,12 +120,14 @@ def e2e_section(cfg: Config) -> Json:
     best_ours = min(ours, key=ours.get)
     e2e = ours[best_ours]
     net_ms = stats["fan_jax_network_only"]["latency_ms"]
+    decode_ms = stats["fan_jax_decode_only"]["latency_ms"]
     peers = {k: v["latency_ms"] for k, v in stats.items() if not k.startswith("fan_jax_")}
     out.update(
         fan_jax_precision=best_ours.removeprefix("fan_jax_"),
+        # The network returning its heatmaps to the host (1.6 MB at 256 px, 98 points).
         network_ms=net_ms,
-        decode_and_map_ms=ours["fan_jax_float32"] - net_ms,
-        decode_fraction_of_network=(ours["fan_jax_float32"] - net_ms) / net_ms,
+        decode_ms=decode_ms,
+        decode_fraction_of_network=decode_ms / net_ms,
     )
     out["summary"] = {
         "e2e_latency_ms": e2e,
@@ -264,7 +272,9 @@ def video_section(cfg: Config) -> Json:
     from fan_jax.models import fan
 
     size, L = cfg.image_size, cfg.num_landmarks
-    n = 40 if cfg.quick else 300
+    # Long enough that the async run tracks the face for most of it: on a file read faster
+    # than real time, its first detection rounds take a few hundred frames to confirm it.
+    n = 40 if cfg.quick else 900
     frames = face_clip_640x480(n)
     out: Json = {"frames": n, "frame_size": [640, 480], "image_size": size}
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,15 +303,16 @@ def video_section(cfg: Config) -> Json:
             summary["precision"] = p.precision
             results[mode] = summary
     out.update(results)
-    fps = results["async"].get("steady_frames_per_s", results["async"]["frames_per_s"])
+    # From the first frame with the face on (until then a fast file's frames skip the network).
+    fps = results["async"].get("tracked_frames_per_s", 0.0)
     out["summary"] = {"video_frames_per_s": fps}
     stage = results["async"]["stage_ms"]
     out["rows"] = [
         (
             "video frames/s (640x480, one face, detector on a worker thread; sync in baseline)",
             fmt(fps),
-            fmt(results["sync"].get("steady_frames_per_s")),
-            fmt(fps / max(results["sync"].get("steady_frames_per_s", 1e-9), 1e-9), "x"),
+            fmt(results["sync"].get("tracked_frames_per_s")),
+            fmt(fps / max(results["sync"].get("tracked_frames_per_s", 1e-9), 1e-9), "x"),
             " ".join(f"{k} {v:.2f}" for k, v in stage.items()),
         )
     ]
