@@ -61,12 +61,13 @@ def register_tiny_models() -> None:
     fan.MODELS.setdefault("tiny_teacher", functools.partial(tiny_fan, decoder_channels=16))
 
 
-def tiny_regressor(num_landmarks: int, dropout_rate: float = 0.1):
+def tiny_regressor(num_landmarks: int, dropout_rate: float = 0.1, pool: str = "avg"):
     """The tiny encoder with the real regression head (KD-Loss roles)."""
     from fan_jax.models import regression
 
     return regression.LandmarkRegressor(
-        tiny_encoder_cls()(features=(8, 16)), regression.RegressionHead(num_landmarks, dropout_rate)
+        tiny_encoder_cls()(features=(8, 16)),
+        regression.RegressionHead(num_landmarks, dropout_rate, pool=pool),
     )
 
 
