@@ -175,6 +175,16 @@ def summarize(times: list[float], work: float = 1.0) -> Json:
     }
 
 
+def latency_stats(times: list[float], iters: int) -> Json:
+    """Per-call latency (ms) of repeats that each made `iters` calls: median, spread, count."""
+    med = float(statistics.median(times))
+    return {
+        "latency_ms": 1e3 * med / iters,
+        "spread": (max(times) - min(times)) / med,
+        "repeats": len(times),
+    }
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None

@@ -161,7 +161,6 @@ class Predictor(LandmarkPipeline):
             flip_perm = jnp.asarray(geometry.flip_permutation(self.num_landmarks))
 
         self.precision = "float32"
-        self._flip_perm = flip_perm
 
         def run(variables: PyTree, crops: Any) -> tuple[Any, Any]:
             self.traced_batch_sizes.append(int(crops.shape[0]))

@@ -107,19 +107,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 class DetectorWorker:
     """Runs the face detector on a thread of its own, so the landmark path never waits for
     it: `submit(frame, min_face)` starts a search when the worker is idle (else returns
-    False) and `poll()` returns its (boxes, scores, frame index) once, when done. dlib and
-    OpenCV release the GIL in their C++ loops, so the search uses the other core."""
+    False) and `poll()` returns its (boxes, scores) once, when done. Whether the search
+    overlaps the network depends on the detector releasing the GIL; the video benchmark
+    (`benchmarks/run.py --sections video`) measures async against sync."""
 
     def __init__(self, detect: Callable[..., tuple[np.ndarray, np.ndarray]]):
         self._detect = detect
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fan_jax-detect")
         self._future: concurrent.futures.Future | None = None
-        self._frame = -1
         self.busy_s = 0.0  # time spent detecting (benchmarks)
-
-    @property
-    def idle(self) -> bool:
-        return self._future is None
 
     def _run(self, frame: np.ndarray, min_face: float | None) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
@@ -128,20 +124,18 @@ class DetectorWorker:
         finally:
             self.busy_s += time.perf_counter() - t0
 
-    def submit(self, frame: np.ndarray, index: int, min_face: float | None) -> bool:
+    def submit(self, frame: np.ndarray, min_face: float | None) -> bool:
         if self._future is not None:
             return False
-        self._frame = index
         # A copy: the caller may reuse its frame buffer while the search runs.
         self._future = self._pool.submit(self._run, np.array(frame), min_face)
         return True
 
-    def poll(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray, int] | None:
-        if self._future is None or not (wait or self._future.done()):
+    def poll(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._future is None or not self._future.done():
             return None
         future, self._future = self._future, None
-        boxes, scores = future.result()  # a detector error surfaces here, in the caller
-        return boxes, scores, self._frame
+        return future.result()  # a detector error surfaces here, in the caller
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -210,19 +204,11 @@ class FaceTracker:
             # Build the detector here: importing and loading it on the worker thread, while
             # this thread runs the network, stalled its first round for seconds.
             getattr(predictor, "detector", None)
-            self._worker = DetectorWorker(self._detect_scored)
+            self._worker = DetectorWorker(self.predictor.detect_scored)
         self.detections = 0  # detector rounds started (progress reports, tests)
         self.stage_s: dict[str, float] = {"detect": 0.0, "crop": 0.0, "network": 0.0, "smooth": 0.0}
 
     # ------------------------------------------------------------------ detection rounds
-
-    def _detect_scored(
-        self, frame: np.ndarray, min_face: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if hasattr(self.predictor, "detect_scored"):
-            return self.predictor.detect_scored(frame, min_face=min_face)
-        boxes = np.asarray(self.predictor.detect(frame), np.float32).reshape(-1, 4)
-        return boxes, np.ones(len(boxes), np.float32)
 
     def _min_face(self) -> float | None:
         """The smallest face this round must find (None: any size)."""
@@ -307,7 +293,7 @@ class FaceTracker:
         fresh = False
         if self._worker is None:
             if self._round_due():
-                boxes, scores = self._detect_scored(frame, self._min_face())
+                boxes, scores = self.predictor.detect_scored(frame, self._min_face())
                 self.detections += 1
                 self._last_round = self._frame
                 self._apply_detections(boxes, scores)
@@ -317,7 +303,7 @@ class FaceTracker:
             if done is not None:
                 self._apply_detections(done[0], done[1])
                 fresh = True
-            if self._round_due() and self._worker.submit(frame, self._frame, self._min_face()):
+            if self._round_due() and self._worker.submit(frame, self._min_face()):
                 self.detections += 1
                 self._last_round = self._frame
         self.stage_s["detect"] += time.perf_counter() - t0

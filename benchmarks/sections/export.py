@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Config, Json, fmt, ratio, section, spread, time_interleaved
+from benchmarks.harness import (
+    Config,
+    Json,
+    fmt,
+    latency_stats,
+    ratio,
+    section,
+    spread,
+    time_interleaved,
+)
 
 
 def _missing_export_modules(formats: tuple[str, ...]) -> dict[str, list[str]]:
@@ -154,9 +163,9 @@ def benchmark_exports(
         times = time_interleaved(fns, repeats, warmup)
     rows = []
     jax_ms = 1e3 * float(np.median(times["jax"])) / iters
-    out["jax"] = _stats(times["jax"], iters)
+    out["jax"] = latency_stats(times["jax"], iters)
     for name in formats:
-        out[name].update(_stats(times[name], iters))
+        out[name].update(latency_stats(times[name], iters))
         ms = out[name]["latency_ms"]
         rows.append(
             (
@@ -172,12 +181,3 @@ def benchmark_exports(
     out["summary"]["export_jax_latency_ms"] = jax_ms
     out["rows"] = rows
     return out
-
-
-def _stats(times: list[float], iters: int) -> dict:
-    med = float(np.median(times))
-    return {
-        "latency_ms": 1e3 * med / iters,
-        "spread": (max(times) - min(times)) / med,
-        "repeats": len(times),
-    }

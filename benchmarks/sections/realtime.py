@@ -24,16 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Config, Json, fmt, section, time_interleaved
-
-
-def _stats(times: list[float], iters: int) -> Json:
-    med = float(np.median(times))
-    return {
-        "latency_ms": 1e3 * med / iters,
-        "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
-        "repeats": len(times),
-    }
+from benchmarks.harness import Config, Json, fmt, latency_stats, section, time_interleaved
 
 
 def _torch_decode(torch: Any, hm: Any) -> Any:
@@ -111,7 +102,7 @@ def e2e_section(cfg: Config) -> Json:
         for name, run in runners.items():
             fns[name] = functools.partial(lambda r: [r() for _ in range(iters)], run)
         times = time_interleaved(fns, cfg.repeats, cfg.warmup)
-    stats = {name: _stats(t, iters) for name, t in times.items()}
+    stats = {name: latency_stats(t, iters) for name, t in times.items()}
     out["runtimes"] = stats
     out["notes"] = notes
     ours = {
