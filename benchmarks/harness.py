@@ -61,6 +61,7 @@ class Config:
     distill_direct_repeats: int = 1  # N x N FS form: ~2x the Gram step's time and memory
     export_formats: tuple[str, ...] = ("tflite", "tflite_float16", "tflite_int8", "onnx")
     export_iters_per_repeat: int = 10
+    e2e_rounds: int = 2  # processes per runtime, taking turns (each runs repeats / rounds)
     quick: bool = False
 
     @classmethod

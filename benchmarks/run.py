@@ -47,6 +47,7 @@ from benchmarks.harness import Config, Json
 from benchmarks.sections import (  # noqa: F401
     accelerator,
     distill,
+    e2e,
     export,
     fs_loss,
     layers,

@@ -2,8 +2,8 @@
 
 `choose(predictor)` returns ('float32' | 'bfloat16', reason). Without AMX-BF16 or AVX512-BF16
 (the `lscpu` flags amx_bf16, avx512_bf16) it is float32 without measuring. With them, both
-precisions are compiled at batch 1 and timed interleaved (median of 5 rounds of 5 calls);
-bf16 is kept only when at least 5% faster. The result is cached per CPU model, model and
+precisions are compiled at batch 1 and timed, each in its own process, twice each, A B A B
+(median of 5 rounds of 5 calls); bf16 is kept only when at least 5% faster. The result is cached per CPU model, model and
 input size in $XDG_CACHE_HOME/fan_jax/precision.json (~/.cache), so the next start is free.
 """
 
@@ -53,21 +53,71 @@ def _time_calls(fn: Any, x: np.ndarray, calls: int = 5) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def measure(predictor: Any, rounds: int = 5) -> dict[str, float]:
-    """Median batch-1 seconds per call of `predictor.predict_crops` in each precision."""
-    x = np.zeros((1, predictor.input_size, predictor.input_size, 3), np.uint8)
-    was = predictor.precision
-    fns = {}
-    for p in ("float32", "bfloat16"):
-        predictor.set_precision(p)
-        run = predictor._run
-        fns[p] = lambda crops, run=run: run(predictor.variables, crops)
-        np.asarray(fns[p](x)[0])  # compile
-    predictor.set_precision(was)
-    times: dict[str, list[float]] = {p: [] for p in fns}
-    for _ in range(rounds):
-        for p, fn in fns.items():
-            times[p].append(_time_calls(fn, x))
+def _worker(spec_path: str, precision: str, rounds: int) -> None:
+    """In a fresh process: the pickled predictor's program (as `Predictor` compiles it in
+    `precision`), its batch-1 median seconds printed as JSON."""
+    import cloudpickle
+    import jax
+
+    from fan_jax import compiler, landmarks
+    from fan_jax.models.layers import use_dot_dtype
+
+    with open(spec_path, "rb") as f:
+        spec = cloudpickle.load(f)
+
+    def run(variables: Any, crops: Any) -> Any:
+        with use_dot_dtype(precision):
+            return landmarks.landmarks(spec["kind"], spec["model"], variables, crops, None)
+
+    fn = jax.jit(run, compiler_options=compiler.predict_options(precision))
+    variables = jax.device_put(spec["variables"])
+    size = spec["input_size"]
+    x = np.zeros((1, size, size, 3), np.uint8)
+    call = lambda crops: fn(variables, crops)  # noqa: E731
+    np.asarray(call(x)[0])  # compile
+    times = [_time_calls(call, x) for _ in range(rounds)]
+    print(json.dumps({"s": float(np.median(times))}))
+
+
+def measure(predictor: Any, rounds: int = 5, alternations: int = 2) -> dict[str, float]:
+    """Median batch-1 seconds per call of `predictor.predict_crops` in each precision.
+
+    Each precision runs in its own process, alternately (A B A B), because the two compile
+    with different XLA dot backends (fan_jax.compiler), and in one process the second
+    backend's thread pool slows the first's programs (bf16 measured 8.2 ms alone, 11 ms
+    beside a float32 program, on a 2-core AMX Xeon)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import cloudpickle
+    import jax
+
+    spec = {
+        "variables": jax.device_get(predictor.variables),
+        "model": predictor.model,
+        "num_landmarks": predictor.num_landmarks,
+        "input_size": predictor.input_size,
+        "kind": predictor.kind,
+    }
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "predictor.pkl")
+        with open(path, "wb") as f:
+            cloudpickle.dump(spec, f)
+        for _ in range(alternations):
+            for p in times:
+                code = (
+                    "import sys; from fan_jax import precision; "
+                    "precision._worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+                )
+                out = subprocess.run(
+                    [sys.executable, "-c", code, path, p, str(rounds)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                times[p].append(json.loads(out.stdout.strip().splitlines()[-1])["s"])
     return {p: float(np.median(t)) for p, t in times.items()}
 
 

@@ -189,9 +189,15 @@ class Predictor(LandmarkPipeline):
             raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
         if precision != self.precision:
             self.precision = precision
-            self._run = jax.jit(self._run_fn, compiler_options=compiler.compiler_options("predict"))
+            self._run = jax.jit(self._run_fn, compiler_options=compiler.predict_options(precision))
         self.info = {**self.info, "precision": precision}
         return precision
+
+    def compiler_options(self) -> dict[str, Any] | None:
+        """The XLA options this predictor's programs compile with (`fan_jax.compiler`)."""
+        from fan_jax import compiler
+
+        return compiler.predict_options(self.precision)
 
     def network_fn(self) -> Callable[[PyTree, Any], Any]:
         """The network alone on uint8 crops -> raw outputs (benchmarks: the decode's share)."""

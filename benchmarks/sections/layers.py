@@ -1,13 +1,21 @@
-"""Layer by layer: each of the student's layers timed on its own against its own bounds.
+"""Layer by layer, inside the whole compiled program, against each layer's own bounds.
 
     python benchmarks/run.py --sections layers
+    python benchmarks/op_profile.py          # the same profile, op by op, float32 and bf16
 
 A "unit" is what runs as one piece in the model: a convolution (stem, expand, depthwise,
 project, deconvolution, head) with the BatchNorm and activation that follow it. The units
 and their input shapes come from one traced forward of the real student (`flax`'s method
-interception), so the list follows the model. Each unit is jitted alone and timed in
-inference (eval BN, batch `layers_infer_batch`) and in training (batch BN and the backward
-pass, batch `layers_train_batch`), and set against two bounds:
+interception), so the list follows the model. Their times come from `jax.profiler` traces of
+the whole compiled student (`benchmarks.op_profile`): the eval forward at batch
+`layers_infer_batch`, as `Predictor` compiles it, and the real train step at batch
+`layers_train_batch`. Each HLO op's time goes to the unit whose module path its `op_name`
+names (a BN + activation that XLA fuses into the next layer's padding goes to that next
+layer); what no unit claims (input handling; the loss and optimizer) is reported beside
+them, and the units plus that are set against the program's wall time. Timing a layer alone
+instead would add one dispatch per layer (the isolated times summed to 3x the network).
+
+Each unit is set against two bounds:
 
 - compute: its FLOPs (counted from the shapes: 2 per multiply-add of the convolution, as the
   textbook conv, with no FLOPs for padding or zero taps) over the machine's matmul rate;
@@ -16,8 +24,8 @@ pass, batch `layers_train_batch`), and set against two bounds:
   this machine's measured streaming rate at that working-set size (an elementwise
   read-and-write kernel, so the rate includes what caches give a layer of that size).
 
-`fraction_of_bound` = max(compute, memory bound) / time, with time net of the fixed cost
-of one jitted call (measured on a trivial program): 1.0 means the layer runs at its bound.
+`fraction_of_bound` = max(compute, memory bound) / profiled time: 1.0 means the layer runs
+at its bound.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class Unit:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     conv_flops_per_image: float  # multiply-adds x 2 of the convolution, batch 1
+    paths: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # each module's
 
     @property
     def kind(self) -> str:
@@ -119,7 +128,7 @@ def student_units(model: Any, variables: Json, image_shape: tuple[int, ...]) -> 
     for i, (path, module, in_shape, out_shape) in enumerate(calls):
         if not isinstance(module, convs):
             continue
-        mods, vars_, out = [module], [_subtree(variables, path)], out_shape
+        mods, vars_, out, paths = [module], [_subtree(variables, path)], out_shape, [path]
         if (
             i + 1 < len(calls)
             and isinstance(calls[i + 1][1], layers.BatchNorm)
@@ -127,6 +136,7 @@ def student_units(model: Any, variables: Json, image_shape: tuple[int, ...]) -> 
         ):
             mods.append(calls[i + 1][1])
             vars_.append(_subtree(variables, calls[i + 1][0]))
+            paths.append(calls[i + 1][0])
         units.append(
             Unit(
                 "/".join(path[-2:]) if path[0] == "decoder" else path[-1],
@@ -135,25 +145,10 @@ def student_units(model: Any, variables: Json, image_shape: tuple[int, ...]) -> 
                 in_shape[1:],
                 out,
                 _conv_flops(module, in_shape, out_shape) / in_shape[0],
+                paths,
             )
         )
     return units
-
-
-def _unit_fn(unit: Unit, train: bool):
-    """(variables, x) -> y of the unit; in training, BN uses batch statistics."""
-    from fan_jax.models import layers
-
-    def apply(vs, x):
-        for m, v in zip(unit.modules, vs):
-            if isinstance(m, layers.BatchNorm):
-                m = m.clone(use_running_average=not train)
-                x = m.apply(v, x, mutable=["batch_stats"])[0] if train else m.apply(v, x)
-            else:
-                x = m.apply(v, x)
-        return x
-
-    return apply
 
 
 def _param_bytes(vs: list[Json]) -> int:
@@ -205,142 +200,114 @@ def _rate_at(rates: list[tuple[int, float]], nbytes: float) -> float:
     return rates[min(i, len(rates) - 1)][1]
 
 
-def call_overhead_s(device: Any, repeats: int) -> float:
-    """Seconds of one call of a trivial jitted program (dispatch + sync): the floor every
-    layer timed alone pays and the whole model pays once."""
+def _program(units: list[Unit], train: bool, batch: int, cfg: Config, device: Any):
+    """(call, compiled HLO text) of the whole student: the eval forward as `Predictor` compiles
+    it, or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
     import jax
-    import jax.numpy as jnp
 
-    x = jax.device_put(jnp.ones((8,), jnp.float32), device)
-    f = jax.jit(lambda x: x + 1.0).lower(x).compile()
-    f(x).block_until_ready()
-    iters = 200
+    from benchmarks.jax_runners import JaxStudentTrainer
+    from fan_jax import compiler
 
-    def run():
-        for _ in range(iters):
-            y = f(x)
-        y.block_until_ready()
-
-    return summarize(time_interleaved({"c": run}, repeats, warmup=1)["c"])["median_s"] / iters
-
-
-def _time_unit(
-    unit: Unit, batch: int, train: bool, first: bool, cfg: Config, device: Any
-) -> tuple[float, Json]:
-    import jax
-    import jax.numpy as jnp
-
-    apply = _unit_fn(unit, train)
-    rng = np.random.default_rng(0)
-    x = jax.device_put(
-        jnp.asarray(rng.standard_normal((batch, *unit.in_shape)), jnp.float32), device
-    )
-    vs = jax.device_put(unit.variables, device)
+    size, L = cfg.image_size, cfg.num_landmarks
     if train:
-        g = jax.device_put(
-            jnp.asarray(rng.standard_normal((batch, *unit.out_shape[1:])), jnp.float32), device
+        trainer = JaxStudentTrainer(L, batch, size, device=device)
+        return (lambda: trainer.run(1)), trainer._step.as_text()
+    model, variables = build_student(L), jax.device_put(init_variables(L, size), device)
+    x = jax.device_put(
+        np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32), device
+    )
+    exe = (
+        jax.jit(
+            lambda v, x: model.apply(v, x, train=False),
+            compiler_options=compiler.compiler_options("predict"),
         )
-
-        def step(vs, x, g):
-            params = [v.get("params", {}) for v in vs]
-
-            def loss(params, x):
-                full = [{**v, "params": p} if p else v for v, p in zip(vs, params)]
-                return jnp.vdot(apply(full, x), g)
-
-            return jax.grad(loss, argnums=(0,) if first else (0, 1))(params, x)
-
-        exe = jax.jit(step).lower(vs, x, g).compile()
-        call = lambda: jax.block_until_ready(exe(vs, x, g))  # noqa: E731
-    else:
-        from fan_jax import compiler  # the inference role's options, as Predictor compiles with
-
-        exe = (
-            jax.jit(apply, compiler_options=compiler.compiler_options("predict"))
-            .lower(vs, x)
-            .compile()
-        )
-        call = lambda: jax.block_until_ready(exe(vs, x))  # noqa: E731
-    call()
-    # Enough calls per repeat for ~20 ms, so timer resolution and jitter stay small.
-    t0 = summarize(time_interleaved({"u": call}, 2, warmup=0)["u"])["median_s"]
-    iters = max(1, min(200, int(0.02 / max(t0, 1e-6))))
-
-    def run():
-        for _ in range(iters):
-            call()
-
-    s = summarize(time_interleaved({"u": run}, cfg.repeats, warmup=0)["u"])
-    return s["median_s"] / iters, {"spread": s["spread"], "iters_per_repeat": iters}
+        .lower(variables, x)
+        .compile()
+    )
+    return (lambda: jax.block_until_ready(exe(variables, x))), exe.as_text()
 
 
-def _units_for(cfg: Config, units: list[Unit]) -> list[Unit]:
-    if not cfg.quick:
-        return units
-    # One unit of each kind (the CI smoke test): stem, expand, depthwise, project, deconv, head.
-    seen, keep = set(), []
-    for u in units:
-        key = (u.kind, u.name.rsplit("_", 1)[-1])
-        if key not in seen:
-            seen.add(key)
-            keep.append(u)
-    return keep
+def _unit_modules(unit: Unit) -> set[str]:
+    return {path[-1] for path in unit.paths}
+
+
+def profile_units(
+    units: list[Unit], train: bool, batch: int, cfg: Config, device: Any
+) -> tuple[dict[str, float], Json]:
+    """({unit: ms per call}, totals): each unit's share of one profile of the whole program
+    (`benchmarks.op_profile`), the median over `cfg.repeats` traced rounds."""
+    import statistics
+
+    from benchmarks import op_profile
+
+    call, hlo = _program(units, train, batch, cfg, device)
+    names = op_profile.op_names(hlo)
+    calls = 3 if cfg.quick else 20
+    rounds = [op_profile.profile_ops(call, calls) for _ in range(max(1, cfg.repeats))]
+    ops = {op: statistics.median(r[0].get(op, 0.0) for r in rounds) for op in rounds[-1][0]}
+    wall = statistics.median(r[1] for r in rounds)
+    per_unit, other = op_profile.attribute(ops, names, ((u.name, _unit_modules(u)) for u in units))
+    top_other = sorted(other.items(), key=lambda kv: -kv[1])[:8]
+    return per_unit, {
+        "program_wall_ms": wall,
+        "ops_sum_ms": sum(ops.values()),
+        "outside_units_ms": sum(other.values()),
+        "outside_units_top": [
+            {"op": op, "ms": ms, "op_name": names.get(op, "")} for op, ms in top_other
+        ],
+        "profile_calls_per_round": calls,
+    }
 
 
 def _mode(
-    cfg: Config,
-    units: list[Unit],
-    train: bool,
-    batch: int,
-    peak: float,
-    rates,
-    overhead: float,
-    device: Any,
+    cfg: Config, units: list[Unit], train: bool, batch: int, peak: float, rates, device: Any
 ) -> Json:
-    rows, total = (
-        [],
-        {
-            "ms": 0.0,
-            "net_ms": 0.0,
-            "compute_bound_ms": 0.0,
-            "memory_bound_ms": 0.0,
-            "bound_ms": 0.0,
-            "flops": 0.0,
-            "bytes": 0.0,
-        },
+    unit_ms, program = profile_units(units, train, batch, cfg, device)
+    rows = []
+    total = dict.fromkeys(
+        ("ms", "compute_bound_ms", "memory_bound_ms", "bound_ms", "flops", "bytes"), 0.0
     )
     for i, u in enumerate(units):
         first = i == 0 and u.in_shape[-1] == 3
-        t, extra = _time_unit(u, batch, train, first, cfg, device)
+        ms = max(unit_ms.get(u.name, 0.0), 1e-6)
         nbytes, flops = _traffic_and_flops(u, batch, train, first)
-        net = max(t - overhead, 1e-9)
-        compute, memory = flops / peak, nbytes / _rate_at(rates, nbytes)
+        compute, memory = 1e3 * flops / peak, 1e3 * nbytes / _rate_at(rates, nbytes)
         bound = max(compute, memory)
-        row = {
-            "layer": u.name,
-            "kind": u.kind,
-            "in_shape": [batch, *u.in_shape],
-            "out_shape": [batch, *u.out_shape[1:]],
-            "ms": 1e3 * t,
-            "net_ms": 1e3 * net,
-            "flops": flops,
-            "bytes": nbytes,
-            "compute_bound_ms": 1e3 * compute,
-            "memory_bound_ms": 1e3 * memory,
-            "bound": "compute" if compute >= memory else "memory",
-            "fraction_of_bound": bound / net,
-            **extra,
-        }
-        rows.append(row)
-        for k in ("ms", "net_ms", "compute_bound_ms", "memory_bound_ms", "flops", "bytes"):
-            total[k] += row[k]
-        total["bound_ms"] += 1e3 * bound
-    total["fraction_of_bound"] = total["bound_ms"] / total["net_ms"]
+        rows.append(
+            {
+                "layer": u.name,
+                "kind": u.kind,
+                "in_shape": [batch, *u.in_shape],
+                "out_shape": [batch, *u.out_shape[1:]],
+                "ms": ms,
+                "flops": flops,
+                "bytes": nbytes,
+                "compute_bound_ms": compute,
+                "memory_bound_ms": memory,
+                "bound": "compute" if compute >= memory else "memory",
+                "fraction_of_bound": bound / ms,
+            }
+        )
+        for k, v in (
+            ("ms", ms),
+            ("compute_bound_ms", compute),
+            ("memory_bound_ms", memory),
+            ("bound_ms", bound),
+            ("flops", flops),
+            ("bytes", nbytes),
+        ):
+            total[k] += v
+    total["fraction_of_bound"] = total["bound_ms"] / total["ms"]
     fractions = sorted(r["fraction_of_bound"] for r in rows)
     return {
         "batch": batch,
         "layers": rows,
         "total": total,
+        **program,
+        # The units plus what no unit claims (input handling, the loss and optimizer in
+        # training) against the program's wall time: how much of it the profile accounts for.
+        "units_ms_over_program_wall": total["ms"] / program["program_wall_ms"],
+        "ops_ms_over_program_wall": program["ops_sum_ms"] / program["program_wall_ms"],
         "median_fraction_of_bound": fractions[len(fractions) // 2],
         "layers_within_80pct_of_bound": sum(f >= 0.8 for f in fractions),
         "layers_within_50pct_of_bound": sum(f >= 0.5 for f in fractions),
@@ -350,7 +317,7 @@ def _mode(
 
 @section("layers")
 def layers_section(cfg: Config) -> Json:
-    """Each student layer (conv + BN + activation) alone, inference and train, against its FLOP and byte bounds."""
+    """Each student layer (conv + BN + activation) inside one profile of the whole program, inference and train, against its FLOP and byte bounds."""
     device = cpu_device()
     size, L = cfg.image_size, cfg.num_landmarks
     peak_info = harness.CONSUMERS.get("matmul_peak") or matmul_peak(
@@ -359,32 +326,35 @@ def layers_section(cfg: Config) -> Json:
     peak = peak_info["flops_per_s"]
     sizes = (1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26) if not cfg.quick else (1 << 18, 1 << 22)
     rates = streaming_rates(device, sizes, cfg.repeats)
-    overhead = call_overhead_s(device, cfg.repeats)
-    units = _units_for(
-        cfg, student_units(build_student(L), init_variables(L, size), (1, size, size, 3))
-    )
+    units = student_units(build_student(L), init_variables(L, size), (1, size, size, 3))
     out: Json = {
         "image_size": size,
         "matmul_peak_flops_per_s": peak,
-        "call_overhead_ms": 1e3 * overhead,
         "streaming_rates": [{"bytes": s, "bytes_per_s": r} for s, r in rates],
     }
-    out["inference"] = _mode(
-        cfg, units, False, cfg.layers_infer_batch, peak, rates, overhead, device
-    )
-    out["train"] = _mode(cfg, units, True, cfg.layers_train_batch, peak, rates, overhead, device)
+    out["inference"] = _mode(cfg, units, False, cfg.layers_infer_batch, peak, rates, device)
+    out["train"] = _mode(cfg, units, True, cfg.layers_train_batch, peak, rates, device)
     rows = [
         (f"streaming read+write GB/s at {s / 2**20:.2g} MiB", fmt(r / 1e9), "", "", "")
         for s, r in rates
     ]
-    rows.append(("jitted call overhead ms (trivial program)", fmt(1e3 * overhead), "", "", ""))
     for mode in ("inference", "train"):
         m = out[mode]
         rows.append(
             (
-                f"{mode} layers (batch {m['batch']}): sum of net ms vs sum of bounds "
-                f"({m['layers_within_80pct_of_bound']}/{m['num_layers']} layers within 80%)",
-                fmt(m["total"]["net_ms"]),
+                f"{mode} (batch {m['batch']}): program wall ms vs its units' profiled ms "
+                f"(+ {m['outside_units_ms']:.2f} ms outside units)",
+                fmt(m["program_wall_ms"]),
+                fmt(m["total"]["ms"]),
+                fmt(m["units_ms_over_program_wall"], "x"),
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"{mode} units: profiled ms vs sum of bounds "
+                f"({m['layers_within_80pct_of_bound']}/{m['num_layers']} units within 80%)",
+                fmt(m["total"]["ms"]),
                 fmt(m["total"]["bound_ms"]),
                 fmt(m["total"]["fraction_of_bound"]),
                 "",
@@ -395,15 +365,16 @@ def layers_section(cfg: Config) -> Json:
                 (
                     f"  {mode} {r['layer']} {r['kind']} {r['in_shape'][1:]}->{r['out_shape'][1:]} "
                     f"ms vs {r['bound']} bound",
-                    fmt(r["net_ms"]),
+                    fmt(r["ms"]),
                     fmt(max(r["compute_bound_ms"], r["memory_bound_ms"])),
                     fmt(r["fraction_of_bound"]),
-                    f"{100 * r['spread']:.0f}%",
+                    "",
                 )
             )
     out["summary"] = {
         "layers_inference_fraction_of_bound": out["inference"]["total"]["fraction_of_bound"],
         "layers_train_fraction_of_bound": out["train"]["total"]["fraction_of_bound"],
+        "layers_inference_units_over_wall": out["inference"]["units_ms_over_program_wall"],
     }
     out["rows"] = rows
     return out
