@@ -4,7 +4,8 @@
 (the `lscpu` flags amx_bf16, avx512_bf16) it is float32 without measuring. With them, both
 precisions are compiled at batch 1 and timed, each in its own process, twice each, A B A B
 (median of 5 rounds of 5 calls); bf16 is kept only when at least 5% faster. The result is cached per CPU model, model and
-input size in $XDG_CACHE_HOME/fan_jax/precision.json (~/.cache), so the next start is free.
+input size (and jaxlib version) in $XDG_CACHE_HOME/fan_jax/precision.json (~/.cache), so the
+next start is free.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import numpy as np
 
 BF16_UNITS = ("amx_bf16", "avx512_bf16")
 MIN_GAIN = 1.05
+# Bumped when what either precision compiles to changes (v2: bf16 matmuls with YNNPACK).
+MEASURE_VERSION = 2
+
+
+def _jaxlib_version() -> str:
+    import jaxlib
+
+    return str(getattr(jaxlib, "__version__", "?"))
 
 
 def cpu_model_and_flags() -> tuple[str, set[str]]:
@@ -132,6 +141,8 @@ def choose(predictor: Any) -> tuple[str, str]:
         )
     key = f"{name}|{predictor.info.get('model', type(predictor.model).__name__)}|"
     key += f"{predictor.num_landmarks}|{predictor.input_size}"
+    # A new jaxlib or a new way of compiling either precision invalidates old measurements.
+    key += f"|jaxlib {_jaxlib_version()}|v{MEASURE_VERSION}"
     path = _cache_path()
     cache: dict[str, Any] = {}
     try:

@@ -104,6 +104,23 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def same_face(a: np.ndarray, b: np.ndarray, min_iou: float) -> float:
+    """How well box `a` matches box `b` as one face: their IoU, or, for boxes of similar size
+    (sides within 1.5x) whose centres are within 3/4 of a side, at least `min_iou` + a
+    little. A face panning ~3 px/frame moves more than half a 90 px box between async rounds
+    17 frames apart (measured on a loaded 2-core CPU), where the IoU falls below 0.3 and the
+    face would otherwise start a second track; two faces side by side are a side or more
+    apart."""
+    overlap = iou(a, b)
+    sa, sb = max(a[2] - a[0], a[3] - a[1]), max(b[2] - b[0], b[3] - b[1])
+    if min(sa, sb) <= 0 or max(sa, sb) > 1.5 * min(sa, sb):
+        return overlap
+    dist = np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+    if dist <= 0.75 * min(sa, sb):
+        return max(overlap, min_iou + 1e-3 * (1.0 - dist / min(sa, sb)))
+    return overlap
+
+
 class DetectorWorker:
     """Runs the face detector on a thread of its own, so the landmark path never waits for
     it: `submit(frame, min_face)` starts a search when the worker is idle (else returns
@@ -116,6 +133,7 @@ class DetectorWorker:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fan_jax-detect")
         self._future: concurrent.futures.Future | None = None
         self.busy_s = 0.0  # time spent detecting (benchmarks)
+        self.frame_index: int | None = None  # the caller's index of the frame being searched
 
     def _run(self, frame: np.ndarray, min_face: float | None) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
@@ -124,15 +142,20 @@ class DetectorWorker:
         finally:
             self.busy_s += time.perf_counter() - t0
 
-    def submit(self, frame: np.ndarray, min_face: float | None) -> bool:
+    def submit(self, frame: np.ndarray, min_face: float | None, index: int | None = None) -> bool:
         if self._future is not None:
             return False
+        self.frame_index = index
         # A copy: the caller may reuse its frame buffer while the search runs.
         self._future = self._pool.submit(self._run, np.array(frame), min_face)
         return True
 
-    def poll(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if self._future is None or not self._future.done():
+    @property
+    def busy(self) -> bool:
+        return self._future is not None
+
+    def poll(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._future is None or not (wait or self._future.done()):
             return None
         future, self._future = self._future, None
         return future.result()  # a detector error surfaces here, in the caller
@@ -223,6 +246,7 @@ class FaceTracker:
             "box": np.asarray(box, np.float32),
             "detected_box": np.asarray(box, np.float32),
             "filter": OneEuroFilter(**self._filter_args),
+            "history": {self._frame: np.asarray(box, np.float32)},  # frame -> crop box
             "score": 1.0,
             "hits": 1,
             "det_scores": [float(score)],
@@ -243,16 +267,24 @@ class FaceTracker:
             tr["id"] = self._next_id
             self._next_id += 1
 
-    def _apply_detections(self, boxes: np.ndarray, scores: np.ndarray) -> None:
+    def _apply_detections(
+        self, boxes: np.ndarray, scores: np.ndarray, seen: int | None = None
+    ) -> None:
+        """Matches a round's boxes to tracks; `seen`: the frame the detector searched (an
+        async round's is a few frames back), whose track boxes the boxes are held against."""
         order = np.argsort(-scores, kind="stable")[: self.max_faces]
         matched: dict[int, np.ndarray] = {}
         for i in order:
             box, score = boxes[i], float(scores[i])
             best, best_iou = None, self.match_iou
             for tid, tr in self._tracks.items():
-                # Against where the face was last detected too: a box drawn from poor
-                # landmarks must not break the face's id.
-                overlap = max(iou(box, tr["box"]), iou(box, tr["detected_box"]))
+                # Against where the face was last detected too (a box drawn from poor
+                # landmarks must not break the face's id), and where it was on the frame
+                # the detector saw.
+                then = tr["history"].get(seen, tr["box"]) if seen is not None else tr["box"]
+                overlap = max(
+                    same_face(box, b, self.match_iou) for b in (tr["box"], tr["detected_box"], then)
+                )
                 if tid not in matched and overlap > best_iou:
                     best, best_iou = tid, overlap
             if best is None:
@@ -299,11 +331,16 @@ class FaceTracker:
                 self._apply_detections(boxes, scores)
                 fresh = True
         else:
-            done = self._worker.poll()
+            seen = self._worker.frame_index
+            # Until a face is confirmed there is no landmark path to keep moving: wait for
+            # the round (on a file read faster than real time the first rounds otherwise
+            # took 40-100 frames each, and the face was first output at frame ~200).
+            idle = not any(tr["confirmed"] for tr in self._tracks.values())
+            done = self._worker.poll(wait=idle)
             if done is not None:
-                self._apply_detections(done[0], done[1])
+                self._apply_detections(done[0], done[1], seen)
                 fresh = True
-            if self._round_due() and self._worker.submit(frame, self._min_face()):
+            if self._round_due() and self._worker.submit(frame, self._min_face(), self._frame):
                 self.detections += 1
                 self._last_round = self._frame
         self.stage_s["detect"] += time.perf_counter() - t0
@@ -332,6 +369,11 @@ class FaceTracker:
             return []
         t0 = time.perf_counter()
         crop_boxes = {tid: self._tracks[tid]["box"].copy() for tid in ids}
+        for tid in ids:
+            hist = self._tracks[tid]["history"]
+            hist[self._frame - 1] = crop_boxes[tid]
+            for old in [k for k in hist if k < self._frame - 64]:
+                del hist[old]
         crops, mats = [], []
         for tid in ids:
             crop, m = self.predictor.crop(frame, self._tracks[tid]["box"])

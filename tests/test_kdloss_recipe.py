@@ -94,3 +94,54 @@ def test_warmup_scales_the_inverse_time_schedule():
     for step in (0, warm // 2, warm, 4 * warm):
         want = min(step / warm, 1.0) * lr / (1 + decay * step)
         assert float(schedule(step)) == pytest.approx(want, rel=1e-5)
+
+
+def _soft_argmax_reference(hm: np.ndarray, beta: float) -> np.ndarray:
+    """Pixel by pixel, in float64: sum over pixels of softmax(beta h) * the pixel centre."""
+    b, h, w, n = hm.shape
+    out = np.zeros((b, n, 2))
+    for i in range(b):
+        for k in range(n):
+            e = np.exp(beta * (hm[i, :, :, k] - hm[i, :, :, k].max()))
+            e /= e.sum()
+            for y in range(h):
+                for x in range(w):
+                    out[i, k] += e[y, x] * np.array([(x + 0.5) / w, (y + 0.5) / h])
+    return out
+
+
+def test_soft_argmax_head_matches_a_pixel_loop_and_finds_a_peak():
+    rng = np.random.default_rng(0)
+    hm = rng.standard_normal((2, 8, 6, 3)).astype(np.float32) * 0.2
+    head = regression.SoftArgmaxHead(beta_init=7.0)
+    v = head.init(jax.random.key(0), jnp.asarray(hm))
+    out = np.asarray(head.apply(v, jnp.asarray(hm)))
+    np.testing.assert_allclose(out, _soft_argmax_reference(hm, 7.0), atol=1e-5)
+    # A FAN's (heatmaps, taps) works too; a sharp peak reads out at that pixel's centre.
+    peak = np.zeros((1, 8, 6, 1), np.float32)
+    peak[0, 5, 2, 0] = 1.0
+    sharp = regression.SoftArgmaxHead(beta_init=100.0)
+    out = np.asarray(sharp.apply(sharp.init(jax.random.key(0), peak), (jnp.asarray(peak), ())))
+    np.testing.assert_allclose(out[0, 0], [2.5 / 6, 5.5 / 8], atol=1e-6)
+
+
+def test_soft_argmax_teacher_takes_a_heatmap_runs_whole_network(monkeypatch, heatmap_run, tmp_path):
+    """`resnet18_fan_softargmax`'s layout on a tiny FAN: init_from copies the heatmap run's
+    trunk, decoder and head, so the teacher reads out that run's own heatmaps."""
+    monkeypatch.setitem(
+        regression.REGRESSORS,
+        "tiny_fan_softargmax",
+        lambda n, **_: regression.LandmarkRegressor(
+            helpers.tiny_fan(n), regression.SoftArgmaxHead()
+        ),
+    )
+    c = kd_helpers.tiny_config("teacher_tough", str(tmp_path))
+    c.model.name = "tiny_fan_softargmax"
+    c.model.init_from = heatmap_run
+    model = kdloss.build_model(c, 68)
+    params, stats = kdloss.init_variables(c, model, jax.random.key(0))
+    src = checkpoints.load_model(heatmap_run, "latest")
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 64, 64, 3)), jnp.float32)
+    hm = np.asarray(src.model.apply(src.variables, x, train=False)[0])
+    out = model.apply({"params": params["student"], "batch_stats": stats["student"]}, x)
+    np.testing.assert_allclose(np.asarray(out), _soft_argmax_reference(hm, 20.0), atol=1e-4)

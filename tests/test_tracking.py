@@ -208,30 +208,57 @@ def test_tracked_faces_narrow_the_search_and_every_4th_round_is_full():
     assert det.min_faces[1] == pytest.approx(50.0)  # half the tracked face's side
 
 
-def test_async_detection_joins_later_frames_and_finds_the_face(tmp_path):
+def test_async_detection_waits_only_until_a_face_is_confirmed(tmp_path):
+    """No face yet: each frame waits for its round (nothing to keep moving, and the face is
+    confirmed by the 3rd frame as in sync mode). Then a stuck detector stalls no frame: the
+    face goes on being tracked, and a round's boxes join a later frame."""
     import threading
+    import time
 
     gate = threading.Event()
+    gate.set()
 
-    class Slow(Scripted):
+    class Gated(Scripted):
         def scored(self, image, min_face=None):
             gate.wait(5)
             return super().scored(image, min_face)
 
-    det = Slow([([FACE], [1.0])] * 50)
+    det = Gated([([FACE], [1.0])] * 50)
     tracker = video.FaceTracker(Crops(det), detect_every=1, smoothing=False, async_detect=True)
     frame = np.zeros((480, 640, 3), np.uint8)
-    # The detector is stuck: frames go on without waiting for it.
-    assert [tracker.update(frame, i / FPS) for i in range(5)] == [[]] * 5
+    ids = [[f.id for f in tracker.update(frame, i / FPS)] for i in range(4)]
+    assert ids[:3] == [[], [], [0]] or ids[:4] == [[], [], [], [0]], ids
+    gate.clear()  # the detector is stuck from here on
+    t0 = time.perf_counter()
+    stuck = [[f.id for f in tracker.update(frame, (4 + i) / FPS)] for i in range(5)]
+    assert time.perf_counter() - t0 < 2.0  # no frame waited for the 5 s gate
+    assert stuck == [[0]] * 5
+    calls = det.calls
     gate.set()
-    seen = []
     for i in range(200):
-        seen.append([f.id for f in tracker.update(frame, i / FPS)])
-        if seen[-1]:
+        tracker.update(frame, (9 + i) / FPS)
+        if det.calls > calls + 1:
             break
         threading.Event().wait(0.002)
     tracker.close()
-    assert seen[-1] == [0] and det.calls >= 3
+    assert det.calls > calls + 1
+
+
+def test_a_face_that_moves_half_its_box_between_async_rounds_keeps_its_id():
+    """An async round's box lands frames after the frame it searched; a face panning fast
+    has moved most of half its side by then (IoU ~0.25): still the same face, not a new id."""
+    moved = [160, 100, 260, 200]  # 60 px right of FACE, the same size
+    assert video.iou(np.array(FACE, float), np.array(moved, float)) < 0.3
+    rounds = [([FACE], [1.0])] * 3 + [([moved], [1.0])] * 6
+    tracker = video.FaceTracker(
+        Crops(Scripted(rounds)), detect_every=1, smoothing=False, follow_landmarks=False
+    )
+    ids = _ids(tracker, 9)
+    assert ids[2:] == [[0]] * 7
+    # Two faces side by side (a side apart) stay two.
+    beside = [([FACE, [210, 100, 310, 200]], [1.0, 1.0])] * 5
+    tracker = video.FaceTracker(Crops(Scripted(beside)), detect_every=1, smoothing=False)
+    assert _ids(tracker, 5)[-1] == [0, 1]
 
 
 def test_dlib_small_search_finds_the_large_face_faster_than_the_full_one():

@@ -83,6 +83,31 @@ class RegressionHead(nn.Module):
         return x.reshape(x.shape[0], self.num_landmarks, 2)
 
 
+class SoftArgmaxHead(nn.Module):
+    """A heatmap network's readout as coordinates: soft-argmax (integral regression).
+
+    Heatmaps [B, H, W, L] (or a FAN's (heatmaps, taps)) -> u coordinates [B, L, 2]: softmax
+    of beta * heatmap over the pixels, then the expected pixel centre, u = (j + 0.5) / W
+    (a heatmap pixel j at stride S / W is crop pixel (j + 0.5) S / W - 0.5). beta is learnt
+    (as log beta); at its start, 20, a trained FAN's peak of ~0.8 outweighs 4096 background
+    pixels by e^8, so the readout starts near the argmax."""
+
+    beta_init: float = 20.0
+
+    @nn.compact
+    def __call__(self, features: Array | tuple, train: bool = False) -> Array:
+        hm = features[0] if isinstance(features, tuple) else features
+        b, h, w, n = hm.shape
+        log_beta = self.param(
+            "log_beta", nn.initializers.constant(jnp.log(self.beta_init)), (), jnp.float32
+        )
+        p = jax.nn.softmax(jnp.exp(log_beta) * hm.reshape(b, h * w, n).astype(jnp.float32), 1)
+        p = p.reshape(b, h, w, n)
+        x = jnp.einsum("bhwl,w->bl", p, (jnp.arange(w, dtype=jnp.float32) + 0.5) / w)
+        y = jnp.einsum("bhwl,h->bl", p, (jnp.arange(h, dtype=jnp.float32) + 0.5) / h)
+        return jnp.stack([x, y], -1)
+
+
 class LandmarkRegressor(nn.Module):
     """Encoder + regression head; `__call__(images, train) -> [B, L, 2]` normalised coordinates."""
 
@@ -152,11 +177,22 @@ def resnet18_regressor(
     )
 
 
+def resnet18_fan_softargmax(num_landmarks: int, **unused: Any) -> LandmarkRegressor:
+    """A ResNet-18 heatmap FAN read out by soft-argmax: a coordinate regressor whose whole
+    network (trunk, deconvolutions, heatmap head) can start from the heatmap demo's trained
+    teacher (`model.init_from`), so it regresses at that teacher's accuracy from its first
+    step. Its 'encoder' is the FAN; dropout and pooling do not apply (ignored)."""
+    from fan_jax.models.fan import resnet18_fan
+
+    return LandmarkRegressor(encoder=resnet18_fan(num_landmarks), head=SoftArgmaxHead())
+
+
 REGRESSORS: dict[str, Callable[..., LandmarkRegressor]] = {
     "mobilenet_v2_reg": mobilenet_v2_regressor,
     "efficientnet_b3_reg": efficientnet_b3_regressor,
     "efficientnet_b0_reg": efficientnet_b0_regressor,
     "resnet18_reg": resnet18_regressor,
+    "resnet18_fan_softargmax": resnet18_fan_softargmax,
 }
 
 
@@ -174,7 +210,8 @@ def config_kwargs(model_config: Any) -> dict:
 
 def build_regressor(name: str, num_landmarks: int, **kwargs: Any) -> LandmarkRegressor:
     """Registry: 'mobilenet_v2_reg' (student), 'efficientnet_b3_reg' (teacher),
-    'efficientnet_b0_reg' (small teacher), 'resnet18_reg' (the demo's teachers)."""
+    'efficientnet_b0_reg' (small teacher), 'resnet18_reg', 'resnet18_fan_softargmax' (the
+    demo's teachers)."""
     if name not in REGRESSORS:
         raise ValueError(f"unknown regression model {name!r}; expected one of {sorted(REGRESSORS)}")
     return REGRESSORS[name](num_landmarks, **kwargs)

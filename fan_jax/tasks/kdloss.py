@@ -85,7 +85,8 @@ def init_variables(
 def encoder_from_run(variables: PyTree, workdir: str, which: str = "latest") -> dict:
     """`variables` with its encoder taken from another run's checkpoint (a heatmap or a
     regression workdir of the same trunk; layers that run lacks, such as MobileNetV2's final
-    1x1 conv behind MobileFAN's encoder, keep their init)."""
+    1x1 conv behind MobileFAN's encoder, keep their init). A regressor whose encoder is a
+    whole heatmap FAN (`resnet18_fan_softargmax`) takes that run's whole network."""
     from flax import traverse_util
 
     try:
@@ -94,11 +95,13 @@ def encoder_from_run(variables: PyTree, workdir: str, which: str = "latest") -> 
         raise TeacherError(f"model.init_from={workdir}: {e}") from None
     out = dict(variables)
     copied = kept = 0
+    whole = "decoder" in dict(dict(variables.get("params", {})).get("encoder", {}))
     for collection in ("params", "batch_stats"):
         if collection not in variables:
             continue
         old = traverse_util.flatten_dict(dict(variables[collection])["encoder"])
-        new = traverse_util.flatten_dict(dict(src.get(collection, {})).get("encoder", {}))
+        tree_src = dict(src.get(collection, {}))
+        new = traverse_util.flatten_dict(tree_src if whole else tree_src.get("encoder", {}))
         bad = [
             "/".join(k)
             for k, v in new.items()
