@@ -341,6 +341,10 @@ def _num_landmarks(kind: str, meta: Mapping[str, Any], where: str) -> int:
     """The landmark count a checkpoint's head was built for."""
     try:
         p = meta["params"]["student"]["head"]
+        if kind == "regression" and "out" not in p and "log_beta" in p:
+            # A heatmap FAN read out by soft-argmax (regression.resnet18_fan_softargmax).
+            p = meta["params"]["student"]["encoder"]["head"]
+            return int(p["conv"]["kernel"].shape[-1])
         if kind == "regression":
             return int(p["out"]["kernel"].shape[-1]) // 2
         return int(p["conv"]["kernel"].shape[-1])

@@ -199,14 +199,18 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
 
 
 def kdloss_rows(
-    config: ml_collections.ConfigDict, workdir: str, sources: Mapping[str, Source] | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    sources: Mapping[str, Source] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, dict] | None:
     """Trains Tough, Tolerant, the student alone (`kd.student_alone`, MSE to the ground truth,
     the baseline) and the KD-Loss student in `workdir/{tough,tolerant,student_alone,student}`.
 
     `config` is one KD-Loss config (e.g. configs/demo_kdloss.py); the roles, workdirs and
     `kd.teacher_model` for the teachers are filled in here. `sources=None` reads the
-    config's TFDS dataset. Returns {label: eval results} rows for
+    config's TFDS dataset; `only` trains just those roles (the others' workdirs are still
+    where the students look for their teachers). Returns {label: eval results} rows for
     `fan_jax.evaluate.format_table`, or None when SIGTERM stopped a run (it saved first).
     """
     rows: dict[str, dict] = {}
@@ -214,6 +218,8 @@ def kdloss_rows(
     dirs = {r: os.path.join(workdir, r.replace("teacher_", "")) for r in roles}
     for role in roles:
         if role == kdloss.ALONE and not config.kd.get("student_alone", True):
+            continue
+        if only is not None and role not in only:
             continue
         c = ml_collections.ConfigDict(config.to_dict())
         c.kd.role = role

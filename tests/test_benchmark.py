@@ -448,7 +448,9 @@ def test_quick_layers_section(tmp_path):
     report = bench.main(["--quick", "--sections", "layers", "--json", str(tmp_path / "l.json")])
     sec = report["sections"]["layers"]
     assert all(r["bytes_per_s"] > 0 for r in sec["streaming_rates"])
-    for mode in ("inference", "train"):
+    modes = [m for m in ("inference", "inference_bf16", "train") if m in sec]
+    assert modes[0] == "inference" and modes[-1] == "train"
+    for mode in modes:
         m = sec[mode]
         assert {r["kind"] for r in m["layers"]} == {
             "PatchConv",

@@ -145,3 +145,9 @@ def test_soft_argmax_teacher_takes_a_heatmap_runs_whole_network(monkeypatch, hea
     hm = np.asarray(src.model.apply(src.variables, x, train=False)[0])
     out = model.apply({"params": params["student"], "batch_stats": stats["student"]}, x)
     np.testing.assert_allclose(np.asarray(out), _soft_argmax_reference(hm, 20.0), atol=1e-4)
+    # Through the loop: it trains as the Tough teacher and a student's run loads it frozen.
+    res = train.train_and_evaluate(c, c.kd.tough_workdir, sources=kd_helpers.sources())
+    assert res.eval_results["test"]["no_flip"]["nme"] > 0
+    student = kd_helpers.tiny_config("student", str(tmp_path))
+    teacher, variables = kdloss.load_teacher(student, "teacher_tough", 68)
+    assert teacher.apply(variables, x).shape == (2, 68, 2)

@@ -256,12 +256,19 @@ def test_demo_end_to_end(tmp_path, capsys):
     helpers.register_tiny_regressor()
     c.demo.kdloss_enabled = True  # as configs/demo_compare.py
     kd = c.demo.kdloss
-    kd.model.name = kd.kd.teacher_model = "tiny_reg"
+    # The recipe's teachers: the demo's heatmap teacher, whole, read out by soft-argmax.
+    from fan_jax.models import fan, regression
+
+    regression.REGRESSORS["tiny_teacher_softargmax"] = lambda n, **_: regression.LandmarkRegressor(
+        fan.MODELS["tiny_teacher"](n), regression.SoftArgmaxHead()
+    )
+    kd.model.name = "tiny_reg"
+    kd.kd.teacher_model = "tiny_teacher_softargmax"
     kd.input_size, kd.train.num_train_steps, kd.train.batch_size = 64, 2, 4
     kd.eval.batch_size, kd.kd.asm_augmentations = 4, 1
     kd.kd.teacher_steps = 2
-    # tiny_reg's trunk is not tiny_student's: nothing to start the encoders from here.
-    kd.kd.teacher_init_from_demo = kd.kd.student_init_from_demo = False
+    # tiny_reg's trunk is not tiny_student's: nothing to start the student from here.
+    kd.kd.student_init_from_demo = False
     rows = demo.run_demo(c, str(tmp_path))
     assert list(rows) == [
         "teacher",

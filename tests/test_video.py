@@ -260,3 +260,48 @@ def test_a_truncated_video_keeps_the_frames_read(tmp_path):
     assert 0 < summary["frames"] == len(lines)
     if summary["expected_frames"] and summary["frames"] < summary["expected_frames"]:
         assert "ended after" in summary["warning"]
+
+
+def test_the_drawing_thread_writes_every_frame_and_its_error_keeps_the_json(tmp_path, monkeypatch):
+    """The annotated video is drawn and encoded on a thread: every frame arrives, in order;
+    an encoder that fails mid-clip is one VideoError, and the JSON lines already written
+    are kept (committed, not left as a partial file)."""
+    clip = tmp_path / "clip.avi"
+    frames = [np.full((96, 128, 3), 20 * i, np.uint8) for i in range(12)]
+    _write_clip(str(clip), frames)
+    out_video, out_json = tmp_path / "out.avi", tmp_path / "out.jsonl"
+    summary = video.run(
+        _tracker(), str(clip), draw=str(out_video), jsonl=str(out_json), progress=None
+    )
+    cap = cv2.VideoCapture(str(out_video))
+    means = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        means.append(float(f.mean()))
+    assert len(means) == summary["frames"] == 12
+    assert means == sorted(means)  # brightening frames, written in order
+    assert summary["draw_thread_ms_per_frame"] > 0
+
+    real_open = video.open_writer
+
+    class Failing:
+        def __init__(self, writer):
+            self.writer, self.n = writer, 0
+
+        def write(self, frame):
+            self.n += 1
+            if self.n == 4:
+                raise OSError("disk full")
+            self.writer.write(frame)
+
+        def release(self):
+            self.writer.release()
+
+    monkeypatch.setattr(video, "open_writer", lambda *a: Failing(real_open(*a)))
+    out_json.unlink()
+    with pytest.raises(video.VideoError, match="disk full"):
+        video.run(_tracker(), str(clip), draw=str(out_video), jsonl=str(out_json), progress=None)
+    lines = out_json.read_text().splitlines()
+    assert len(lines) >= 4 and json.loads(lines[0])["frame"] == 0

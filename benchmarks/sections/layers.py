@@ -200,13 +200,14 @@ def _rate_at(rates: list[tuple[int, float]], nbytes: float) -> float:
     return rates[min(i, len(rates) - 1)][1]
 
 
-def _program(units: list[Unit], train: bool, batch: int, cfg: Config, device: Any):
+def _program(train: bool, precision: str, batch: int, cfg: Config, device: Any):
     """(call, compiled HLO text) of the whole student: the eval forward as `Predictor` compiles
-    it, or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
+    it in `precision`, or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
     import jax
 
     from benchmarks.jax_runners import JaxStudentTrainer
     from fan_jax import compiler
+    from fan_jax.models.layers import use_dot_dtype
 
     size, L = cfg.image_size, cfg.num_landmarks
     if train:
@@ -216,11 +217,13 @@ def _program(units: list[Unit], train: bool, batch: int, cfg: Config, device: An
     x = jax.device_put(
         np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32), device
     )
+
+    def forward(v, x):
+        with use_dot_dtype(precision):
+            return model.apply(v, x, train=False)
+
     exe = (
-        jax.jit(
-            lambda v, x: model.apply(v, x, train=False),
-            compiler_options=compiler.compiler_options("predict"),
-        )
+        jax.jit(forward, compiler_options=compiler.predict_options(precision))
         .lower(variables, x)
         .compile()
     )
@@ -231,16 +234,20 @@ def _unit_modules(unit: Unit) -> set[str]:
     return {path[-1] for path in unit.paths}
 
 
-def profile_units(
-    units: list[Unit], train: bool, batch: int, cfg: Config, device: Any
-) -> tuple[dict[str, float], Json]:
-    """({unit: ms per call}, totals): each unit's share of one profile of the whole program
-    (`benchmarks.op_profile`), the median over `cfg.repeats` traced rounds."""
+def profile_worker(args: Json) -> Json:
+    """In a fresh process: {unit: ms per call} and the program's totals from one profile of
+    the whole program (`benchmarks.op_profile`), the median over `repeats` traced rounds."""
     import statistics
 
     from benchmarks import op_profile
 
-    call, hlo = _program(units, train, batch, cfg, device)
+    cfg = Config(**args["cfg"])
+    units = student_units(
+        build_student(cfg.num_landmarks),
+        init_variables(cfg.num_landmarks, cfg.image_size),
+        (1, cfg.image_size, cfg.image_size, 3),
+    )
+    call, hlo = _program(args["train"], args["precision"], args["batch"], cfg, cpu_device())
     names = op_profile.op_names(hlo)
     calls = 3 if cfg.quick else 20
     rounds = [op_profile.profile_ops(call, calls) for _ in range(max(1, cfg.repeats))]
@@ -248,21 +255,55 @@ def profile_units(
     wall = statistics.median(r[1] for r in rounds)
     per_unit, other = op_profile.attribute(ops, names, ((u.name, _unit_modules(u)) for u in units))
     top_other = sorted(other.items(), key=lambda kv: -kv[1])[:8]
-    return per_unit, {
-        "program_wall_ms": wall,
-        "ops_sum_ms": sum(ops.values()),
-        "outside_units_ms": sum(other.values()),
-        "outside_units_top": [
-            {"op": op, "ms": ms, "op_name": names.get(op, "")} for op, ms in top_other
-        ],
-        "profile_calls_per_round": calls,
+    return {
+        "unit_ms": per_unit,
+        "program": {
+            "precision": args["precision"],
+            "program_wall_ms": wall,
+            "ops_sum_ms": sum(ops.values()),
+            "outside_units_ms": sum(other.values()),
+            "outside_units_top": [
+                {"op": op, "ms": ms, "op_name": names.get(op, "")} for op, ms in top_other
+            ],
+            "profile_calls_per_round": calls,
+        },
     }
 
 
+def profile_units(
+    train: bool, precision: str, batch: int, cfg: Config
+) -> tuple[dict[str, float], Json]:
+    """`profile_worker` in its own process: the bf16 program (YNNPACK dots) runs ~30% slower
+    beside float32 programs (XLA's dot emitter) in one process (`fan_jax.compiler`)."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = {"cfg": dataclasses.asdict(cfg), "train": train, "precision": precision, "batch": batch}
+    code = "import json, sys; from benchmarks.sections import layers; "
+    code += "print(json.dumps(layers.profile_worker(json.loads(sys.argv[1]))))"
+    res = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+    )
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"layers profile ({precision}, train={train}) failed:\n{res.stderr[-3000:]}"
+        )
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return out["unit_ms"], out["program"]
+
+
 def _mode(
-    cfg: Config, units: list[Unit], train: bool, batch: int, peak: float, rates, device: Any
+    cfg: Config, units: list[Unit], train: bool, batch: int, peak: float, rates, precision: str
 ) -> Json:
-    unit_ms, program = profile_units(units, train, batch, cfg, device)
+    unit_ms, program = profile_units(train, precision, batch, cfg)
     rows = []
     total = dict.fromkeys(
         ("ms", "compute_bound_ms", "memory_bound_ms", "bound_ms", "flops", "bytes"), 0.0
@@ -332,13 +373,20 @@ def layers_section(cfg: Config) -> Json:
         "matmul_peak_flops_per_s": peak,
         "streaming_rates": [{"bytes": s, "bytes_per_s": r} for s, r in rates],
     }
-    out["inference"] = _mode(cfg, units, False, cfg.layers_infer_batch, peak, rates, device)
-    out["train"] = _mode(cfg, units, True, cfg.layers_train_batch, peak, rates, device)
+    from fan_jax import precision
+
+    modes = [("inference", False, cfg.layers_infer_batch, "float32")]
+    if precision.bf16_units():
+        # The program `--precision bfloat16` runs (bf16 matmuls), bounds as float32's.
+        modes.append(("inference_bf16", False, cfg.layers_infer_batch, "bfloat16"))
+    modes.append(("train", True, cfg.layers_train_batch, "float32"))
+    for mode, train, batch, prec in modes:
+        out[mode] = _mode(cfg, units, train, batch, peak, rates, prec)
     rows = [
         (f"streaming read+write GB/s at {s / 2**20:.2g} MiB", fmt(r / 1e9), "", "", "")
         for s, r in rates
     ]
-    for mode in ("inference", "train"):
+    for mode, *_ in modes:
         m = out[mode]
         rows.append(
             (
@@ -376,5 +424,9 @@ def layers_section(cfg: Config) -> Json:
         "layers_train_fraction_of_bound": out["train"]["total"]["fraction_of_bound"],
         "layers_inference_units_over_wall": out["inference"]["units_ms_over_program_wall"],
     }
+    if "inference_bf16" in out:
+        out["summary"]["layers_inference_bf16_units_over_wall"] = out["inference_bf16"][
+            "units_ms_over_program_wall"
+        ]
     out["rows"] = rows
     return out

@@ -80,7 +80,8 @@ def dot(a: Array, b: Array, precision: Any = None) -> Array:
     """`jnp.dot` in the `dot_dtype` of the moment, with a float32 result either way."""
     import jax.numpy as jnp
 
-    if dot_dtype() == "bfloat16" and a.dtype == jnp.float32:
+    floats = (jnp.float32, jnp.bfloat16)
+    if dot_dtype() == "bfloat16" and a.dtype in floats and b.dtype in floats:
         return jnp.dot(
             a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
         )
