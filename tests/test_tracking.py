@@ -208,6 +208,23 @@ def test_tracked_faces_narrow_the_search_and_every_4th_round_is_full():
     assert det.min_faces[1] == pytest.approx(50.0)  # half the tracked face's side
 
 
+def test_between_full_searches_the_search_never_asks_for_upsampling():
+    """dlib finds faces under ~80 px only by upsampling, the full search's cost: between
+    full searches the tracker asks for no smaller face than that, even for a small face."""
+
+    class Dlibish(Scripted):
+        smallest_face_without_upsampling = 80.0
+
+    det = Dlibish([([FACE], [1.0])] * 30)  # a 100 px face: half of it is 50 px
+    tracker = video.FaceTracker(Crops(det), detect_every=1, smoothing=False)
+    _ids(tracker, 9)
+    assert det.min_faces[0] is None and det.min_faces[4] is None
+    assert det.min_faces[1] == det.min_faces[2] == pytest.approx(80.0)
+    real = detect.DlibDetector()
+    native = real.smallest_face_without_upsampling / real.CALIBRATIONS[0].scale
+    assert 1.1 * real.MIN_FACE_UPSAMPLE_0 / native <= 1.0  # scored() then skips upsampling
+
+
 def test_async_detection_waits_only_until_a_face_is_confirmed(tmp_path):
     """No face yet: each frame waits for its round (nothing to keep moving, and the face is
     confirmed by the 3rd frame as in sync mode). Then a stuck detector stalls no frame: the

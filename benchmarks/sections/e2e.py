@@ -87,15 +87,17 @@ def _fan_jax(precision: str, L: int, size: int) -> dict[str, Callable[[], Any]]:
         init_variables(L, size, seed=0), fan.mobilefan(L), L, size, detector=lambda im: None
     )
     p.set_precision(precision)
-    net = jax.jit(p.network_fn(), compiler_options=p.compiler_options())
-    hm = jax.device_put(net(p.variables, crop))
+    # The variables built in, as `predict_crops` runs them (`Predictor._inference_fn`).
+    network, variables = p.network_fn(), p.variables
+    net = jax.jit(lambda c: network(variables, c), compiler_options=p.compiler_options())
+    hm = jax.device_put(net(crop))
     decode = jax.jit(
         lambda h: landmarks.decode("heatmap", h, size), compiler_options=p.compiler_options()
     )
     return {
         f"fan_jax_{precision}": lambda: _to_image(p.predict_crops(crop)[0], back),
         # The network returning its heatmaps to the host (1.6 MB at 256 px, 98 points).
-        f"fan_jax_{precision}_network_only": lambda: np.asarray(net(p.variables, crop)),
+        f"fan_jax_{precision}_network_only": lambda: np.asarray(net(crop)),
         f"fan_jax_{precision}_decode_only": lambda: np.asarray(decode(hm)[0]),
     }
 
