@@ -238,13 +238,15 @@ class FaceTracker:
         if not self._tracks or self.detections % self.full_search_every == 0:
             return None
         boxes = [tr["detected_box"] for tr in self._tracks.values()]
-        half = 0.5 * min(float(max(b[2] - b[0], b[3] - b[1])) for b in boxes)
-        # Between full searches, only faces the detector finds cheaply: a 91 px face's half
-        # (45 px) needs dlib's upsampling, the full search's cost, in every round.
-        cheap = getattr(
-            getattr(self.predictor, "detector", None), "smallest_face_without_upsampling", None
-        )
-        return max(half, float(cheap)) if isinstance(cheap, (int, float)) else half
+        smallest = min(float(max(b[2] - b[0], b[3] - b[1])) for b in boxes)
+        # Between full searches, only faces the detector finds cheaply, when the tracked
+        # faces are among them: a 91 px face's half (45 px) needs dlib's upsampling, the full
+        # search's cost, in every round. A smaller face needs it anyway.
+        detector = getattr(self.predictor, "detector", None)
+        cheap = getattr(detector, "smallest_face_without_upsampling", None)
+        if isinstance(cheap, (int, float)) and cheap <= 0.9 * smallest:
+            return max(0.5 * smallest, float(cheap))
+        return 0.5 * smallest
 
     def _new_track(self, box: np.ndarray, score: float) -> None:
         self._tracks[self._next_key] = {

@@ -220,6 +220,11 @@ def test_between_full_searches_the_search_never_asks_for_upsampling():
     _ids(tracker, 9)
     assert det.min_faces[0] is None and det.min_faces[4] is None
     assert det.min_faces[1] == det.min_faces[2] == pytest.approx(80.0)
+    # A face smaller than that needs the upsampled search to be found again: half its side.
+    small = Dlibish([([[100, 100, 160, 160]], [1.0])] * 30)
+    tracker = video.FaceTracker(Crops(small), detect_every=1, smoothing=False)
+    _ids(tracker, 4)
+    assert small.min_faces[1] == pytest.approx(30.0)
     real = detect.DlibDetector()
     native = real.smallest_face_without_upsampling / real.CALIBRATIONS[0].scale
     assert 1.1 * real.MIN_FACE_UPSAMPLE_0 / native <= 1.0  # scored() then skips upsampling
