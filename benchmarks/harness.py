@@ -192,6 +192,30 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_in_process(module: str, function: str, args: Json, what: str) -> Json:
+    """`module.function(args)` in a fresh Python process, its JSON result back: for work
+    whose timing another backend's threads in this process would disturb. `what` names it
+    in the error, which carries the process's stderr tail."""
+    import json
+    import subprocess
+
+    code = f"import json, sys; from {module} import {function} as f; "
+    code += "print(json.dumps(f(json.loads(sys.argv[1]))))"
+    res = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def load_torch() -> Any | None:
     """The torch module, or None (with a message) when the optional extra is missing."""
     try:

@@ -71,6 +71,15 @@ def profile_ops(
     return dict(per_op), wall_ms
 
 
+def median_profile(
+    call: Callable[[], Any], calls: int, rounds: int
+) -> tuple[dict[str, float], float]:
+    """`profile_ops` over `rounds` rounds: each op's and the wall time's median."""
+    runs = [profile_ops(call, calls) for _ in range(max(1, rounds))]
+    ops = {op: statistics.median(r[0].get(op, 0.0) for r in runs) for op in runs[-1][0]}
+    return ops, statistics.median(r[1] for r in runs)
+
+
 def attribute(
     op_ms: dict[str, float], names: dict[str, str], units: Iterable[tuple[str, set[str]]]
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -131,12 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
             .compile()
         )
         names = op_names(exe.as_text())
-        runs = [
-            profile_ops(lambda exe=exe: jax.block_until_ready(exe(p.variables, crop)), args.calls)
-            for _ in range(args.rounds)
-        ]
-        ops = {op: statistics.median(r[0].get(op, 0.0) for r in runs) for op in runs[0][0]}
-        wall = statistics.median(r[1] for r in runs)
+        ops, wall = median_profile(
+            lambda exe=exe: jax.block_until_ready(exe(p.variables, crop)), args.calls, args.rounds
+        )
         kinds: collections.Counter[str] = collections.Counter()
         for op, ms in ops.items():
             kinds[_kind(op)] += ms

@@ -3,9 +3,9 @@
 `choose(predictor)` returns ('float32' | 'bfloat16', reason). Without AMX-BF16 or AVX512-BF16
 (the `lscpu` flags amx_bf16, avx512_bf16) it is float32 without measuring. With them, both
 precisions are compiled at batch 1 and timed, each in its own process, twice each, A B A B
-(median of 5 rounds of 5 calls); bf16 is kept only when at least 5% faster. The result is cached per CPU model, model and
-input size (and jaxlib version) in $XDG_CACHE_HOME/fan_jax/precision.json (~/.cache), so the
-next start is free.
+(median of 5 rounds of 5 calls); bf16 is kept only when at least 5% faster. The result is
+cached per CPU model, model, input size and jaxlib version in
+$XDG_CACHE_HOME/fan_jax/precision.json (~/.cache), so the next start is free.
 """
 
 from __future__ import annotations

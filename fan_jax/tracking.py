@@ -150,10 +150,6 @@ class DetectorWorker:
         self._future = self._pool.submit(self._run, np.array(frame), min_face)
         return True
 
-    @property
-    def busy(self) -> bool:
-        return self._future is not None
-
     def poll(self, wait: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         if self._future is None or not (wait or self._future.done()):
             return None

@@ -18,17 +18,14 @@ processes also time the network alone and the decode alone (the decode's share).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Config, Json, fmt, latency_stats, section
+from benchmarks.harness import Config, Json, fmt, latency_stats, run_in_process, section
 
 RUNTIMES = (
     "fan_jax_float32",
@@ -40,7 +37,6 @@ RUNTIMES = (
     "torch_eager_float32",
     "torch_eager_bf16_autocast",
 )
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,24 +203,6 @@ def _available(tmp: str, size: int, L: int, notes: Json) -> list[str]:
     return out
 
 
-def _spawn(args: Json) -> Json:
-    code = "import json, sys; from benchmarks.sections import e2e; "
-    code += "print(json.dumps(e2e.worker(json.loads(sys.argv[1]))))"
-    res = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        cwd=_ROOT,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")]),
-        },
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"e2e worker for {args['runtime']} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 @section("e2e")
 def e2e_section(cfg: Config) -> Json:
     """Batch-1 crop-to-image-landmarks latency, each runtime in its own process: fan_jax against TFLite, onnxruntime, OpenVINO and PyTorch eager."""
@@ -247,7 +225,11 @@ def e2e_section(cfg: Config) -> Json:
         base.update(iters=iters, warmup=cfg.warmup, repeats=max(1, cfg.repeats // rounds))
         for _ in range(rounds):
             for name in runtimes:
-                for key, r in _spawn({**base, "runtime": name}).items():
+                worker_args = {**base, "runtime": name}
+                done = run_in_process(
+                    "benchmarks.sections.e2e", "worker", worker_args, f"e2e worker for {name}"
+                )
+                for key, r in done.items():
                     times.setdefault(key, []).extend(r["times"])
                     marks[key] = np.asarray(r["landmarks"])
     stats = {name: latency_stats(t, iters) for name, t in times.items()}

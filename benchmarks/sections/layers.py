@@ -237,8 +237,6 @@ def _unit_modules(unit: Unit) -> set[str]:
 def profile_worker(args: Json) -> Json:
     """In a fresh process: {unit: ms per call} and the program's totals from one profile of
     the whole program (`benchmarks.op_profile`), the median over `repeats` traced rounds."""
-    import statistics
-
     from benchmarks import op_profile
 
     cfg = Config(**args["cfg"])
@@ -250,9 +248,7 @@ def profile_worker(args: Json) -> Json:
     call, hlo = _program(args["train"], args["precision"], args["batch"], cfg, cpu_device())
     names = op_profile.op_names(hlo)
     calls = 3 if cfg.quick else 20
-    rounds = [op_profile.profile_ops(call, calls) for _ in range(max(1, cfg.repeats))]
-    ops = {op: statistics.median(r[0].get(op, 0.0) for r in rounds) for op in rounds[-1][0]}
-    wall = statistics.median(r[1] for r in rounds)
+    ops, wall = op_profile.median_profile(call, calls, cfg.repeats)
     per_unit, other = op_profile.attribute(ops, names, ((u.name, _unit_modules(u)) for u in units))
     top_other = sorted(other.items(), key=lambda kv: -kv[1])[:8]
     return {
@@ -275,28 +271,13 @@ def profile_units(
 ) -> tuple[dict[str, float], Json]:
     """`profile_worker` in its own process: the bf16 program (YNNPACK dots) runs ~30% slower
     beside float32 programs (XLA's dot emitter) in one process (`fan_jax.compiler`)."""
-    import dataclasses
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = {"cfg": dataclasses.asdict(cfg), "train": train, "precision": precision, "batch": batch}
-    code = "import json, sys; from benchmarks.sections import layers; "
-    code += "print(json.dumps(layers.profile_worker(json.loads(sys.argv[1]))))"
-    res = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+    out = harness.run_in_process(
+        "benchmarks.sections.layers",
+        "profile_worker",
+        args,
+        f"layers profile ({precision}, train={train})",
     )
-    if res.returncode != 0:
-        raise RuntimeError(
-            f"layers profile ({precision}, train={train}) failed:\n{res.stderr[-3000:]}"
-        )
-    out = json.loads(res.stdout.strip().splitlines()[-1])
     return out["unit_ms"], out["program"]
 
 
