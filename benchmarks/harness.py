@@ -195,21 +195,31 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_in_process(module: str, function: str, args: Json, what: str) -> Json:
-    """`module.function(args)` in a fresh Python process, its JSON result back: for work
+def run_in_process(
+    module: str, function: str, args: Any, what: str, malloc: str = "application"
+) -> Any:
+    """`module.function(args)` in a fresh Python process (`args` and the result JSON): for work
     whose timing another backend's threads in this process would disturb. `what` names it
-    in the error, which carries the process's stderr tail."""
+    in the error, which carries the process's stderr tail.
+
+    `malloc='application'` starts it with glibc's malloc as `fan_jax.predict` and
+    `fan_jax.video` run (this process's training tunables dropped: their single arena cost
+    batch-1 inference ~0.5 ms of ~8, 2-core AMX Xeon, 2026-12-07); 'inherit' keeps them."""
     import json
     import subprocess
 
+    from fan_jax import allocator
+
     code = f"import json, sys; from {module} import {function} as f; "
     code += "print(json.dumps(f(json.loads(sys.argv[1]))))"
+    env = allocator.untuned_environ() if malloc == "application" else dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
     res = subprocess.run(
         [sys.executable, "-c", code, json.dumps(args)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+        env=env,
     )
     if res.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")

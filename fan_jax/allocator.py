@@ -56,6 +56,19 @@ def tuned_environ(environ: dict | None = None) -> dict:
     return env
 
 
+def untuned_environ(environ: dict | None = None) -> dict:
+    """A copy of the environment without `TUNABLES` (other GLIBC_TUNABLES kept): what the
+    inference entry points run with, for a benchmark's worker that times them."""
+    env = dict(os.environ if environ is None else environ)
+    ours = set(TUNABLES.split(":"))
+    rest = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in ours]
+    if rest:
+        env["GLIBC_TUNABLES"] = ":".join(rest)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
 def reexec_tuned(argv: Sequence[str] | None = None) -> None:
     """Replaces this process (same PID, same arguments) by one started with `TUNABLES`.
 

@@ -68,3 +68,22 @@ def test_cli_runs_under_the_tunables(tmp_path):
     assert proc.returncode == 0, err[-2000:]
     got = json.loads(seen.read_text())
     assert got["pid"] == proc.pid and allocator.is_tuned({"GLIBC_TUNABLES": got["tunables"]})
+
+
+def test_untuned_environ_drops_only_ours():
+    env = allocator.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "X": "1"})
+    back = allocator.untuned_environ(env)
+    assert back["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0" and back["X"] == "1"
+    assert "GLIBC_TUNABLES" not in allocator.untuned_environ(allocator.tuned_environ({}))
+
+
+def test_benchmark_workers_run_with_the_applications_malloc(monkeypatch):
+    """The e2e and video workers time inference as `fan_jax.predict` runs it (no tunables),
+    though `benchmarks/run.py` itself runs under them; training workers keep them."""
+    from benchmarks import harness
+
+    monkeypatch.setenv("GLIBC_TUNABLES", allocator.TUNABLES)
+    seen = harness.run_in_process("os", "getenv", "GLIBC_TUNABLES", "probe")
+    assert seen is None
+    seen = harness.run_in_process("os", "getenv", "GLIBC_TUNABLES", "probe", malloc="inherit")
+    assert allocator.is_tuned({"GLIBC_TUNABLES": seen})

@@ -277,6 +277,8 @@ def profile_units(
         "profile_worker",
         args,
         f"layers profile ({precision}, train={train})",
+        # Training runs under the CLI's malloc tunables (`fan_jax.allocator`); inference not.
+        malloc="inherit" if train else "application",
     )
     return out["unit_ms"], out["program"]
 
