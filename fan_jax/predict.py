@@ -176,9 +176,10 @@ class Predictor(LandmarkPipeline):
             self.set_precision(precision)
 
     def set_precision(self, precision: str) -> str:
-        """'float32'; 'bfloat16': the 1x1, stem and transposed convs multiply in bf16 (float32
-        elsewhere); 'auto': bf16 where the CPU has bf16 matmul units and it measures faster
-        than float32 at batch 1 on this model (`fan_jax.precision`). Returns the one used."""
+        """'float32'; 'bfloat16': the 1x1 and transposed convs multiply in bf16 (float32
+        elsewhere, the stem too); 'auto': bf16 where the CPU has bf16 matmul units and it
+        measures faster than float32 at batch 1 on this model (`fan_jax.precision`). Returns
+        the one used."""
         import jax
 
         from fan_jax import compiler
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         choices=("auto", "float32", "bfloat16"),
         default="float32",
-        help="bfloat16: the 1x1, stem and transposed convs multiply in bf16, the rest stays "
+        help="bfloat16: the 1x1 and transposed convs multiply in bf16, the rest stays "
         "float32; auto: bf16 only on a CPU with bf16 units where it measures faster "
         "(fan_jax.precision, cached per CPU and model)",
     )

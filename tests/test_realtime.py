@@ -105,3 +105,17 @@ def test_quick_e2e_and_video_sections(tmp_path):
     assert {"read", "detect", "crop", "network", "smooth", "draw", "write"} <= set(
         vid["async"]["stage_ms"]
     )
+
+
+def test_bf16_leaves_the_patch_stem_float32():
+    """The stem's patch gather is slower in bf16 than its matmul gains (`patch_conv`)."""
+    from fan_jax.models.layers import PatchConv
+
+    layer = PatchConv(8, 3, strides=2)
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    v = layer.init(jax.random.key(1), x)
+    with use_dot_dtype("bfloat16"):
+        jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
+        bf16 = layer.apply(v, x)
+    assert "bf16" not in jaxpr
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(layer.apply(v, x)))

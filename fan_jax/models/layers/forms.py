@@ -65,8 +65,9 @@ def dot_dtype() -> str:
 
 @contextlib.contextmanager
 def use_dot_dtype(name: str) -> Iterator[None]:
-    """`with use_dot_dtype('bfloat16'): ...`: the 1x1, stem and transposed convs traced inside
-    multiply in bf16 (AMX / AVX512-BF16 units) and everything else stays float32."""
+    """`with use_dot_dtype('bfloat16'): ...`: the 1x1 and transposed convs traced inside
+    multiply in bf16 (AMX / AVX512-BF16 units) and everything else, the patch stem included
+    (`patch_conv`), stays float32."""
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dot dtype must be 'float32' or 'bfloat16', got {name!r}")
     _dot_dtypes.append(name)
