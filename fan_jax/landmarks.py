@@ -86,8 +86,8 @@ def unmirror(kind: str, raw: jax.Array, perm: Any) -> jax.Array:
 def decode(kind: str, raw: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     """(landmarks [B, L, 2] in crop pixels, scores [B, L]) from raw outputs of size-px crops."""
     if kind == "heatmap":
-        pts = heatmaps.from_heatmap_coords(heatmaps.decode(raw), stride=size / raw.shape[1])
-        return pts, jnp.max(raw, axis=(1, 2))
+        coords, peaks = heatmaps.decode_with_peaks(raw)
+        return heatmaps.from_heatmap_coords(coords, stride=size / raw.shape[1]), peaks
     return from_normalized(raw, size), jnp.ones(raw.shape[:2], raw.dtype)
 
 

@@ -145,3 +145,10 @@ def test_flip_heatmaps_matches_rendering_flipped_points():
     np.testing.assert_array_equal(
         np.asarray(hm.flip_heatmaps(hm.flip_heatmaps(heat, perm), perm)), np.asarray(heat)
     )
+
+
+def test_decode_with_peaks_gives_each_maps_maximum_and_the_same_coords():
+    maps = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 5)).astype(np.float32))
+    coords, peaks = jax.jit(hm.decode_with_peaks)(maps)
+    np.testing.assert_array_equal(np.asarray(peaks), np.asarray(maps).max(axis=(1, 2)))
+    np.testing.assert_array_equal(np.asarray(coords), np.asarray(hm.decode(maps)))
