@@ -21,7 +21,7 @@ import numpy as np
 BF16_UNITS = ("amx_bf16", "avx512_bf16")
 MIN_GAIN = 1.05
 # Bumped when what either precision compiles to changes (v2: bf16 matmuls with YNNPACK;
-# v3: the bf16 program keeps its patch stem float32).
+# v3: the bf16 program keeps its patch stem float32, and both unroll few-channel matmuls).
 MEASURE_VERSION = 3
 
 
@@ -70,13 +70,13 @@ def _worker(spec_path: str, precision: str, rounds: int) -> None:
     import jax
 
     from fan_jax import compiler, landmarks
-    from fan_jax.models.layers import use_dot_dtype
+    from fan_jax.models.layers import inference_forms
 
     with open(spec_path, "rb") as f:
         spec = cloudpickle.load(f)
 
     def run(variables: Any, crops: Any) -> Any:
-        with use_dot_dtype(precision):
+        with inference_forms(precision):
             return landmarks.landmarks(spec["kind"], spec["model"], variables, crops, None)
 
     variables = jax.device_put(spec["variables"])

@@ -145,7 +145,7 @@ class Predictor(LandmarkPipeline):
         import jax.numpy as jnp
 
         from fan_jax import checkpoints, compiler, landmarks
-        from fan_jax.models.layers import use_dot_dtype
+        from fan_jax.models.layers import inference_forms
 
         super().__init__(
             num_landmarks, input_size, kind=kind, box_scale=box_scale, detector=detector
@@ -164,7 +164,7 @@ class Predictor(LandmarkPipeline):
 
         def run(variables: PyTree, crops: Any) -> tuple[Any, Any]:
             self.traced_batch_sizes.append(int(crops.shape[0]))
-            with use_dot_dtype(self.precision):
+            with inference_forms(self.precision):
                 return landmarks.landmarks(kind, model, variables, crops, flip_perm)
 
         self._run_fn = run
@@ -220,10 +220,10 @@ class Predictor(LandmarkPipeline):
     def network_fn(self) -> Callable[[PyTree, Any], Any]:
         """The network alone on uint8 crops -> raw outputs (benchmarks: the decode's share)."""
         from fan_jax import landmarks
-        from fan_jax.models.layers import use_dot_dtype
+        from fan_jax.models.layers import inference_forms
 
         def net(variables: PyTree, crops: Any) -> Any:
-            with use_dot_dtype(self.precision):
+            with inference_forms(self.precision):
                 x = landmarks.normalize(crops)
                 return landmarks.raw_outputs(self.kind, self.model, variables, x)
 

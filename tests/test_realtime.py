@@ -119,3 +119,48 @@ def test_bf16_leaves_the_patch_stem_float32():
         bf16 = layer.apply(v, x)
     assert "bf16" not in jaxpr
     np.testing.assert_array_equal(np.asarray(bf16), np.asarray(layer.apply(v, x)))
+
+
+def test_unrolled_dots_match_the_matmul_and_apply_only_inside_their_context():
+    from fan_jax.models.layers import PatchConv, unrolled_max_k, use_conv_impl, use_unrolled_dots
+
+    assert unrolled_max_k() == 0  # training traces the matmul forms
+    rng = np.random.default_rng(0)
+    for layer, shape in [
+        (PointwiseConv(24), (2, 8, 8, 16)),
+        (PatchConv(8, 3, strides=2), (1, 16, 14, 3)),
+        (PatchConv(8, 3, strides=1), (1, 9, 9, 3)),
+    ]:
+        x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+        v = layer.init(jax.random.key(1), x)
+        with use_unrolled_dots(16):
+            jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
+            got = np.asarray(layer.apply(v, x), np.float64)
+        assert "dot_general" not in jaxpr and "concatenate" not in jaxpr
+        # Reference: the layer's own lax.conv_general_dilated form.
+        with use_conv_impl("lax"):
+            want = layer.apply(v, x)
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    # More input channels than the limit keep the matmul.
+    layer = PointwiseConv(8)
+    x = jnp.ones((1, 4, 4, 32))
+    v = layer.init(jax.random.key(0), x)
+    with use_unrolled_dots(16):
+        assert "dot_general" in str(jax.make_jaxpr(layer.apply)(v, x))
+
+
+def test_inference_forms_keep_the_networks_heatmaps():
+    """The Predictor's program (bf16 matmuls off, unrolled few-channel matmuls on) gives the
+    training forms' heatmaps on a real photo."""
+    from fan_jax import landmarks
+    from fan_jax.models import fan
+    from fan_jax.models.layers import inference_forms
+
+    model = fan.mobilefan(98)
+    crop = np.asarray(skdata.astronaut()[:256, 128:384])[None]
+    x = landmarks.normalize(crop)
+    v = model.init(jax.random.key(0), x, train=False)
+    plain = np.asarray(model.apply(v, x, train=False)[0])
+    with inference_forms("float32"):
+        forms = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0])(v, x))
+    assert np.abs(forms - plain).max() <= 1e-4 * np.abs(plain).max()

@@ -207,7 +207,7 @@ def _program(train: bool, precision: str, batch: int, cfg: Config, device: Any):
 
     from benchmarks.jax_runners import JaxStudentTrainer
     from fan_jax import compiler
-    from fan_jax.models.layers import use_dot_dtype
+    from fan_jax.models.layers import inference_forms
 
     size, L = cfg.image_size, cfg.num_landmarks
     if train:
@@ -219,7 +219,7 @@ def _program(train: bool, precision: str, batch: int, cfg: Config, device: Any):
     )
 
     def forward(v, x):
-        with use_dot_dtype(precision):
+        with inference_forms(precision):
             return model.apply(v, x, train=False)
 
     exe = (

@@ -24,6 +24,7 @@ from fan_jax.models.layers.depthwise import DepthwiseConv, depthwise_conv
 from fan_jax.models.layers.forms import (
     CONV_IMPL_DEFAULTS,
     CONV_IMPLS,
+    INFERENCE_UNROLL_MAX_K,
     Array,
     Initializer,
     Padding,
@@ -31,9 +32,13 @@ from fan_jax.models.layers.forms import (
     conv_impl,
     default_kernel_init,
     dot_dtype,
+    inference_forms,
     same_padding,
+    unrolled_dot,
+    unrolled_max_k,
     use_conv_impl,
     use_dot_dtype,
+    use_unrolled_dots,
 )
 from fan_jax.models.layers.pointwise import PatchConv, PointwiseConv, patch_conv
 from fan_jax.models.layers.transposed import (
@@ -45,6 +50,7 @@ from fan_jax.models.layers.transposed import (
 __all__ = [
     "CONV_IMPLS",
     "CONV_IMPL_DEFAULTS",
+    "INFERENCE_UNROLL_MAX_K",
     "Array",
     "BatchNorm",
     "ConvTranspose",
@@ -61,8 +67,12 @@ __all__ = [
     "default_kernel_init",
     "depthwise_conv",
     "dot_dtype",
+    "inference_forms",
     "patch_conv",
     "same_padding",
+    "unrolled_dot",
+    "unrolled_max_k",
     "use_conv_impl",
     "use_dot_dtype",
+    "use_unrolled_dots",
 ]

@@ -19,6 +19,7 @@ from fan_jax.models.layers.forms import (
     conv_impl,
     default_kernel_init,
     dot,
+    unrolled_max_k,
 )
 
 
@@ -100,6 +101,8 @@ def patch_conv(
     _, (hp, wp), (ho, wo) = _depthwise_geometry(x.shape, k, s, padding)
     xp = _depthwise_pad(x, k, s, padding)
     n = xp.shape[0]
+    if unrolled_max_k():
+        return _patch_conv_unrolled(xp, kernel, s, (ho, wo))
     z = xp.reshape(n, hp // s, s, wp // s, s, cin).transpose(0, 1, 3, 2, 4, 5)
     z = z.reshape(n, hp // s, wp // s, s * s * cin)
     patches = jnp.concatenate(
@@ -116,3 +119,24 @@ def patch_conv(
         patches.reshape(-1, taps * taps * s * s * cin), kz.reshape(-1, cout), precision=precision
     )
     return y.reshape(n, ho, wo, cout)
+
+
+def _patch_conv_unrolled(xp: Array, kernel: Array, s: int, out_hw: tuple[int, int]) -> Array:
+    """`patch_conv` as k*k*Cin broadcast multiply-adds on the padded input's polyphase
+    components (`use_unrolled_dots`): one loop that XLA:CPU fuses with the BatchNorm and
+    ReLU6 after it, with no patch matrix written in between (0.79 against 1.0 ms for the
+    stem with its BatchNorm, ReLU6 and the next layer's padding; 2-core AMX Xeon)."""
+    k, _, cin, _ = kernel.shape
+    n, hp, wp, _ = xp.shape
+    ho, wo = out_hw
+    z = xp.reshape(n, hp // s, s, wp // s, s, cin).astype(jnp.float32)
+    kernel = kernel.astype(jnp.float32)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            a, p, b, q = i // s, i % s, j // s, j % s
+            for c in range(cin):
+                term = z[:, a : a + ho, p, b : b + wo, q, c : c + 1] * kernel[i, j, c]
+                out = term if out is None else out + term
+    assert out is not None  # k >= 1, cin >= 1
+    return out
