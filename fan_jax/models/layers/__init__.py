@@ -12,7 +12,9 @@ Each layer also has its native `lax` form (`conv_impl`): 'matmul' (the forms her
 convolutions map to cuDNN and the MXU; $FAN_JAX_CONV_IMPL overrides it).
 `benchmarks/run.py --sections accelerator` times both on the device it runs on.
 
-  forms       `conv_impl`, `use_conv_impl`, `CONV_IMPL_DEFAULTS`; types; 'SAME' padding
+  forms       `conv_impl`, `use_conv_impl`, `CONV_IMPL_DEFAULTS`; types; 'SAME' padding;
+              the inference forms: `use_dot_dtype` (bf16 matmuls), `use_unrolled_dots`
+              (few-channel matmuls as fused multiply-adds), `inference_forms` (both)
   pointwise   `PointwiseConv` (1x1 as a matmul), `PatchConv` / `patch_conv` (the stem)
   depthwise   `DepthwiseConv` / `depthwise_conv` (shifted slices, custom VJP)
   transposed  `ConvTranspose` / `conv_transpose_torch` (PyTorch semantics)
