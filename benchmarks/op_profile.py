@@ -27,8 +27,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Events that are the executor's own bookkeeping, or that wrap the per-op events.
-_NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "end: ")
+_NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
+# One call of the whole program, on the thread that waits for it to finish.
+_PROGRAM = "ThunkExecutor::Execute (wait for completion)"
 _OP_NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"", re.M)
+_CALLS = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?\bcalls=%?([\w.\-]+)", re.M)
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.M | re.S)
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -36,12 +40,71 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _OP_NAME.finditer(hlo_text)}
 
 
+def fused_op_names(hlo_text: str) -> dict[str, list[str]]:
+    """{HLO instruction name: the op_names of the instructions fused into it, or its own}.
+
+    XLA names a fusion after one of its instructions (often the padding it ends in), while
+    its work may come from another layer: with the inference forms the stem's 27 taps run in
+    a loop named for expanded_conv's padding."""
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    out = {op: [name] for op, name in op_names(hlo_text).items()}
+    for m in _CALLS.finditer(hlo_text):
+        inner = [n.group(2) for n in _OP_NAME.finditer(bodies.get(m.group(2), ""))]
+        if inner:
+            out[m.group(1)] = inner
+    return out
+
+
+def wall_shares(
+    events: Iterable[tuple[int, int, str, str]], programs: Iterable[tuple[int, int]] = ()
+) -> dict[str, float]:
+    """{op: ns of wall clock} from (start_ns, end_ns, thread, op) events.
+
+    While k threads run ops at once each op gets 1/k of that time, and of events nested on
+    one thread the innermost gets it, so the shares never count time twice (summed
+    durations do: XLA runs independent ops on several threads at once). Time inside one of
+    the `programs` (start_ns, end_ns) in which no op runs goes to the op that ended last
+    ('(executor)' before the first): a float32 dot's thunk returns before the Eigen threads
+    finish it, and 1.4 of the float32 program's 8.3 ms were such gaps after dots. So the
+    shares add up to the programs' time."""
+    events, points = list(events), []
+    for i, (start, end, _, _) in enumerate(events):
+        if end > start:  # an instant event runs for no time (and would never close)
+            points += [(start, 1, i), (end, 0, i)]  # ends sort before starts at one instant
+    points += [p for start, end in programs if end > start for p in ((start, 1, -1), (end, 0, -1))]
+    points.sort()
+    active: dict[str, list[int]] = collections.defaultdict(list)  # thread -> open events
+    shares: collections.Counter[str] = collections.Counter()
+    open_programs, last_op = 0, "(executor)"
+    last = points[0][0] if points else 0
+    for t, is_start, i in points:
+        running = [stack[-1] for stack in active.values() if stack]
+        for j in running:
+            shares[events[j][3]] += (t - last) / len(running)
+        if not running and open_programs:
+            shares[last_op] += t - last
+        last = t
+        if i < 0:  # a program starts or ends
+            open_programs += 1 if is_start else -1
+            last_op = "(executor)"
+            continue
+        stack = active[events[i][2]]
+        if is_start:
+            stack.append(i)
+        elif i in stack:
+            stack.remove(i)
+            last_op = events[i][3]
+    return dict(shares)
+
+
 def profile_ops(
     call: Callable[[], Any], calls: int, warmup: int = 3
 ) -> tuple[dict[str, float], float]:
     """({op: ms per call}, wall ms per call) of `call` (which must block until done).
 
-    The wall time is measured outside the trace, so the tracer's own cost is not in it."""
+    Each op's time is its share of the program's wall clock (`wall_shares`). The wall time
+    is measured outside the trace, so the tracer's own cost is not in it; what the ops leave
+    of it is the dispatch's, outside the program."""
     import jax
     from jax.profiler import ProfileData
 
@@ -57,18 +120,21 @@ def profile_ops(
                 call()
         (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         data = ProfileData.from_file(path)
-    per_op: collections.Counter[str] = collections.Counter()
+    events, programs = [], []
     for plane in data.planes:
         if not plane.name.startswith("/host:CPU"):
             continue
-        for line in plane.lines:
+        for k, line in enumerate(plane.lines):
             # XLA's worker threads (the Python thread holds only dispatch events).
             if not line.name.startswith("tf_XLA"):
                 continue
             for ev in line.events:
-                if not ev.name.startswith(_NOT_OPS):
-                    per_op[ev.name] += ev.duration_ns / 1e6 / calls
-    return dict(per_op), wall_ms
+                if ev.name == _PROGRAM:
+                    programs.append((ev.start_ns, ev.end_ns))
+                elif not ev.name.startswith(_NOT_OPS):
+                    events.append((ev.start_ns, ev.end_ns, f"{plane.name}/{k}", ev.name))
+    shares = wall_shares(events, programs)
+    return {op: ns / 1e6 / calls for op, ns in shares.items()}, wall_ms
 
 
 def median_profile(
@@ -81,11 +147,13 @@ def median_profile(
 
 
 def attribute(
-    op_ms: dict[str, float], names: dict[str, str], units: Iterable[tuple[str, set[str]]]
+    op_ms: dict[str, float], names: dict[str, Any], units: Iterable[tuple[str, set[str]]]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """({unit: ms}, {op: ms} of ops no unit claims). A unit claims an op whose op_name path
-    holds one of its module names as a segment; the deepest such segment wins, so a BN
-    fused into the next layer's padding goes to that layer."""
+    """({unit: ms}, {op: ms} of ops no unit claims). `names`: {op: op_name, or the op_names
+    of it and of what is fused into it (`fused_op_names`)}. Each op_name votes for the unit
+    whose module it names as its deepest segment; the op goes to the unit with most votes
+    (the first named wins a tie: in a fusion, the instruction computed first). So a loop that computes the stem's taps and ends in the next
+    layer's padding goes to the stem, and a plain BN + ReLU6 + padding to the BN's unit."""
     owner: dict[str, str] = {}
     for unit, modules in units:
         for m in modules:
@@ -93,12 +161,17 @@ def attribute(
     out: dict[str, float] = collections.defaultdict(float)
     other: dict[str, float] = {}
     for op, ms in op_ms.items():
-        segments = names.get(op, "").split("/")
-        hit = next((owner[s] for s in reversed(segments) if s in owner), None)
-        if hit is None:
-            other[op] = ms
+        listed = names.get(op, "")
+        votes: collections.Counter[str] = collections.Counter()
+        for name in [listed] if isinstance(listed, str) else listed:
+            segments = name.split("/")
+            hit = next((owner[s] for s in reversed(segments) if s in owner), None)
+            if hit is not None:
+                votes[hit] += 1
+        if votes:
+            out[votes.most_common(1)[0][0]] += ms
         else:
-            out[hit] += ms
+            other[op] = ms
     return dict(out), other
 
 

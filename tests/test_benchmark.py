@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -496,6 +497,57 @@ def test_op_profile_attributes_ops_to_the_deepest_named_module():
     ops = {"ynn_fusion.3": 2.0, "clamp_pad_fusion.1": 1.0, "add.2": 0.5, "copy.1": 0.25}
     per_unit, other = op_profile.attribute(ops, names, units)
     assert per_unit == {"expand": 2.5, "dw": 1.0} and other == {"copy.1": 0.25}
+    # A loop named for the depthwise's padding that computes the expand's taps: the expand's.
+    fused = """
+%fused_computation.7 (param_0: f32[4]) -> f32[6] {
+  %mul.1 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(net)/FAN/block_1_expand/mul"}
+  %add.1 = f32[4]{0} add(%mul.1, %mul.1), metadata={op_name="jit(net)/FAN/block_1_expand/add"}
+  ROOT %pad.1 = f32[6]{0} pad(%add.1), metadata={op_name="jit(net)/FAN/block_1_depthwise/jit(_pad)/pad"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[6] {
+  ROOT %add_pad_fusion = f32[6]{0} fusion(%a), kind=kLoop, calls=%fused_computation.7, metadata={op_name="jit(net)/FAN/block_1_depthwise/jit(_pad)/pad"}
+}
+"""
+    names = op_profile.fused_op_names(fused)
+    assert names["add_pad_fusion"][0].endswith("block_1_expand/mul")
+    assert len(names["add_pad_fusion"]) == 3
+    assert op_profile.attribute({"add_pad_fusion": 1.0}, names, units)[0] == {"expand": 1.0}
+    assert op_profile.attribute({"add_pad_fusion": 1.0}, op_profile.op_names(fused), units)[0] == {
+        "dw": 1.0
+    }
+
+
+def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():
+    from benchmarks import op_profile
+
+    # Thread a: x [0, 10) with `inner` nested at [2, 4), then z [20, 30); thread b: y [5, 15).
+    events = [(0, 10, "a", "x"), (5, 15, "b", "y"), (2, 4, "a", "inner"), (20, 30, "a", "z")]
+    events.append((7, 7, "a", "instant"))  # takes no time, and must not hold the thread after
+    shares = op_profile.wall_shares(events)
+    assert shares == pytest.approx({"x": 2 + 1 + 2.5, "inner": 2.0, "y": 2.5 + 5, "z": 10.0})
+    # Durations would sum to 42; the shares add up to the 25 in which something ran.
+    assert sum(shares.values()) == pytest.approx(25.0)
+    # A brute-force reference on a random trace: 1/k per unit step among running threads.
+    rng = np.random.default_rng(0)
+    events, ref = [], collections.Counter()
+    for thread in "abc":
+        t = 0
+        for i in range(20):
+            start = t + int(rng.integers(0, 5))
+            t = start + int(rng.integers(1, 9))
+            events.append((start, t, thread, f"{thread}{i % 4}"))
+    for step in range(max(e[1] for e in events)):
+        running = [e[3] for e in events if e[0] <= step < e[1]]
+        for op in running:
+            ref[op] += 1 / len(running)
+    assert op_profile.wall_shares(events) == pytest.approx(dict(ref))
+    # Inside a program, time no op runs in goes to the op that ended last: a float32 dot's
+    # thunk ends before its Eigen threads do. Before the program's first op: the executor.
+    events = [(2, 5, "a", "dot"), (8, 10, "b", "add")]
+    shares = op_profile.wall_shares(events, programs=[(0, 12)])
+    assert shares == pytest.approx({"(executor)": 2.0, "dot": 3 + 3, "add": 2 + 2})
+    assert op_profile.wall_shares(events) == pytest.approx({"dot": 3.0, "add": 2.0})
 
 
 def test_xla_flags_candidates_run_in_their_own_process(monkeypatch, tmp_path):

@@ -291,3 +291,35 @@ def test_the_exported_path_imports_no_flax_orbax_or_training_module(exported, tm
     }
     loaded = {m for m in modules if m.split(".")[0] in heavy or m in training}
     assert not loaded, sorted(loaded)
+
+
+def test_precision_guard_scores_both_precisions_on_every_test_split(run, capsys):
+    """`benchmarks/precision_guard.py` (the bf16 accuracy guard) through its main: both NMEs
+    per test split, their difference, and an exit status that follows the tolerance."""
+    from benchmarks import precision_guard
+
+    workdir, _ = run
+    status = precision_guard.main(["--workdir", workdir])
+    out = json.loads(capsys.readouterr().out)
+    nme = out["nme_percent"]
+    assert set(nme) == {"float32", "bfloat16"}
+    assert set(nme["float32"]) == set(nme["bfloat16"]) == {"full", "common", "challenging"}
+    for split, value in nme["bfloat16"].items():
+        assert 0 < value < 100 and 0 < nme["float32"][split] < 100
+        assert out["bf16_minus_f32_points"][split] == pytest.approx(value - nme["float32"][split])
+    within = all(
+        abs(d) <= precision_guard.TOLERANCE_POINTS for d in out["bf16_minus_f32_points"].values()
+    )
+    assert out["within"] == within and status == (0 if within else 1)
+
+
+@pytest.mark.slow
+def test_bf16_stays_within_the_guard_on_the_demo_model():
+    """The guard on a trained model: the distilled MobileFAN of the demo run in
+    $FAN_JAX_DEMO_WORKDIR (`python -m fan_jax.main --config=configs/demo.py`; CI has none)."""
+    from benchmarks import precision_guard
+
+    demo = os.environ.get("FAN_JAX_DEMO_WORKDIR")
+    if not demo:
+        pytest.skip("set FAN_JAX_DEMO_WORKDIR to a configs/demo.py workdir")
+    assert precision_guard.main(["--workdir", os.path.join(demo, "mobilefan_kd")]) == 0

@@ -7,13 +7,16 @@ A "unit" is what runs as one piece in the model: a convolution (stem, expand, de
 project, deconvolution, head) with the BatchNorm and activation that follow it. The units
 and their input shapes come from one traced forward of the real student (`flax`'s method
 interception), so the list follows the model. Their times come from `jax.profiler` traces of
-the whole compiled student (`benchmarks.op_profile`): the eval forward at batch
-`layers_infer_batch`, as `Predictor` compiles it, and the real train step at batch
-`layers_train_batch`. Each HLO op's time goes to the unit whose module path its `op_name`
-names (a BN + activation that XLA fuses into the next layer's padding goes to that next
-layer); what no unit claims (input handling; the loss and optimizer) is reported beside
-them, and the units plus that are set against the program's wall time. Timing a layer alone
-instead would add one dispatch per layer (the isolated times summed to 3x the network).
+the whole compiled student (`benchmarks.op_profile`): the program `Predictor` runs (uint8
+crops in, landmarks out) at batch `layers_infer_batch`, and the real train step at batch
+`layers_train_batch`. An op's time is its share of the wall clock (ops that XLA runs at once
+on several threads split the time they overlap), and it goes to the unit whose module path
+its `op_name` names; an op that XLA fused from several layers goes to the one most of its
+instructions come from (the stem's 27 taps, fused with the next layer's padding, count as
+the stem). What no unit claims (input handling and the decode; the loss and optimizer) is
+reported beside them, and the units plus that are set against the program's wall time.
+Timing a layer alone instead would add one dispatch per layer (the isolated times summed to
+3x the network).
 
 Each unit is set against two bounds:
 
@@ -201,33 +204,27 @@ def _rate_at(rates: list[tuple[int, float]], nbytes: float) -> float:
 
 
 def _program(train: bool, precision: str, batch: int, cfg: Config, device: Any):
-    """(call, compiled HLO text) of the whole student: the eval forward as `Predictor` compiles
-    it in `precision`, or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
+    """(call, compiled HLO text) of the whole student as users run it: the program
+    `fan_jax.predict.Predictor` runs in `precision` (uint8 crops in, landmarks out, the
+    variables built in), or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
     import jax
 
     from benchmarks.jax_runners import JaxStudentTrainer
-    from fan_jax import compiler
-    from fan_jax.models.layers import inference_forms
+    from fan_jax import predict
 
     size, L = cfg.image_size, cfg.num_landmarks
     if train:
         trainer = JaxStudentTrainer(L, batch, size, device=device)
         return (lambda: trainer.run(1)), trainer._step.as_text()
-    model, variables = build_student(L), jax.device_put(init_variables(L, size), device)
-    x = jax.device_put(
-        np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32), device
+    p = predict.Predictor(
+        init_variables(L, size), build_student(L), L, size, detector=lambda im: None
     )
-
-    def forward(v, x):
-        with inference_forms(precision):
-            return model.apply(v, x, train=False)
-
-    exe = (
-        jax.jit(forward, compiler_options=compiler.predict_options(precision))
-        .lower(variables, x)
-        .compile()
+    p.set_precision(precision)
+    crops = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8), device
     )
-    return (lambda: jax.block_until_ready(exe(variables, x))), exe.as_text()
+    exe = p._inference_fn().lower(crops).compile()
+    return (lambda: jax.block_until_ready(exe(crops))), exe.as_text()
 
 
 def _unit_modules(unit: Unit) -> set[str]:
@@ -249,7 +246,9 @@ def profile_worker(args: Json) -> Json:
     names = op_profile.op_names(hlo)
     calls = 3 if cfg.quick else 20
     ops, wall = op_profile.median_profile(call, calls, cfg.repeats)
-    per_unit, other = op_profile.attribute(ops, names, ((u.name, _unit_modules(u)) for u in units))
+    per_unit, other = op_profile.attribute(
+        ops, op_profile.fused_op_names(hlo), ((u.name, _unit_modules(u)) for u in units)
+    )
     top_other = sorted(other.items(), key=lambda kv: -kv[1])[:8]
     return {
         "unit_ms": per_unit,
@@ -332,6 +331,8 @@ def _mode(
         # training) against the program's wall time: how much of it the profile accounts for.
         "units_ms_over_program_wall": total["ms"] / program["program_wall_ms"],
         "ops_ms_over_program_wall": program["ops_sum_ms"] / program["program_wall_ms"],
+        # Wall time in which no op ran: the executor's own work between ops, and dispatch.
+        "idle_ms": program["program_wall_ms"] - program["ops_sum_ms"],
         "median_fraction_of_bound": fractions[len(fractions) // 2],
         "layers_within_80pct_of_bound": sum(f >= 0.8 for f in fractions),
         "layers_within_50pct_of_bound": sum(f >= 0.5 for f in fractions),
