@@ -470,7 +470,11 @@ def test_quick_layers_section(tmp_path):
         assert m["total"]["ms"] == pytest.approx(sum(r["ms"] for r in m["layers"]))
         assert m["total"]["ms"] + m["outside_units_ms"] == pytest.approx(m["ops_sum_ms"], rel=1e-6)
         assert m["program_wall_ms"] > 0
-    # The forward's units claim most of its time: what is outside is input handling.
+        # The op times are the trace's shares scaled to the wall time (wall / traced program).
+        assert 0.3 < m["traced_program_ms"] / m["program_wall_ms"] < 3, mode
+        assert m["ops_ms_over_program_wall"] == pytest.approx(1.0, rel=0.1), mode
+    # The forward's units claim most of its time: what is outside is input handling and the
+    # decode.
     inf = sec["inference"]
     assert inf["outside_units_ms"] < 0.5 * inf["total"]["ms"]
     # Training moves more bytes and does 2-3x the FLOPs of inference, per image.
@@ -516,6 +520,21 @@ ENTRY %main (a: f32[4]) -> f32[6] {
     assert op_profile.attribute({"add_pad_fusion": 1.0}, op_profile.op_names(fused), units)[0] == {
         "dw": 1.0
     }
+
+
+def test_op_profile_cli_profiles_the_predictors_program(capsys):
+    from benchmarks import op_profile
+
+    args = ["--precision", "float32,bfloat16", "--image_size", "64", "--top", "1000"]
+    report = op_profile.main([*args, "--calls", "2", "--rounds", "1"])
+    assert set(report) == {"float32", "bfloat16"}
+    for prec, r in report.items():
+        assert r["wall_ms"] > 0 and r["sum_of_ops_ms"] > 0, prec
+        # The predictor's program ends in the decode (the maps' maxima), outside the model.
+        decode = [o for o in r["top_ops"] if "FAN/" not in o["op_name"]]
+        assert any("reduce_max" in o["op_name"] for o in decode), (prec, decode)
+        assert sum(r["by_kind_ms"].values()) == pytest.approx(r["sum_of_ops_ms"])
+    assert "bfloat16: wall" in capsys.readouterr().out
 
 
 def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():

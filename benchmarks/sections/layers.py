@@ -9,8 +9,10 @@ and their input shapes come from one traced forward of the real student (`flax`'
 interception), so the list follows the model. Their times come from `jax.profiler` traces of
 the whole compiled student (`benchmarks.op_profile`): the program `Predictor` runs (uint8
 crops in, landmarks out) at batch `layers_infer_batch`, and the real train step at batch
-`layers_train_batch`. An op's time is its share of the wall clock (ops that XLA runs at once
-on several threads split the time they overlap), and it goes to the unit whose module path
+`layers_train_batch`. An op's time is its share of the traced program's time (ops that XLA
+runs at once on several threads split the time they overlap; the gaps between ops go to the
+op before), scaled to the program's wall time outside the trace (the tracer slows some
+programs, unevenly); it goes to the unit whose module path
 its `op_name` names; an op that XLA fused from several layers goes to the one most of its
 instructions come from (the stem's 27 taps, fused with the next layer's padding, count as
 the stem). What no unit claims (input handling and the decode; the loss and optimizer) is
@@ -245,7 +247,7 @@ def profile_worker(args: Json) -> Json:
     call, hlo = _program(args["train"], args["precision"], args["batch"], cfg, cpu_device())
     names = op_profile.op_names(hlo)
     calls = 3 if cfg.quick else 20
-    ops, wall = op_profile.median_profile(call, calls, cfg.repeats)
+    ops, wall, traced = op_profile.median_profile(call, calls, cfg.repeats)
     per_unit, other = op_profile.attribute(
         ops, op_profile.fused_op_names(hlo), ((u.name, _unit_modules(u)) for u in units)
     )
@@ -255,6 +257,8 @@ def profile_worker(args: Json) -> Json:
         "program": {
             "precision": args["precision"],
             "program_wall_ms": wall,
+            # The same program inside the trace: the op times are scaled by wall / this.
+            "traced_program_ms": traced,
             "ops_sum_ms": sum(ops.values()),
             "outside_units_ms": sum(other.values()),
             "outside_units_top": [
