@@ -157,8 +157,8 @@ def median_profile(
 def attribute(
     op_ms: dict[str, float], names: dict[str, Any], units: Iterable[tuple[str, set[str]]]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """({unit: ms}, {op: ms} of ops no unit claims). `names`: {op: op_name, or the op_names
-    of it and of what is fused into it (`fused_op_names`)}. Each op_name votes for the unit
+    """({unit: ms}, {op: ms} of ops no unit claims). `names`: {op: its op_name, or the op_names
+    of the instructions fused into it (`fused_op_names`)}. Each op_name votes for the unit
     whose module it names as its deepest segment; the op goes to the unit with most votes
     (the first named wins a tie: in a fusion, the instruction computed first). So a loop that computes the stem's taps and ends in the next
     layer's padding goes to the stem, and a plain BN + ReLU6 + padding to the BN's unit."""
