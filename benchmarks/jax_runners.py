@@ -42,6 +42,32 @@ def variable_shapes(num_landmarks: int, image_size: int) -> Any:
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
 
 
+def predictor_program(
+    num_landmarks: int, image_size: int, precision: str, batch: int = 1, device: Any = None
+) -> tuple[Callable[[], Any], str]:
+    """(call, compiled HLO text) of the program `fan_jax.predict.Predictor` runs in
+    `precision`: uint8 crops in, landmarks out, the variables built in (random crops,
+    already on the device)."""
+    import jax
+
+    from fan_jax import predict
+
+    p = predict.Predictor(
+        init_variables(num_landmarks, image_size),
+        build_student(num_landmarks),
+        num_landmarks,
+        image_size,
+        detector=lambda im: None,
+    )
+    p.set_precision(precision)
+    rng = np.random.default_rng(0)
+    crops = jax.device_put(
+        rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8), device
+    )
+    exe = p._inference_fn().lower(crops).compile()
+    return (lambda: jax.block_until_ready(exe(crops))), exe.as_text()
+
+
 def init_variables(num_landmarks: int, image_size: int, seed: int = 0, device: Any = None) -> Json:
     """Variables of the model's shapes, filled on the host: kernels LeCun-normal, biases 0, BN identity.
 

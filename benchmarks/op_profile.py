@@ -201,28 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
-    import jax
-    import numpy as np
+    from benchmarks.jax_runners import predictor_program
 
-    from benchmarks.jax_runners import init_variables
-    from fan_jax import predict
-    from fan_jax.models import fan
-
-    L, size = args.num_landmarks, args.image_size
-    model = fan.mobilefan(L)
-    p = predict.Predictor(init_variables(L, size), model, L, size, detector=lambda im: None)
-    crop = jax.device_put(
-        np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    )
     report: dict = {}
     for prec in args.precision.split(","):
-        p.set_precision(prec)
-        # The program `predict_crops` runs: crops in, landmarks out, the variables built in.
-        exe = p._inference_fn().lower(crop).compile()
-        names = op_names(exe.as_text())
-        ops, wall, traced = median_profile(
-            lambda exe=exe: jax.block_until_ready(exe(crop)), args.calls, args.rounds
-        )
+        call, hlo = predictor_program(args.num_landmarks, args.image_size, prec)
+        names = op_names(hlo)
+        ops, wall, traced = median_profile(call, args.calls, args.rounds)
         kinds: collections.Counter[str] = collections.Counter()
         for op, ms in ops.items():
             kinds[_kind(op)] += ms

@@ -12,10 +12,9 @@ crops in, landmarks out) at batch `layers_infer_batch`, and the real train step 
 `layers_train_batch`. An op's time is its share of the traced program's time (ops that XLA
 runs at once on several threads split the time they overlap; the gaps between ops go to the
 op before), scaled to the program's wall time outside the trace (the tracer slows some
-programs, unevenly); it goes to the unit whose module path
-its `op_name` names; an op that XLA fused from several layers goes to the one most of its
-instructions come from (the stem's 27 taps, fused with the next layer's padding, count as
-the stem). What no unit claims (input handling and the decode; the loss and optimizer) is
+programs, unevenly); it goes to the unit whose module path its `op_name` names, and an op
+that XLA fused from several layers goes to the one most of its instructions come from (the
+stem's 27 taps, fused with the next layer's padding, count as the stem). What no unit claims (input handling and the decode; the loss and optimizer) is
 reported beside them, and the units plus that are set against the program's wall time.
 Timing a layer alone instead would add one dispatch per layer (the isolated times summed to
 3x the network).
@@ -207,26 +206,15 @@ def _rate_at(rates: list[tuple[int, float]], nbytes: float) -> float:
 
 def _program(train: bool, precision: str, batch: int, cfg: Config, device: Any):
     """(call, compiled HLO text) of the whole student as users run it: the program
-    `fan_jax.predict.Predictor` runs in `precision` (uint8 crops in, landmarks out, the
-    variables built in), or `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
-    import jax
-
-    from benchmarks.jax_runners import JaxStudentTrainer
-    from fan_jax import predict
+    `fan_jax.predict.Predictor` runs in `precision` (`jax_runners.predictor_program`), or
+    `fan_jax.steps.train_step` as `fan_jax.train` runs it."""
+    from benchmarks.jax_runners import JaxStudentTrainer, predictor_program
 
     size, L = cfg.image_size, cfg.num_landmarks
     if train:
         trainer = JaxStudentTrainer(L, batch, size, device=device)
         return (lambda: trainer.run(1)), trainer._step.as_text()
-    p = predict.Predictor(
-        init_variables(L, size), build_student(L), L, size, detector=lambda im: None
-    )
-    p.set_precision(precision)
-    crops = jax.device_put(
-        np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8), device
-    )
-    exe = p._inference_fn().lower(crops).compile()
-    return (lambda: jax.block_until_ready(exe(crops))), exe.as_text()
+    return predictor_program(L, size, precision, batch, device)
 
 
 def _unit_modules(unit: Unit) -> set[str]:
@@ -335,8 +323,6 @@ def _mode(
         # training) against the program's wall time: how much of it the profile accounts for.
         "units_ms_over_program_wall": total["ms"] / program["program_wall_ms"],
         "ops_ms_over_program_wall": program["ops_sum_ms"] / program["program_wall_ms"],
-        # Wall time in which no op ran: the executor's own work between ops, and dispatch.
-        "idle_ms": program["program_wall_ms"] - program["ops_sum_ms"],
         "median_fraction_of_bound": fractions[len(fractions) // 2],
         "layers_within_80pct_of_bound": sum(f >= 0.8 for f in fractions),
         "layers_within_50pct_of_bound": sum(f >= 0.5 for f in fractions),
